@@ -1,0 +1,93 @@
+// CUDA kernels for the paged KV cache, behind a plain C ABI (raw pointers, sizes, cudaStream_t) so that nvcc
+// compiles this file for sm_80 / sm_90 without torch headers; kv_cache_cuda.cpp binds it as torch ops.
+//
+// Both ops are pure byte moves, so they are dtype-agnostic: a token's row is row_bytes bytes
+// (kv_heads * head_dim * element size) and a page is page_bytes bytes. Rows are copied in 16-byte vectors when
+// every pointer and size is 16-byte aligned (the common case: head_dim * 2 bytes is a multiple of 16), else bytewise.
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kThreads = 128;    // one block per token / page; 128 x 16 B covers a 2 KiB row per pass
+constexpr int kMaxBlocks = 65535;  // grid-stride loops keep us under the y/z limits and small grids
+
+template <typename Vec>
+__global__ void store_kv_kernel(const char* __restrict__ k, const char* __restrict__ v, char* __restrict__ k_cache,
+                                char* __restrict__ v_cache, const int32_t* __restrict__ slots, int64_t num_tokens,
+                                int64_t row_bytes) {
+  const int64_t n_vec = row_bytes / sizeof(Vec);
+  for (int64_t t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+    const int64_t slot = slots[t];
+    if (slot < 0) continue;  // padding token: nothing to store
+    const Vec* ks = reinterpret_cast<const Vec*>(k + t * row_bytes);
+    const Vec* vs = reinterpret_cast<const Vec*>(v + t * row_bytes);
+    Vec* kd = reinterpret_cast<Vec*>(k_cache + slot * row_bytes);
+    Vec* vd = reinterpret_cast<Vec*>(v_cache + slot * row_bytes);
+    for (int64_t i = threadIdx.x; i < n_vec; i += blockDim.x) {
+      kd[i] = ks[i];
+      vd[i] = vs[i];
+    }
+  }
+}
+
+template <typename Vec>
+__global__ void copy_pages_kernel(char* __restrict__ k_cache, char* __restrict__ v_cache,
+                                  const int32_t* __restrict__ src, const int32_t* __restrict__ dst, int64_t n,
+                                  int64_t page_bytes) {
+  const int64_t n_vec = page_bytes / sizeof(Vec);
+  for (int64_t p = blockIdx.x; p < n; p += gridDim.x) {
+    const Vec* ks = reinterpret_cast<const Vec*>(k_cache + static_cast<int64_t>(src[p]) * page_bytes);
+    const Vec* vs = reinterpret_cast<const Vec*>(v_cache + static_cast<int64_t>(src[p]) * page_bytes);
+    Vec* kd = reinterpret_cast<Vec*>(k_cache + static_cast<int64_t>(dst[p]) * page_bytes);
+    Vec* vd = reinterpret_cast<Vec*>(v_cache + static_cast<int64_t>(dst[p]) * page_bytes);
+    for (int64_t i = threadIdx.x; i < n_vec; i += blockDim.x) {
+      kd[i] = ks[i];
+      vd[i] = vs[i];
+    }
+  }
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+inline int grid_for(int64_t n) { return static_cast<int>(n < kMaxBlocks ? (n > 0 ? n : 1) : kMaxBlocks); }
+
+}  // namespace
+
+extern "C" {
+
+// Writes row t of k / v (row_bytes each) to slot slots[t] of k_cache / v_cache; slots[t] == -1 is skipped.
+// Slots must already be validated against the cache size by the caller.
+int dash_store_kv_cuda(const void* k, const void* v, void* k_cache, void* v_cache, const int32_t* slots,
+                       int64_t num_tokens, int64_t row_bytes, cudaStream_t stream) {
+  if (num_tokens == 0) return 0;
+  const bool vec = row_bytes % 16 == 0 && aligned16(k) && aligned16(v) && aligned16(k_cache) && aligned16(v_cache);
+  if (vec) {
+    store_kv_kernel<uint4><<<grid_for(num_tokens), kThreads, 0, stream>>>(
+        static_cast<const char*>(k), static_cast<const char*>(v), static_cast<char*>(k_cache),
+        static_cast<char*>(v_cache), slots, num_tokens, row_bytes);
+  } else {
+    store_kv_kernel<char><<<grid_for(num_tokens), kThreads, 0, stream>>>(
+        static_cast<const char*>(k), static_cast<const char*>(v), static_cast<char*>(k_cache),
+        static_cast<char*>(v_cache), slots, num_tokens, row_bytes);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+// Copies whole pages src[i] -> dst[i] (page_bytes each) in both caches: the copy-on-write of a forked sequence's
+// partial last page. Pairs must already be validated by the caller.
+int dash_copy_pages_cuda(void* k_cache, void* v_cache, const int32_t* src, const int32_t* dst, int64_t n,
+                         int64_t page_bytes, cudaStream_t stream) {
+  if (n == 0) return 0;
+  const bool vec = page_bytes % 16 == 0 && aligned16(k_cache) && aligned16(v_cache);
+  if (vec) {
+    copy_pages_kernel<uint4><<<grid_for(n), kThreads, 0, stream>>>(
+        static_cast<char*>(k_cache), static_cast<char*>(v_cache), src, dst, n, page_bytes);
+  } else {
+    copy_pages_kernel<char><<<grid_for(n), kThreads, 0, stream>>>(
+        static_cast<char*>(k_cache), static_cast<char*>(v_cache), src, dst, n, page_bytes);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // extern "C"

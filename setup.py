@@ -1,0 +1,65 @@
+"""Build dash_kernels._C: torch ops for the paged KV cache (CPU always; CUDA when a toolkit and a CUDA torch exist).
+
+Rules (see README "Install"):
+  * The C++ extension is always built (CppExtension, CPU kernels).
+  * The .cu sources are added (CUDAExtension) only when torch is a CUDA build AND nvcc is found; otherwise, or with
+    DASH_SKIP_CUDA_BUILD=1, we warn and build the CPU extension. Never a failure for lack of CUDA.
+  * TORCH_CUDA_ARCH_LIST is respected when set; otherwise we emit -gencode for sm_80 and sm_90.
+  * MAX_JOBS (ninja parallelism) is honoured by torch's BuildExtension; NVCC_THREADS sets nvcc --threads.
+  * DEBUG=1 builds with -O0 -g.
+Install with `pip install -e . --no-build-isolation` so the build sees the torch you already have (build isolation
+would download a fresh, multi-GB CUDA torch just to build).
+"""
+
+import glob
+import os
+import warnings
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = ("80", "90")  # A100 and H100: the targets CI compiles and checks for spills
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("DASH_SKIP_CUDA_BUILD", "0") == "1":
+        warnings.warn("DASH_SKIP_CUDA_BUILD=1: building the CPU-only dash_kernels._C")
+        return False
+    if torch.version.cuda is None:
+        warnings.warn("torch is a CPU build: building the CPU-only dash_kernels._C (Triton and CPU paths still work)")
+        return False
+    if CUDA_HOME is None:
+        warnings.warn("no CUDA toolkit (nvcc) found: building the CPU-only dash_kernels._C")
+        return False
+    return True
+
+
+def _extension():
+    debug = os.environ.get("DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-std=c++17"]
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    cuda_only = [s for s in sources if s.endswith("_cuda.cpp")]
+    if not _want_cuda():
+        return CppExtension("dash_kernels._C", [s for s in sources if s not in cuda_only], extra_compile_args={"cxx": cxx})
+    nvcc = opt + ["-std=c++17", "--expt-relaxed-constexpr"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        for arch in DEFAULT_CUDA_ARCHS:
+            nvcc += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    nvcc += ["--threads", os.environ.get("NVCC_THREADS", "2")]
+    return CUDAExtension(
+        "dash_kernels._C",
+        sources + sorted(glob.glob("csrc/*.cu")),
+        define_macros=[("DASH_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx + ["-DDASH_WITH_CUDA"], "nvcc": nvcc},
+    )
+
+
+setup(
+    packages=find_packages(include=["dash", "dash.*", "dash_kernels", "dash_kernels.*"]),
+    package_data={"dash": ["assets/**/*"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
