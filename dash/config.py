@@ -1,0 +1,279 @@
+"""Typed configuration: one dataclass per component, nested into `DashConfig`.
+
+Sources, later ones win: the dataclass defaults, a YAML preset (`configs/*.yaml`), then `--section.key=value`
+overrides from the command line. Every key is checked: an unknown section or key, or a value of the wrong type, is a
+`ConfigError` naming the key, raised before any work starts.
+
+    cfg = load_config("configs/tiny.yaml", ["--train.lr=3e-5", "--sampling.temperature=0.9"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+BUILTIN_TINY = "builtin:tiny-sft"  # the SFT warm start shipped in dash/assets/tiny-sft
+
+
+class ConfigError(ValueError):
+    """A config key, value or file is wrong; the message names it."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelLoadConfig:
+    path: str = BUILTIN_TINY
+    """Local HF folder (config.json + *.safetensors + tokenizer files), or `builtin:tiny-sft`."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype for training and sampling."""
+    device: str = "auto"
+    """`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:N`."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    task: Literal["arith", "jsonl", "parquet"] = "arith"
+    """`arith`: the built-in synthetic arithmetic task; `jsonl`/`parquet`: local files given by `train_path`."""
+    train_path: str | None = None
+    """Training file for jsonl/parquet tasks."""
+    test_path: str | None = None
+    """Held-out file for jsonl/parquet tasks."""
+    prompt_field: str = "prompt"
+    """Row field holding the prompt."""
+    answer_field: str = "answer"
+    """Row field holding the reference answer."""
+    reward: Literal["arith", "gsm8k", "math"] = "arith"
+    """Verifiable reward: exact number (arith), `#### n` (gsm8k), `\\boxed{}` (math)."""
+    arith_digits: int = 2
+    """Built-in task difficulty: digits per operand of `a+b*c=`."""
+    test_size: int = 500
+    """Held-out prompts used for evaluation."""
+    seed: int = 0
+    """Seed of the train/test split and of the prompt order."""
+
+    def __post_init__(self):
+        if self.task != "arith" and not self.train_path:
+            raise ConfigError(f"data.train_path is required when data.task={self.task!r}")
+        if not 1 <= self.arith_digits <= 4:
+            raise ConfigError(f"data.arith_digits must be in [1, 4], got {self.arith_digits}")
+        _positive("data.test_size", self.test_size)
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 disables."""
+    max_new_tokens: int = 8
+    """Completion length limit (the paper: 2048)."""
+    min_new_tokens: int = 0
+    """EOS is suppressed before this many tokens."""
+    page_size: int = 16
+    """Tokens per KV-cache page."""
+    num_pages: int = 0
+    """KV pages per layer; 0 sizes the pool from the step's batch."""
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ConfigError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.min_new_tokens < 0 or self.num_pages < 0:
+            raise ConfigError("sampling.top_k, sampling.min_new_tokens and sampling.num_pages must be >= 0")
+        _positive("sampling.max_new_tokens", self.max_new_tokens)
+        _positive("sampling.page_size", self.page_size)
+
+
+@dataclass(kw_only=True, slots=True)
+class LossConfig:
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dr_grpo"
+    """Token-loss reduction, with TRL's meanings (the paper's code uses dr_grpo)."""
+    eps_low: float = 0.2
+    """PPO clip: ratio lower bound 1 - eps_low."""
+    eps_high: float = 0.2
+    """PPO clip: ratio upper bound 1 + eps_high."""
+    beta: float = 0.0
+    """k3 KL coefficient to the frozen initial model; 0 does not even load the reference."""
+    adv_threshold: float = 0.1
+    """Gradient filtering: samples with |advantage| <= this contribute nothing (DASH; 0 keeps A != 0)."""
+    normalizer: Literal["paper", "global"] = "global"
+    """`paper`: per micro-batch kept rows x max length; `global`: fixed once per optimizer step."""
+
+    def __post_init__(self):
+        if self.eps_low < 0 or self.eps_high < 0 or self.beta < 0 or self.adv_threshold < 0:
+            raise ConfigError("loss.eps_low, loss.eps_high, loss.beta and loss.adv_threshold must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    algorithm: Literal["dash", "grpo"] = "dash"
+    """`dash`: one sampling call per optimizer step + filtering; `grpo`: sampling per micro-batch, no filtering."""
+    steps: int = 100
+    """Optimizer steps."""
+    prompts_per_step: int = 64
+    """Prompts per optimizer step (the paper: 64)."""
+    group_size: int = 4
+    """Completions per prompt, G (the paper: 4)."""
+    micro_batch_size: int = 8
+    """Completions per backprop micro-batch (the paper: 8); grpo also samples this many per call."""
+    token_budget: int = 0
+    """dash: pack kept samples into micro-batches of at most this many tokens; 0 uses micro_batch_size rows."""
+    lr: float = 3e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables."""
+    ppo_epochs: int = 1
+    """Passes over a step's samples (the paper's PPO-Multi: 3)."""
+    seed: int = 0
+    """Seed for sampling, init and data order."""
+
+    def __post_init__(self):
+        for name in ("steps", "prompts_per_step", "group_size", "micro_batch_size", "ppo_epochs"):
+            _positive(f"train.{name}", getattr(self, name))
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.token_budget < 0:
+            raise ConfigError("train.lr must be > 0; train.weight_decay, grad_clip, token_budget must be >= 0")
+        if self.micro_batch_size % self.group_size:
+            raise ConfigError(f"train.micro_batch_size ({self.micro_batch_size}) must be a multiple of "
+                              f"train.group_size ({self.group_size}) so micro-batches hold whole groups")
+
+
+@dataclass(kw_only=True, slots=True)
+class SFTConfig:
+    steps: int = 1500
+    """Optimizer steps of supervised fine-tuning."""
+    batch_size: int = 128
+    """Examples per step."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+
+    def __post_init__(self):
+        _positive("sft.steps", self.steps)
+        _positive("sft.batch_size", self.batch_size)
+
+
+@dataclass(kw_only=True, slots=True)
+class LogConfig:
+    out_dir: str = "runs/tiny"
+    """Where metrics, samples and checkpoints go."""
+    log_every: int = 1
+    """Steps between metric lines."""
+    eval_every: int = 20
+    """Steps between evaluations; 0 evaluates only at the end."""
+    ckpt_every: int = 0
+    """Steps between checkpoints; 0 saves only at the end."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DashConfig:
+    model: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Returns `value` checked against type `tp`, or raises ConfigError naming `key`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not of type {tp}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # YAML `1` for a float field is fine; the reverse (1.5 for an int) is not
+    if tp is float and isinstance(value, str):
+        try:  # PyYAML (YAML 1.1) reads `3e-6` without a dot as a string; accept it for float fields only
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} must be a mapping of keys, got {value!r}")
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, tp)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["--train.lr=1e-5"]` -> `{"train": {"lr": 1e-5}}`; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        body = item[2:] if item.startswith("--") else item
+        if "=" not in body or "." not in body.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like --section.key=value")
+        dotted, raw = body.split("=", 1)
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DashConfig:
+    """Builds a DashConfig from defaults, an optional YAML file, and `--section.key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(DashConfig, data, "")
+
+
+def config_to_dict(cfg: DashConfig) -> dict:
+    """Plain nested dict (for logging and checkpoints); `load_config` of its YAML gives the same config."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,74 @@
+"""The typed config: presets load, overrides are type-checked, unknown keys and bad values name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from dash.config import ConfigError, DashConfig, config_to_dict, load_config, parse_overrides
+
+PRESETS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+def test_presets_exist():
+    names = {p.name for p in PRESETS}
+    assert {"tiny.yaml", "qwen2.5-0.5b-math.yaml"} <= names
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_loads(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, DashConfig)
+    assert cfg.train.micro_batch_size % cfg.train.group_size == 0
+
+
+def test_paper_preset_carries_paper_settings():
+    cfg = load_config(Path(__file__).parents[2] / "configs/qwen2.5-0.5b-math.yaml")
+    assert (cfg.train.prompts_per_step, cfg.train.group_size, cfg.train.micro_batch_size) == (64, 4, 8)
+    assert (cfg.train.lr, cfg.loss.beta, cfg.loss.adv_threshold) == (3e-6, 0.04, 0.1)
+    assert (cfg.sampling.temperature, cfg.sampling.top_k, cfg.sampling.top_p) == (0.9, 50, 1.0)
+
+
+def test_overrides_apply_and_coerce():
+    cfg = load_config(None, ["--train.lr=1e-4", "--sampling.temperature=1", "--log.tensorboard=true",
+                             "--train.algorithm=grpo", "--data.train_path=null"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.sampling.temperature, float)
+    assert cfg.log.tensorboard is True and cfg.train.algorithm == "grpo" and cfg.data.train_path is None
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--train.lrr=1", "train.lrr"),
+    ("--trian.lr=1", "trian"),
+    ("--train.steps=1.5", "train.steps"),
+    ("--train.steps=true", "train.steps"),
+    ("--train.algorithm=ppo", "train.algorithm"),
+    ("--log.tensorboard=3", "log.tensorboard"),
+    ("--sampling.top_p=0", "sampling.top_p"),
+    ("--train.micro_batch_size=6", "train.micro_batch_size"),
+    ("--data.task=jsonl", "data.train_path"),
+    ("train.lr", "--section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml_names_it(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: 3\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"train\.learning_rate"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_round_trip_through_dict(tmp_path):
+    import yaml
+
+    cfg = load_config(None, ["--train.steps=7", "--loss.beta=0.04"])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert load_config(path) == cfg
+
+
+def test_parse_overrides_nesting():
+    assert parse_overrides(["--a.b=1", "--a.c=x"]) == {"a": {"b": 1, "c": "x"}}
