@@ -49,8 +49,10 @@ class DataConfig:
     """Row field holding the reference answer."""
     reward: Literal["arith", "gsm8k", "math"] = "arith"
     """Verifiable reward: exact number (arith), `#### n` (gsm8k), `\\boxed{}` (math)."""
+    arith_form: str = "a+b*c"
+    """Built-in task expression shape (see dash.tasks.arith.FORMS)."""
     arith_digits: int = 2
-    """Built-in task difficulty: digits per operand of `a+b*c=`."""
+    """Built-in task difficulty: digits per operand (zero-padded)."""
     test_size: int = 500
     """Held-out prompts used for evaluation."""
     seed: int = 0
