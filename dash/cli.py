@@ -1,8 +1,11 @@
 """`dash` command line: `dash <command> [--config PRESET.yaml] [--section.key=value ...]`.
 
 Commands:
-  smoke   load the model of `model.path`, run a packed forward, greedy-evaluate it on the held-out split, show samples
+  train   RL fine-tuning (`train.algorithm`: dash or grpo); `--resume RUN_OR_CHECKPOINT` continues exactly
+  eval    greedy (and sampled pass@k) accuracy of `model.path`, or of `--resume` checkpoint, on the held-out split
+  sample  complete `--prompt` texts with the paged sampler (`--n` completions each)
   sft     supervised warm start of the built-in tiny model on the arithmetic task (writes an HF folder)
+  smoke   load the model of `model.path`, greedy-evaluate it on the held-out split with plain padded decoding
 """
 
 from __future__ import annotations
@@ -55,20 +58,78 @@ def cmd_smoke(cfg: DashConfig) -> int:
     return 0
 
 
-COMMANDS = {"smoke": cmd_smoke}
+def cmd_train(cfg: DashConfig, args) -> int:
+    from dash.rl.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup(resume=args.resume)
+        trainer.train()
+    finally:
+        trainer.close()
+    final = [h for h in trainer.history if "eval/greedy_acc" in h]
+    if final:
+        print(f"done: {trainer.step} steps, held-out greedy accuracy {final[-1]['eval/greedy_acc']:.3f}; "
+              f"metrics in {cfg.log.out_dir}/metrics.jsonl")
+    return 0
+
+
+def cmd_eval(cfg: DashConfig, args) -> int:
+    from dash.rl.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup(resume=args.resume)
+        metrics = trainer.evaluate()
+    finally:
+        trainer.close()
+    print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return 0
+
+
+def cmd_sample(cfg: DashConfig, args) -> int:
+    from dash.model_io import load_model, load_tokenizer
+    from dash.rl.sample import RolloutSampler, prompt_seed
+    from dash.runtime import resolve_device, resolve_dtype, resolve_model_path
+
+    if not args.prompt:
+        raise SystemExit("dash sample: give at least one --prompt TEXT")
+    folder = resolve_model_path(cfg.model.path)
+    model = load_model(folder, dtype=resolve_dtype(cfg.model.dtype), device=resolve_device(cfg.model.device))
+    sampler = RolloutSampler(model.eval(), load_tokenizer(folder), cfg.sampling, reward_fn=lambda c, a: 0.0)
+    seeds = [prompt_seed(cfg.train.seed, 0, i) for i in range(len(args.prompt))]
+    for prompt, req in zip(args.prompt, sampler.generate(args.prompt, args.n, seeds)):
+        for comp in req.completions:
+            print(f"{prompt!r} -> {comp.text!r} ({comp.finish_reason})")
+    return 0
+
+
+def cmd_sft(cfg: DashConfig, args) -> int:
+    from dash.tasks.warmstart import run_warmstart
+
+    run_warmstart(cfg, out=args.out)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sft": cmd_sft,
+            "smoke": lambda cfg, args: cmd_smoke(cfg)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dash", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("--config", default=None, help="YAML preset (configs/*.yaml); defaults are used without one")
+    parser.add_argument("--resume", default=None, help="train/eval: a run folder or checkpoint folder to continue from")
+    parser.add_argument("--prompt", action="append", default=[], help="sample: a prompt (repeatable)")
+    parser.add_argument("--n", type=int, default=1, help="sample: completions per prompt")
+    parser.add_argument("--out", default=None, help="sft: output folder (default: the config's log.out_dir/sft)")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"dash: config error: {exc}", file=sys.stderr)
         return 2
-    return COMMANDS[args.command](cfg)
+    return COMMANDS[args.command](cfg, args)
 
 
 if __name__ == "__main__":

@@ -135,12 +135,19 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Max global grad norm; 0 disables."""
     ppo_epochs: int = 1
-    """Passes over a step's samples (the paper's PPO-Multi: 3)."""
+    """Optimizer steps over each step's samples (the paper's PPO-Multi: 3)."""
+    ppo_minibatches: int = 1
+    """Split a step's samples into this many mini-batches, one optimizer step each (the paper's PPO-Mini: 32)."""
+    old_logp: Literal["recompute", "sampler"] = "recompute"
+    """Ratio denominator: `recompute` = the policy before the step's first update (free when ppo_epochs = 1 and
+    ppo_minibatches = 1: on-policy, ratio 1, as in the paper's code); `sampler` = the sampler's processed log-probs."""
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    """`linear` decays to 0 over `steps` (HF Trainer default, used by the paper)."""
     seed: int = 0
     """Seed for sampling, init and data order."""
 
     def __post_init__(self):
-        for name in ("steps", "prompts_per_step", "group_size", "micro_batch_size", "ppo_epochs"):
+        for name in ("steps", "prompts_per_step", "group_size", "micro_batch_size", "ppo_epochs", "ppo_minibatches"):
             _positive(f"train.{name}", getattr(self, name))
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.token_budget < 0:
             raise ConfigError("train.lr must be > 0; train.weight_decay, grad_clip, token_budget must be >= 0")
@@ -173,6 +180,10 @@ class LogConfig:
     """Steps between evaluations; 0 evaluates only at the end."""
     ckpt_every: int = 0
     """Steps between checkpoints; 0 saves only at the end."""
+    eval_pass_k: int = 0
+    """Also report sampled pass@k with k samples per held-out prompt at each eval; 0 skips it."""
+    samples_shown: int = 4
+    """Completions written to samples.jsonl per eval."""
     tensorboard: bool = False
     """Also write TensorBoard event files."""
 

@@ -1,0 +1,96 @@
+"""Turn prompts into a scored Rollout: one sampler call, then rewards (each call guarded by a timeout).
+
+Every prompt gets its own sampling seed derived from (run seed, step, prompt's index in the step), and the sampler's
+results do not depend on batch composition, so the GRPO baseline (many small calls) and DASH (one large call) draw
+exactly the same completions for the same step: the comparison measures the schedule, not luck.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dash.rl.rollout import Rollout
+
+_SEED_STRIDE = 1_000_003  # a prime > prompts per step, so (step, index) pairs never share a seed
+
+
+def prompt_seed(run_seed: int, step: int, index: int) -> int:
+    return (run_seed * 7919 + step) * _SEED_STRIDE + index
+
+
+@dataclass(slots=True)
+class RewardStats:
+    """Reward calls that raised or timed out (their sample got reward 0)."""
+
+    failed: int = 0
+    timed_out: int = 0
+    first_errors: list[str] = field(default_factory=list)
+
+
+class RolloutSampler:
+    """Generates G completions per prompt from the live training model and scores them."""
+
+    def __init__(self, model, tokenizer, sampling_cfg, reward_fn, reward_timeout_s: float = 10.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = sampling_cfg
+        self.reward_fn = reward_fn
+        self.reward_timeout_s = reward_timeout_s
+        self.reward_stats = RewardStats()
+        self.reward_seconds = 0.0  # accumulated time spent in reward calls (reported apart from generation)
+
+    def params(self, seed: int, temperature: float | None = None, max_new_tokens: int | None = None):
+        from dash.engine.sampling import SamplingParams
+
+        return SamplingParams(
+            temperature=self.cfg.temperature if temperature is None else temperature,
+            top_p=self.cfg.top_p if temperature is None else 1.0,
+            top_k=self.cfg.top_k if temperature is None else 0,
+            max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,
+            min_new_tokens=self.cfg.min_new_tokens,
+            seed=seed,
+        )
+
+    def generate(self, prompts: list[str], n: int, seeds: list[int], temperature: float | None = None):
+        """-> per prompt, n completions (token ids, text, log-probs, finish reason)."""
+        from dash.engine.sampler import generate
+
+        params = [self.params(s, temperature) for s in seeds]
+        return generate(self.model, self.tokenizer, prompts, n=n, params=params, page_size=self.cfg.page_size,
+                        num_pages=self.cfg.num_pages or None)
+
+    def sample(self, examples: list, group_size: int, run_seed: int, step: int, first_index: int) -> Rollout:
+        """One generate call for all `examples` x G; rewards scored per completion."""
+        prompts = [e.prompt for e in examples]
+        seeds = [prompt_seed(run_seed, step, first_index + i) for i in range(len(examples))]
+        outputs = self.generate(prompts, group_size, seeds)
+        prompt_ids, comp_ids, old_logp, texts, answers, rewards = [], [], [], [], [], []
+        for example, request in zip(examples, outputs, strict=True):
+            ids = request.prompt_token_ids
+            for comp in request.completions:
+                prompt_ids.append(list(ids))
+                comp_ids.append(list(comp.token_ids))
+                old_logp.append(torch.as_tensor(comp.logprobs, dtype=torch.float32))
+                texts.append(comp.text)
+                answers.append(example.answer)
+                rewards.append(self.score(comp.text, example.answer))
+        return Rollout(prompt_ids, comp_ids, old_logp, torch.tensor(rewards, dtype=torch.float32), group_size,
+                       texts=texts, answers=answers)
+
+    def score(self, text: str, answer: str) -> float:
+        """The reward of one completion; a raising or timed-out reward function gives 0 and is counted."""
+        from dash.rewards.safe_call import call_with_timeout
+
+        t0 = time.perf_counter()
+        result = call_with_timeout(self.reward_fn, (text, answer), timeout_s=self.reward_timeout_s)
+        self.reward_seconds += time.perf_counter() - t0
+        if result.ok:
+            return float(result.value)
+        self.reward_stats.timed_out += int(result.timed_out)
+        self.reward_stats.failed += int(not result.timed_out)
+        if len(self.reward_stats.first_errors) < 5:
+            self.reward_stats.first_errors.append(result.error)
+        return 0.0

@@ -1,0 +1,189 @@
+"""One optimizer step of the RL loop: GRPO baseline and DASH on one process and one copy of the weights.
+
+    for step in range(steps):
+        examples = data.next_batch(prompts_per_step)
+        rollout  = sample(examples)            # dash: ONE call for the step; grpo: one call per micro-batch
+        adv      = group_advantages(rollout.rewards)
+        keep     = |adv| > adv_threshold       # dash only: filtering happens before any training forward
+        for mb in plan(keep): loss(mb).backward()
+        clip ; optimizer.step() ; log ; eval / checkpoint on schedule
+
+Departures from the paper's code, all deliberate:
+  * The GRPO baseline makes its 32 small sampling calls first and then trains on the same micro-batches (the paper
+    interleaves them); on one device the time is the same sum, and the loss normaliser of the whole step is known.
+  * A micro-batch whose samples are all filtered is skipped instead of keeping its row 0 (which only adds a KL term):
+    a filtered sample contributes nothing, as the paper's text says.
+  * Both algorithms draw exactly the same completions for a step (per-prompt seeds; see dash/rl/sample.py).
+The loop around it (data, eval, checkpoints, logging) is dash/rl/trainer.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+
+from dash.config import DashConfig
+from dash.rl.loss_norm import global_normalizer, paper_normalizer
+from dash.rl.packing import collate, plan_balanced, plan_fixed
+from dash.rl.rollout import Rollout, group_advantages, keep_mask
+
+
+class StepMicroBatches:
+    """The micro-batch plan of one step and the normaliser each micro-batch uses."""
+
+    def __init__(self, cfg: DashConfig, rollout: Rollout, keep: torch.Tensor):
+        t, loss = cfg.train, cfg.loss
+        lengths = [len(p) + len(c) - 1 for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
+        if loss.normalizer == "paper" or t.algorithm == "grpo":
+            self.plan = plan_fixed(len(rollout), t.micro_batch_size, keep)  # the paper's micro-batches
+        else:
+            rows = len(rollout) if t.token_budget > 0 else t.micro_batch_size
+            self.plan = plan_balanced(lengths, keep, rows, t.token_budget)
+        max_new = cfg.sampling.max_new_tokens
+        if loss.normalizer == "global":
+            step_norm = global_normalizer(loss.loss_type, rollout, max_new)
+            self.norms = [step_norm] * len(self.plan)
+        else:
+            self.norms = [paper_normalizer(loss.loss_type, len(mb), sum(len(rollout.completion_ids[i]) for i in mb),
+                                           max_new, len(rollout), t.micro_batch_size) for mb in self.plan]
+
+
+class PolicyUpdate:
+    """Forward/backward of micro-batches through the fused loss, and the optimizer step."""
+
+    def __init__(self, cfg: DashConfig, model, optimizer, scheduler, ref_model=None):
+        self.cfg, self.model, self.optimizer, self.scheduler, self.ref_model = cfg, model, optimizer, scheduler, ref_model
+        temp = cfg.sampling.temperature
+        self.temperature = temp if temp > 0 else 1.0  # greedy sampling: score with the plain softmax
+
+    def token_logprobs(self, model, mb) -> torch.Tensor:
+        """No-grad log-probs of the micro-batch's completion tokens under `model`: [B, Lc]."""
+        from dash_kernels import token_logprobs
+
+        with torch.no_grad():
+            hidden = model.forward_packed(mb.input_ids, mb.cu_seqlens, mb.positions)  # [T, H]
+            h = hidden[mb.gather_index]  # [B, Lc, H]
+            targets = mb.targets.clamp(min=0)
+            logp = token_logprobs(h.reshape(-1, h.shape[-1]), model.lm_head_weight, targets.reshape(-1),
+                                  temperature=self.temperature)
+            return logp.view_as(mb.old_logp) * mb.mask
+
+    def backward(self, mb, normalizer: float, old_logp: torch.Tensor | None) -> dict:
+        """Loss of one micro-batch, backward, and its metrics (detached floats)."""
+        from dash_kernels import fused_policy_loss
+
+        lc = self.cfg.loss
+        ref_logp = self.token_logprobs(self.ref_model, mb) if lc.beta > 0 else None
+        hidden = self.model.forward_packed(mb.input_ids, mb.cu_seqlens, mb.positions)  # [T, H]
+        h = hidden[mb.gather_index]  # [B, Lc, H]
+        loss, metrics = fused_policy_loss(
+            h, self.model.lm_head_weight, mb.targets, mb.advantages, mb.mask, old_logp=old_logp, ref_logp=ref_logp,
+            loss_type=lc.loss_type, eps_low=lc.eps_low, eps_high=lc.eps_high, beta=lc.beta,
+            temperature=self.temperature, normalizer=normalizer, max_completion_length=self.cfg.sampling.max_new_tokens,
+        )
+        if torch.isfinite(loss):
+            loss.backward()
+        out = {k: float(v) for k, v in metrics.items()}
+        out["loss/value"] = float(loss.detach())
+        return out
+
+    def step(self) -> dict:
+        """Clip, step, zero. A NaN/inf gradient skips the update (and is reported), it never reaches the weights."""
+        clip = self.cfg.train.grad_clip
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf) if params else torch.tensor(0.0)
+        skipped = not torch.isfinite(norm)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {"train/grad_norm": float(norm), "train/skipped_update": float(skipped),
+                "train/lr": self.scheduler.get_last_lr()[0]}
+
+
+def build_optimizer(cfg: DashConfig, model):
+    t = cfg.train
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    total = t.steps * t.ppo_epochs * t.ppo_minibatches
+    if t.lr_schedule == "linear":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / total))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    return opt, sched
+
+
+def frozen_copy(model):
+    """The KL reference: a frozen copy of the initial policy (only built when beta > 0)."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, step: int) -> tuple[dict, Rollout]:
+    """One optimizer step (or ppo_epochs x ppo_minibatches of them) of `cfg.train.algorithm`; returns metrics."""
+    t = cfg.train
+    G = t.group_size
+    t0 = time.perf_counter()
+    reward_s0 = sampler.reward_seconds
+    if t.algorithm == "dash":
+        rollout = sampler.sample(examples, G, t.seed, step, 0)
+        calls = 1
+    else:  # grpo: one sampling call per backprop micro-batch of micro_batch_size completions
+        per_call = t.micro_batch_size // G
+        parts = [sampler.sample(examples[i:i + per_call], G, t.seed, step, i) for i in range(0, len(examples), per_call)]
+        rollout, calls = Rollout.concat(parts), len(parts)
+    t_reward = sampler.reward_seconds - reward_s0
+    t_gen = time.perf_counter() - t0 - t_reward
+
+    adv = group_advantages(rollout.rewards, G)  # [S]
+    keep = keep_mask(adv, cfg.loss.adv_threshold if t.algorithm == "dash" else None)  # [S]
+    keep &= torch.tensor([len(c) > 0 for c in rollout.completion_ids])  # nothing to train on an empty completion
+    device = next(update.model.parameters()).device
+    t1 = time.perf_counter()
+    metrics_sum: dict[str, float] = {}
+    update_metrics: dict = {}
+    n_mb = 0
+    minibatches = [list(range(len(rollout)))] if t.ppo_minibatches == 1 else [
+        list(range(len(rollout)))[i::t.ppo_minibatches] for i in range(t.ppo_minibatches)]
+    old_cache: dict[int, torch.Tensor] = {}
+    for epoch in range(t.ppo_epochs):
+        for mini in minibatches:
+            mini_keep = torch.zeros_like(keep)
+            mini_keep[mini] = keep[mini]
+            sub = StepMicroBatches(cfg, rollout, mini_keep)
+            for idx, norm in zip(sub.plan, sub.norms):
+                mb = collate(rollout, idx, adv, device)
+                old = _old_logp(cfg, update, mb, old_cache, reuse=t.ppo_epochs * t.ppo_minibatches > 1)
+                for k, v in update.backward(mb, norm, old).items():
+                    metrics_sum[k] = metrics_sum.get(k, 0.0) + v
+                n_mb += 1
+            update_metrics = update.step()
+    t_train = time.perf_counter() - t1
+    S, kept = len(rollout), int(keep.sum())
+    metrics = {k: v / max(n_mb, 1) for k, v in metrics_sum.items()}
+    metrics.update(update_metrics)
+    metrics.update({
+        "rollout/reward_mean": float(rollout.rewards.mean()), "rollout/kept_frac": kept / S,
+        "rollout/completion_len": rollout.completion_tokens() / S, "rollout/sampling_calls": calls,
+        "train/micro_batches": n_mb, "train/skipped_samples": S - kept,
+        "time/generate_s": t_gen, "time/reward_s": t_reward, "time/train_s": t_train,
+        "time/gen_tok_s": rollout.completion_tokens() / max(t_gen, 1e-9),
+        "reward/failed_calls": sampler.reward_stats.failed + sampler.reward_stats.timed_out,
+    })
+    return metrics, rollout
+
+
+def _old_logp(cfg: DashConfig, update: PolicyUpdate, mb, cache: dict, reuse: bool):
+    """The ratio's denominator for this micro-batch (see TrainConfig.old_logp)."""
+    if cfg.train.old_logp == "sampler":
+        return mb.old_logp
+    if not reuse:
+        return None  # one update per sample: on-policy, ratio exactly 1 (the paper's logp.detach())
+    key = tuple(mb.indices)
+    if key not in cache:  # computed before this step's first update touches the weights
+        cache[key] = update.token_logprobs(update.model, mb)
+    return cache[key]

@@ -1,0 +1,124 @@
+"""The RL trainer: set-up, the step loop, evaluation, logging, checkpoints and exact resume.
+
+    trainer = Trainer(cfg); trainer.setup(resume=None); trainer.train(); trainer.close()
+
+One process, one copy of the weights: the sampler (dash.engine) generates from `self.model`, the very module the
+optimizer updates, so the next step's sampling sees the new weights with no copy, reload or sync. The step itself
+(sampling schedule, filtering, packing, loss) is dash/rl/step.py.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dash.config import DashConfig, config_to_dict
+from dash.rl.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, set_rng_state, MODEL_DIR
+from dash.rl.evaluate import evaluate
+from dash.rl.metrics import MetricsLogger
+from dash.rl.sample import RolloutSampler
+from dash.rl.step import PolicyUpdate, build_optimizer, frozen_copy, run_step
+from dash.runtime import resolve_device, resolve_dtype, resolve_model_path, seed_everything
+
+
+class Trainer:
+    def __init__(self, cfg: DashConfig, quiet: bool = False):
+        self.cfg = cfg
+        self.quiet = quiet
+        self.step = 0
+        self.history: list[dict] = []
+
+    # -- set-up ------------------------------------------------------------------------------------------------
+    def setup(self, resume: str | None = None) -> None:
+        from dash.data import load_task
+        from dash.model_io import load_model, load_tokenizer
+        from dash.rewards import get_reward
+
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)
+        ckpt = find_checkpoint(resume) if resume else None
+        folder = ckpt / MODEL_DIR if ckpt else resolve_model_path(cfg.model.path)
+        device = resolve_device(cfg.model.device)
+        self.model = load_model(folder, dtype=resolve_dtype(cfg.model.dtype), device=device).train()
+        self.tokenizer = load_tokenizer(folder)
+        # The KL reference is the initial policy; it is not even built when beta == 0.
+        ref_folder = resolve_model_path(cfg.model.path)
+        self.ref_model = None
+        if cfg.loss.beta > 0:
+            self.ref_model = frozen_copy(load_model(ref_folder, dtype=resolve_dtype(cfg.model.dtype), device=device))
+        self.train_data, self.test_examples = load_task(cfg.data, self.tokenizer)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        self.update = PolicyUpdate(cfg, self.model, self.optimizer, self.scheduler, self.ref_model)
+        self.sampler = RolloutSampler(self.model, self.tokenizer, cfg.sampling, get_reward(cfg.data.reward))
+        self.logger = MetricsLogger(cfg.log.out_dir, tensorboard=cfg.log.tensorboard)
+        if ckpt:
+            state = load_trainer_state(ckpt)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.train_data.load_state_dict(state["data"])
+            set_rng_state(state["rng"])
+            self.step = state["step"]
+            self._say(f"resumed from {ckpt} at step {self.step}")
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        cfg = self.cfg
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"{cfg.train.algorithm}", unit="step",
+                   disable=self.quiet or not sys.stderr.isatty())
+        while self.step < cfg.train.steps:
+            metrics = self.train_step()
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}", kept=f"{metrics['rollout/kept_frac']:.2f}")
+            done = self.step == cfg.train.steps
+            if (cfg.log.eval_every and self.step % cfg.log.eval_every == 0) or done:
+                self.evaluate()
+            if (cfg.log.ckpt_every and self.step % cfg.log.ckpt_every == 0) or done:
+                self.save_checkpoint()
+        bar.close()
+        return self.history
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        examples = self.train_data.next_batch(cfg.train.prompts_per_step)
+        metrics, rollout = run_step(cfg, self.sampler, self.update, examples, self.step)
+        self.step += 1
+        metrics["time/step_s"] = time.perf_counter() - t0
+        if metrics["train/skipped_update"]:
+            self._say(f"step {self.step}: non-finite gradient, update skipped")
+        if cfg.log.log_every and self.step % cfg.log.log_every == 0:
+            self.logger.log(self.step, metrics)
+        self.history.append({"step": self.step, **metrics})
+        return metrics
+
+    def evaluate(self) -> dict:
+        self.model.eval()
+        with torch.no_grad():
+            metrics, shown = evaluate(self.sampler, self.test_examples, self.cfg.train.seed,
+                                      pass_k=self.cfg.log.eval_pass_k, samples_shown=self.cfg.log.samples_shown)
+        self.model.train()
+        self.logger.log(self.step, metrics)
+        self.logger.log_samples(self.step, shown)
+        self.history.append({"step": self.step, **metrics})
+        self._say(f"step {self.step}: greedy accuracy {metrics['eval/greedy_acc']:.3f}")
+        return metrics
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "data": self.train_data.state_dict(), "config": config_to_dict(self.cfg)}
+        path = save_checkpoint(self.cfg.log.out_dir, self.step, self.model, self.tokenizer, state)
+        self._say(f"checkpoint {path}")
+        return path
+
+    def close(self) -> None:
+        if hasattr(self, "logger"):
+            self.logger.close()
+
+    def _say(self, msg: str) -> None:
+        if not self.quiet:
+            tqdm.write(msg, file=sys.stderr)
