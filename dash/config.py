@@ -47,8 +47,18 @@ class DataConfig:
     """Row field holding the prompt."""
     answer_field: str = "answer"
     """Row field holding the reference answer."""
-    reward: Literal["arith", "gsm8k", "math"] = "arith"
-    """Verifiable reward: exact number (arith), `#### n` (gsm8k), `\\boxed{}` (math)."""
+    reward: str = "arith"
+    """Verifiable reward name (dash.rewards): arith, gsm8k (`#### n`), math (`\\boxed{}`), code, format; `a+b` sums."""
+    reward_timeout_s: float = 10.0
+    """A reward call that takes longer scores 0 (counted, logged); the run goes on."""
+    prompt_template: str = "{prompt}"
+    """jsonl/parquet: `str.format` template over the row's fields; `{prompt}` is the prompt field."""
+    chat_template: Literal["never", "auto", "always"] = "never"
+    """jsonl/parquet: wrap prompts in the tokenizer's chat template (the paper: never)."""
+    max_prompt_tokens: int = 0
+    """jsonl/parquet: skip (and count) prompts longer than this; 0 = no limit. The paper's limit is 256."""
+    strict: bool = False
+    """jsonl/parquet: a bad row is an error naming it, instead of being skipped and counted."""
     arith_form: str = "a+b*c"
     """Built-in task expression shape (see dash.tasks.arith.FORMS)."""
     arith_digits: int = 2
@@ -64,6 +74,13 @@ class DataConfig:
         if not 1 <= self.arith_digits <= 4:
             raise ConfigError(f"data.arith_digits must be in [1, 4], got {self.arith_digits}")
         _positive("data.test_size", self.test_size)
+        from dash.rewards import available_rewards
+
+        for part in self.reward.split("+"):
+            if part.strip() not in available_rewards():
+                raise ConfigError(f"data.reward: {part.strip()!r} is not one of {available_rewards()}")
+        if self.reward_timeout_s <= 0 or self.max_prompt_tokens < 0:
+            raise ConfigError("data.reward_timeout_s must be > 0 and data.max_prompt_tokens >= 0")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -7,9 +7,6 @@ exactly the same completions for the same step: the comparison measures the sche
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 import torch
 
 from dash.rl.rollout import Rollout
@@ -21,29 +18,30 @@ def prompt_seed(run_seed: int, step: int, index: int) -> int:
     return (run_seed * 7919 + step) * _SEED_STRIDE + index
 
 
-@dataclass(slots=True)
-class RewardStats:
-    """Reward calls that raised or timed out (their sample got reward 0)."""
-
-    failed: int = 0
-    timed_out: int = 0
-    first_errors: list[str] = field(default_factory=list)
-
-
 class RolloutSampler:
     """Generates G completions per prompt from the live training model and scores them."""
 
     def __init__(self, model, tokenizer, sampling_cfg, reward_fn, reward_timeout_s: float = 10.0):
+        from dash.rewards import SafeReward
+
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = sampling_cfg
-        self.reward_fn = reward_fn
-        self.reward_timeout_s = reward_timeout_s
-        self.reward_stats = RewardStats()
-        self.reward_seconds = 0.0  # accumulated time spent in reward calls (reported apart from generation)
+        # A reward that raises or times out scores 0 and is counted in reward.stats; it never stops the run.
+        self.reward = SafeReward(reward_fn, timeout_s=reward_timeout_s)
+        self.last_stats: dict = {}  # the engine's step / page / preemption counts of the last generate call
+
+    @property
+    def reward_stats(self):
+        return self.reward.stats
+
+    @property
+    def reward_seconds(self) -> float:
+        """Accumulated time spent in reward calls (reported apart from generation)."""
+        return self.reward.stats.seconds
 
     def params(self, seed: int, temperature: float | None = None, max_new_tokens: int | None = None):
-        from dash.engine.sampling import SamplingParams
+        from dash.engine import SamplingParams
 
         return SamplingParams(
             temperature=self.cfg.temperature if temperature is None else temperature,
@@ -56,11 +54,12 @@ class RolloutSampler:
 
     def generate(self, prompts: list[str], n: int, seeds: list[int], temperature: float | None = None):
         """-> per prompt, n completions (token ids, text, log-probs, finish reason)."""
-        from dash.engine.sampler import generate
+        from dash.engine import generate
 
         params = [self.params(s, temperature) for s in seeds]
+        self.last_stats = {}
         return generate(self.model, self.tokenizer, prompts, n=n, params=params, page_size=self.cfg.page_size,
-                        num_pages=self.cfg.num_pages or None)
+                        num_pages=self.cfg.num_pages or None, stats=self.last_stats)
 
     def sample(self, examples: list, group_size: int, run_seed: int, step: int, first_index: int) -> Rollout:
         """One generate call for all `examples` x G; rewards scored per completion."""
@@ -82,15 +81,4 @@ class RolloutSampler:
 
     def score(self, text: str, answer: str) -> float:
         """The reward of one completion; a raising or timed-out reward function gives 0 and is counted."""
-        from dash.rewards.safe_call import call_with_timeout
-
-        t0 = time.perf_counter()
-        result = call_with_timeout(self.reward_fn, (text, answer), timeout_s=self.reward_timeout_s)
-        self.reward_seconds += time.perf_counter() - t0
-        if result.ok:
-            return float(result.value)
-        self.reward_stats.timed_out += int(result.timed_out)
-        self.reward_stats.failed += int(not result.timed_out)
-        if len(self.reward_stats.first_errors) < 5:
-            self.reward_stats.first_errors.append(result.error)
-        return 0.0
+        return self.reward(text, answer)

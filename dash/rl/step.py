@@ -172,7 +172,7 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
         "train/micro_batches": n_mb, "train/skipped_samples": S - kept,
         "time/generate_s": t_gen, "time/reward_s": t_reward, "time/train_s": t_train,
         "time/gen_tok_s": rollout.completion_tokens() / max(t_gen, 1e-9),
-        "reward/failed_calls": sampler.reward_stats.failed + sampler.reward_stats.timed_out,
+        "reward/failed_calls": sampler.reward_stats.failures,
     })
     return metrics, rollout
 

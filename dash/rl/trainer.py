@@ -34,7 +34,7 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def setup(self, resume: str | None = None) -> None:
-        from dash.data import load_task
+        from dash.rl.task_data import load_task
         from dash.model_io import load_model, load_tokenizer
         from dash.rewards import get_reward
 
@@ -53,7 +53,8 @@ class Trainer:
         self.train_data, self.test_examples = load_task(cfg.data, self.tokenizer)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         self.update = PolicyUpdate(cfg, self.model, self.optimizer, self.scheduler, self.ref_model)
-        self.sampler = RolloutSampler(self.model, self.tokenizer, cfg.sampling, get_reward(cfg.data.reward))
+        self.sampler = RolloutSampler(self.model, self.tokenizer, cfg.sampling, get_reward(cfg.data.reward),
+                                      reward_timeout_s=cfg.data.reward_timeout_s)
         self.logger = MetricsLogger(cfg.log.out_dir, tensorboard=cfg.log.tensorboard)
         if ckpt:
             state = load_trainer_state(ckpt)

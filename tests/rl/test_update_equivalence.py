@@ -16,7 +16,7 @@ from dash.config import DashConfig, LossConfig, SamplingConfig, TrainConfig
 from dash.model import CausalLM
 from dash.model_config import ModelConfig
 from dash.rl.loss_norm import global_normalizer
-from dash.rl.packing import collate, plan_fixed
+from dash.rl.packing import collate
 from dash.rl.rollout import Rollout, group_advantages, keep_mask
 from dash.rl.step import PolicyUpdate, StepMicroBatches, frozen_copy, run_step
 from dash_kernels.reference import policy_loss, token_logprobs_from_logits_ref
@@ -170,7 +170,7 @@ class FixedSampler:
 
     def __init__(self, rollout):
         self.rollout, self.reward_seconds = rollout, 0.0
-        self.reward_stats = type("S", (), {"failed": 0, "timed_out": 0})()
+        self.reward_stats = type("S", (), {"failures": 0})()
 
     def sample(self, examples, group_size, run_seed, step, first_index):
         rows = range(first_index * G, (first_index + len(examples)) * G)
