@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 
 import torch
 
@@ -58,6 +59,7 @@ class PolicyUpdate:
         self.cfg, self.model, self.optimizer, self.scheduler, self.ref_model = cfg, model, optimizer, scheduler, ref_model
         temp = cfg.sampling.temperature
         self.temperature = temp if temp > 0 else 1.0  # greedy sampling: score with the plain softmax
+        self.non_finite = 0  # micro-batches of the current optimizer step whose loss was NaN / inf
 
     def token_logprobs(self, model, mb) -> torch.Tensor:
         """No-grad log-probs of the micro-batch's completion tokens under `model`: [B, Lc]."""
@@ -86,6 +88,8 @@ class PolicyUpdate:
         )
         if torch.isfinite(loss):
             loss.backward()
+        else:  # the whole optimizer step is skipped (see step()); no NaN reaches the gradients
+            self.non_finite += 1
         out = {k: float(v) for k, v in metrics.items()}
         out["loss/value"] = float(loss.detach())
         return out
@@ -95,13 +99,17 @@ class PolicyUpdate:
         clip = self.cfg.train.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf) if params else torch.tensor(0.0)
-        skipped = not torch.isfinite(norm)
+        skipped = bool(self.non_finite) or not torch.isfinite(norm)
         if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return {"train/grad_norm": float(norm), "train/skipped_update": float(skipped),
-                "train/lr": self.scheduler.get_last_lr()[0]}
+        with warnings.catch_warnings():  # a skipped update still advances the schedule; torch warns about that
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        out = {"train/grad_norm": float(norm), "train/skipped_update": float(skipped),
+               "train/non_finite_losses": float(self.non_finite), "train/lr": self.scheduler.get_last_lr()[0]}
+        self.non_finite = 0
+        return out
 
 
 def build_optimizer(cfg: DashConfig, model):

@@ -1,0 +1,130 @@
+"""The trainer end to end on a random tiny model: exact resume, filtering, failing rewards, non-finite updates, CLI."""
+
+import json
+
+import pytest
+import torch
+
+from dash.cli import main as cli_main
+from dash.config import load_config
+from dash.model_io import save_model
+from dash.rewards import register_reward
+from dash.rl.trainer import Trainer
+from dash.tasks.warmstart import build_tiny_model
+from dash.tokenizer import build_arith_tokenizer
+
+
+def _even_length(completion: str, answer: str) -> float:
+    """A reward a random model earns half the time: groups are mixed, so filtering and updates both happen."""
+    return float(len(completion) % 2 == 0)
+
+
+def _flaky(completion: str, answer: str) -> float:
+    if len(completion) % 3 == 0:
+        raise RuntimeError("reward checker crashed")
+    return float(len(completion) % 2 == 0)
+
+
+register_reward("test_even_length", _even_length)
+register_reward("test_flaky", _flaky)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-random") / "model"
+    save_model(build_tiny_model(seed=1), folder, tokenizer=build_arith_tokenizer())
+    return folder
+
+
+def _cfg(model_dir, out_dir, *extra):
+    return load_config(None, [
+        f"--model.path={model_dir}", "--model.device=cpu", "--data.test_size=16", "--data.reward=test_even_length",
+        "--sampling.max_new_tokens=6", "--train.prompts_per_step=8", "--train.group_size=4",
+        "--train.micro_batch_size=8", "--train.steps=4", "--train.lr=1e-3", "--train.lr_schedule=linear",
+        "--log.eval_every=0", f"--log.out_dir={out_dir}", *extra])
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_continues_bitwise(model_dir, tmp_path):
+    straight = Trainer(_cfg(model_dir, tmp_path / "a"), quiet=True)
+    straight.setup()
+    for _ in range(4):
+        straight.train_step()
+    expected = _weights(straight.model)
+    straight.close()
+
+    first = Trainer(_cfg(model_dir, tmp_path / "b"), quiet=True)
+    first.setup()
+    first.train_step()
+    first.train_step()
+    first.save_checkpoint()
+    first.close()
+    second = Trainer(_cfg(model_dir, tmp_path / "b"), quiet=True)
+    second.setup(resume=str(tmp_path / "b"))
+    assert second.step == 2
+    second.train()  # runs steps 3 and 4, then evaluates and saves
+    got = _weights(second.model)
+    second.close()
+    assert any(not torch.equal(expected[k], _weights(build_tiny_model(seed=1))[k]) for k in expected), "no update"
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), f"{k} differs after resume"
+    latest = (tmp_path / "b" / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step-4"
+
+
+def test_dash_filters_before_training_and_counts_it(model_dir, tmp_path):
+    tr = Trainer(_cfg(model_dir, tmp_path, "--train.algorithm=dash"), quiet=True)
+    tr.setup()
+    m = tr.train_step()
+    tr.close()
+    S = 8 * 4
+    assert m["rollout/sampling_calls"] == 1
+    assert m["train/skipped_samples"] == round((1 - m["rollout/kept_frac"]) * S)
+    assert 0 < m["rollout/kept_frac"] < 1  # the even-length reward gives both mixed and uniform groups here
+    grpo = Trainer(_cfg(model_dir, tmp_path / "g", "--train.algorithm=grpo"), quiet=True)
+    grpo.setup()
+    g = grpo.train_step()
+    grpo.close()
+    assert g["rollout/sampling_calls"] == S // 8 and g["rollout/kept_frac"] == 1.0
+    assert g["rollout/reward_mean"] == m["rollout/reward_mean"]  # same seeds -> same completions
+
+
+def test_failing_reward_scores_zero_and_the_run_goes_on(model_dir, tmp_path):
+    tr = Trainer(_cfg(model_dir, tmp_path, "--data.reward=test_flaky"), quiet=True)
+    tr.setup()
+    m = tr.train_step()
+    tr.close()
+    assert m["reward/failed_calls"] > 0
+
+
+def test_non_finite_loss_skips_the_update(model_dir, tmp_path, monkeypatch):
+    import dash_kernels
+
+    def nan_loss(hidden, *args, **kwargs):
+        return hidden.sum() * float("nan"), {}
+
+    monkeypatch.setattr(dash_kernels, "fused_policy_loss", nan_loss)
+    tr = Trainer(_cfg(model_dir, tmp_path), quiet=True)
+    tr.setup()
+    before = _weights(tr.model)
+    m = tr.train_step()
+    after = _weights(tr.model)
+    tr.close()
+    assert m["train/micro_batches"] > 0 and m["train/non_finite_losses"] == m["train/micro_batches"]
+    assert m["train/skipped_update"] == 1.0
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_cli_train_writes_metrics_and_checkpoint(model_dir, tmp_path):
+    out = tmp_path / "cli"
+    rc = cli_main(["train", f"--model.path={model_dir}", "--model.device=cpu", "--data.test_size=8",
+                   "--data.reward=test_even_length", "--sampling.max_new_tokens=5", "--train.prompts_per_step=4",
+                   "--train.micro_batch_size=4", "--train.steps=2", f"--log.out_dir={out}", "--log.eval_every=1"])
+    assert rc == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum("eval/greedy_acc" in x for x in lines) == 2 and sum("time/step_s" in x for x in lines) == 2
+    assert (out / "checkpoints" / "step-2" / "model" / "model.safetensors").is_file()
+    assert cli_main(["train", "--train.stepz=3"]) == 2  # config errors name the key and exit 2
