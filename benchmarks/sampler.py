@@ -1,0 +1,217 @@
+"""Sampler throughput: dash.engine.generate vs HF `generate` (padded batch) and HF `generate_batch` (continuous
+batching), same weights, prompts, lengths and sampling settings; plus the host-side scheduling cost per decode step.
+
+    .venv/bin/python benchmarks/sampler.py                 # full table (a few minutes on 2 cores)
+    .venv/bin/python benchmarks/sampler.py --quick         # tiny model only
+    .venv/bin/python benchmarks/sampler.py --threads 2 --out benchmarks/results/sampler
+
+Models (random Qwen2-shaped, fp32): `tiny` = 2 layers, hidden 128, vocab 48 (VERIFIED.md's reference: HF ~1.5k tok/s
+at batch 8, ~17k at 256 on an idle 2-core box); `wide` = 2 layers, hidden 512, vocab 32000 (compute-bound).
+Settings: prompts of 16 random tokens, 32 new tokens, temperature 0.9, no top-k / top-p, EOS ignored so every row
+generates exactly 32 tokens (tok/s = generated tokens / wall time). Batch 8 (the GRPO micro-batch) and 256 (the DASH
+step batch); the fork rows use 64 prompts x G=4 (2 x 4 at batch 8) with and without group fork.
+HF `generate_batch` (transformers' continuous batching) runs only with --hf-cb: on this CPU its default cache sizing
+takes ~12 GiB of RSS and it produced ~10 tok/s at batch 8 and ~270 tok/s at batch 256 (one run, 2026-11-25).
+tok/s is from the best of --repeats interleaved rounds (the box is shared; see `measure`). Peak memory is the rise of
+the process's peak RSS during a call (VmHWM reset through /proc/self/clear_refs; 0 when below RSS noise).
+`sched_overhead_ms_1024`: mean wall time of the host-side step (Scheduler.schedule + postprocess, no model, no
+sampling) over decode steps with 1024 live sequences (256 prompts x G=4).
+Prints a table, then ONE JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from dash.engine import SamplingParams, generate  # noqa: E402
+from dash.engine.kv_cache import KVCache  # noqa: E402
+from dash.engine.scheduler import Scheduler  # noqa: E402
+from dash.engine.sequence import SequenceTable  # noqa: E402
+from dash.model_io import load_model  # noqa: E402
+
+PROMPT_LEN, NEW_TOKENS, TEMPERATURE = 16, 32, 0.9
+MODELS = {
+    "tiny": dict(vocab_size=48, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "wide": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
+                 num_attention_heads=8, num_key_value_heads=2),
+}
+SCHED_SEQS, SCHED_STEPS = 1024, 30
+
+
+def _peak_rss_reset() -> int:
+    """Reset the peak-RSS counter; returns the current RSS in bytes (Linux only, else 0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status("VmRSS")
+    except OSError:
+        return 0
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure(runs: dict, repeats: int) -> dict:
+    """provider -> (best seconds, peak MiB above the starting RSS), or the exception it raised.
+
+    The machine is shared, so providers are interleaved round by round (load drifts hit all of them alike) and the
+    best round is kept (noise only ever adds time). Each provider gets one warm-up call first.
+    """
+    out, times = {}, {}
+    for name, fn in runs.items():
+        try:
+            fn()
+            times[name], out[name] = [], [0.0, 0.0]
+        except Exception as err:  # an HF path this version cannot run on CPU: reported, not fatal
+            out[name] = err
+    for _ in range(repeats):
+        for name in times:
+            base = _peak_rss_reset()
+            t0 = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - t0)
+            out[name][1] = max(out[name][1], max(0, _status("VmHWM") - base) / 2**20)
+    for name in times:
+        out[name][0] = min(times[name])
+    return out
+
+
+def build(name: str, folder: Path):
+    config = transformers.Qwen2Config(**MODELS[name], max_position_embeddings=256, tie_word_embeddings=True,
+                                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    hf.save_pretrained(folder)
+    hf.generation_config.eos_token_id = None  # every row generates NEW_TOKENS tokens, as in the dash runs
+    return hf, load_model(folder)
+
+
+def hf_generate(hf, prompts):
+    ids = torch.tensor(prompts)  # equal lengths: no padding needed
+    with torch.no_grad():
+        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=TEMPERATURE, top_k=0,
+                    top_p=1.0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+
+
+def hf_generate_batch(hf, prompts):
+    config = transformers.GenerationConfig(do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0,
+                                           max_new_tokens=NEW_TOKENS, eos_token_id=-1, pad_token_id=0)
+    with torch.no_grad():
+        hf.generate_batch(prompts, generation_config=config, progress_bar=False)
+
+
+def sched_overhead_ms(model) -> float:
+    """Host-side scheduling per decode step with SCHED_SEQS live sequences (no forward, no sampling)."""
+    n = 4
+    prompts = torch.randint(3, model.config.vocab_size, (SCHED_SEQS // n, PROMPT_LEN)).tolist()
+    params = [SamplingParams(max_new_tokens=SCHED_STEPS + 2, stop_token_ids=[2], seed=i) for i in range(len(prompts))]
+    table = SequenceTable(prompts, params, n, model.config.max_position_embeddings, [2])
+    cache = KVCache(model, SCHED_SEQS * 4, 16)
+    sched = Scheduler(table, cache, max_num_seqs=SCHED_SEQS, max_batched_tokens=SCHED_SEQS * PROMPT_LEN)
+    _, ids, _ = sched.schedule()  # the prefill step admits all 256 groups
+    sched.postprocess(ids, torch.full((ids.numel(),), 7), torch.zeros(ids.numel()))
+    assert len(sched.running) == SCHED_SEQS
+    times = []
+    for _ in range(SCHED_STEPS):
+        t0 = time.perf_counter()
+        _, ids, _ = sched.schedule()
+        sched.postprocess(ids, torch.full((ids.numel(),), 7), torch.zeros(ids.numel()))  # fake sampled tokens
+        times.append(time.perf_counter() - t0)
+    assert len(sched.running) == SCHED_SEQS
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="tiny model only")
+    ap.add_argument("--hf-cb", action="store_true", help="also HF generate_batch (on this CPU: ~10 tok/s, ~12 GiB)")
+    ap.add_argument("--out", default="", help="also write <out>.md (table) and <out>.json (the JSON line)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows, result = [], {"bench": "sampler"}
+    sp = SamplingParams(temperature=TEMPERATURE, max_new_tokens=NEW_TOKENS, stop_token_ids=[], seed=0)
+    for name in ["tiny"] if args.quick else ["tiny", "wide"]:
+        hf, model = build(name, Path(tempfile.mkdtemp()))
+        vocab = MODELS[name]["vocab_size"]
+        for batch in (8, 256):
+            prompts = torch.randint(3, vocab, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
+            prompts = prompts.tolist()
+            groups = prompts[: batch // 4]
+            runs = {
+                "dash": lambda: generate(model, None, prompts, params=sp),
+                "dash G=4 fork": lambda: generate(model, None, groups, n=4, params=sp),
+                "dash G=4 no-fork": lambda: generate(model, None, groups, n=4, params=sp, group_fork=False),
+                "hf generate": lambda: hf_generate(hf, prompts),
+            }
+            if args.hf_cb:
+                runs["hf generate_batch"] = lambda: hf_generate_batch(hf, prompts)
+            for provider, res in measure(runs, args.repeats).items():
+                if isinstance(res, Exception):
+                    rows.append((name, batch, provider, None, None, f"{type(res).__name__}: {str(res)[:60]}"))
+                    continue
+                sec, mib = res
+                tok_s = batch * NEW_TOKENS / sec
+                rows.append((name, batch, provider, tok_s, mib, ""))
+                print(f"  {name:5s} B={batch:<4d} {provider:18s} {tok_s:10.0f} tok/s  peak +{mib:7.1f} MiB",
+                      file=sys.stderr)
+        if name == "tiny":
+            result["sched_overhead_ms_1024"] = round(sched_overhead_ms(model), 4)
+    by = {(m, b, p): t for m, b, p, t, _, _ in rows}
+    for m in ("tiny", "wide"):
+        sfx = "" if m == "tiny" else "_wide"
+        for b in (8, 256):
+            for key, prov in (("dash", "dash"), ("hf", "hf generate"), ("hf_cb", "hf generate_batch"),
+                              ("dash_fork", "dash G=4 fork"), ("dash_nofork", "dash G=4 no-fork")):
+                if by.get((m, b, prov)) is not None:
+                    result[f"{key}_tok_s_{b}{sfx}"] = round(by[(m, b, prov)], 1)
+    for b in (8, 256):
+        if by.get(("tiny", b, "hf generate")):
+            result[f"speedup_vs_hf_{b}"] = round(by[("tiny", b, "dash")] / by[("tiny", b, "hf generate")], 2)
+        if by.get(("wide", b, "hf generate")):
+            result[f"speedup_vs_hf_{b}_wide"] = round(by[("wide", b, "dash")] / by[("wide", b, "hf generate")], 2)
+    result.update(device="cpu", threads=args.threads, cpu=platform.processor() or platform.machine(),
+                  load_avg_1m=round(__import__("os").getloadavg()[0], 2), torch=torch.__version__,
+                  transformers=transformers.__version__, git_sha=_git_sha(),
+                  timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    lines = ["| model | batch | provider | tok/s | peak MiB | note |", "|---|---|---|---|---|---|"]
+    for m, b, p, t, mib, note in rows:
+        lines.append(f"| {m} | {b} | {p} | {'' if t is None else f'{t:.0f}'} | "
+                     f"{'' if mib is None else f'{mib:.1f}'} | {note} |")
+    lines.append(f"\nhost scheduling per decode step, 1024 live sequences: {result.get('sched_overhead_ms_1024')} ms")
+    table = "\n".join(lines)
+    print(table)
+    print(json.dumps(result))
+    if args.out:
+        Path(args.out + ".md").write_text(table + "\n\n```json\n" + json.dumps(result) + "\n```\n")
+        Path(args.out + ".json").write_text(json.dumps(result) + "\n")
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The paged KV pool of one `generate` call and the per-step attention metadata (`Context`).
+
+Memory: per layer one K and one V tensor `[num_pages, page_size, kv_heads, head_dim]` in the model's dtype and on its
+device (the layout of `dash_kernels.kv` and `dash_kernels.paged_attention`). Pages are handed out by the C++
+`dash_kernels._C.PageAllocator` (free list, ref counts, fork, copy-on-write), which also returns the step's int32
+slot mappings and page tables, so no per-sequence Python runs on the hot path.
+
+Sizing: by default the pool holds every sequence of the call at its longest (prompt + max_new_tokens), so nothing is
+ever preempted; a smaller `num_pages` trades memory for recompute (preemption), never for a crash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dash_kernels import kv, require_c
+
+
+@dataclass(slots=True)
+class Context:
+    """Everything the runner needs for one forward step (prefill or decode).
+
+    Attributes:
+        is_prefill: prefill packs whole sequences (fresh K/V, varlen attention); decode feeds one token each.
+        input_ids: (T,) long tokens to run; positions: (T,) long RoPE positions.
+        slot_mapping: (T,) int32 cache slot of each token's K/V.
+        cu_seqlens: (E+1,) int32 prefill sequence offsets; max_seqlen: longest prefill sequence (host int).
+        logits_index: (E,) long rows of the hidden states whose logits are sampled (last token of each prefill).
+        page_table: (B, W) int32 decode page tables (padded with page 0); context_lens: (B,) int32, new token included.
+        cow_src, cow_dst: (n,) int32 pages to copy before the step (copy-on-write of shared partial pages).
+    """
+
+    is_prefill: bool
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    logits_index: torch.Tensor | None = None
+    page_table: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    cow_src: torch.Tensor | None = None
+    cow_dst: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Context:
+        """Move the tensors to the model's device (no-op on CPU)."""
+        if device.type == "cpu":
+            return self
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        return Context(**{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                          for k, v in fields.items()})
+
+
+class KVCache:
+    """Per-layer K/V page pools plus the page allocator that owns them."""
+
+    def __init__(self, model, num_pages: int, page_size: int) -> None:
+        cfg = model.config
+        param = next(model.parameters())
+        shape = (num_pages, page_size, cfg.num_key_value_heads, cfg.head_dim)
+        # Zeros, not empty: the CPU path gathers whole pages and masks the unused slots in SDPA, and a masked
+        # NaN from uninitialised memory would still poison the output (0 * NaN). Freed pages keep finite old values.
+        self.k = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in range(cfg.num_hidden_layers)]
+        self.allocator = require_c().PageAllocator(num_pages, page_size)
+        self.page_size = page_size
+        self.num_pages = num_pages
+
+    @staticmethod
+    def bytes_per_page(model, page_size: int) -> int:
+        cfg = model.config
+        itemsize = next(model.parameters()).element_size()
+        return 2 * cfg.num_hidden_layers * page_size * cfg.num_key_value_heads * cfg.head_dim * itemsize
+
+    def copy_on_write(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Apply the allocator's copy pairs to every layer before the step writes into the copies."""
+        if src.numel():
+            for k, v in zip(self.k, self.v):
+                kv.copy_pages(k, v, src, dst)

@@ -1,0 +1,71 @@
+"""Runs one scheduled step of the live model against the paged KV cache: the only engine file that touches the
+model's parameters and device memory.
+
+The model is `dash.model.CausalLM`, used as-is: its embedding, per-layer norms, `project_qkv` (projections, q/k norm,
+RoPE), `o_proj`, MLP, final norm and lm_head are called piece by piece here, and only the attention in between is
+replaced. The parameters are read at every step, so a `generate` call after an optimizer step sees the new weights
+with no copy, reload or sync (the trainer and the sampler share one `nn.Module`).
+
+Attention per step:
+- prefill: every sequence is fresh (no prefix cache), so its K/V are exactly the projections just computed; causal
+  varlen attention over them (`dash.attention.varlen_attention`), then `store_kv` writes them to their pages.
+- decode: `store_kv` writes the new token first, then the pages are read by flash-attn's `flash_attn_with_kvcache`
+  (CUDA, flash-attn installed, page_size a multiple of 256; untested here, no GPU), else `dash_kernels.paged_attention`
+  (its Triton kernel on CUDA, gather + SDPA on CPU).
+Logits are computed for the sampled rows only (last prefill token / every decode token), in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dash.attention import varlen_attention
+from dash.engine.kv_cache import Context, KVCache
+from dash_kernels import kv
+from dash_kernels.paged_attention import paged_attention
+
+try:  # optional, CUDA only; its paged KV needs page_size % 256 == 0 (FA2's block-table constraint)
+    from flash_attn import flash_attn_with_kvcache
+except ImportError:  # pragma: no cover - depends on the environment
+    flash_attn_with_kvcache = None
+
+_FLASH_PAGE_MULTIPLE = 256
+
+
+class ModelRunner:
+    def __init__(self, model, cache: KVCache, max_len: int) -> None:
+        self.model, self.cache = model, cache
+        self.device = next(model.parameters()).device
+        self.use_flash = (flash_attn_with_kvcache is not None and self.device.type == "cuda"
+                          and cache.page_size % _FLASH_PAGE_MULTIPLE == 0)
+        # RoPE tables for every position of this call, looked up per step: computing cos/sin of [T, D] angles costs
+        # ~6 small ops per step, a row gather costs 2. Same values as the model's own tables (same function).
+        with torch.no_grad():
+            self.cos, self.sin = model.model.rotary_emb(torch.arange(max_len, device=self.device))  # [max_len, D]
+
+    @torch.inference_mode()
+    def run(self, ctx: Context) -> torch.Tensor:
+        """Forward one step; returns fp32 logits [R, V] for the rows the scheduler samples from."""
+        ctx = ctx.to(self.device)
+        if not ctx.is_prefill:
+            self.cache.copy_on_write(ctx.cow_src, ctx.cow_dst)
+        inner = self.model.model
+        cos, sin = self.cos[ctx.positions], self.sin[ctx.positions]  # [T, D] each
+        x = inner.embed_tokens(ctx.input_ids)  # [T, H]
+        T = x.shape[0]
+        for layer, k_cache, v_cache in zip(inner.layers, self.cache.k, self.cache.v):
+            attn = layer.self_attn
+            q, k, v = attn.project_qkv(layer.input_layernorm(x), cos, sin)  # [T, Hq, D], [T, Hkv, D] x2
+            kv.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+            if ctx.is_prefill:
+                o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, attn.scale)  # [T, Hq, D]
+            elif self.use_flash:  # not exercised on this CPU-only box
+                o = flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=ctx.context_lens,
+                                            block_table=ctx.page_table, softmax_scale=attn.scale, causal=True)[:, 0]
+            else:
+                o = paged_attention(q, k_cache, v_cache, ctx.page_table, ctx.context_lens, scale=attn.scale)
+            x = x + attn.o_proj(o.reshape(T, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if ctx.logits_index is not None:
+            x = x[ctx.logits_index]  # [E, H]: only the last token of each prefill is sampled
+        return self.model.compute_logits(inner.norm(x)).float()  # [R, V]

@@ -1,0 +1,145 @@
+"""`generate`: the sampler's one public call. Paged KV cache, continuous batching, group fork, on the live model.
+
+    from dash.engine import generate, SamplingParams
+    outs = generate(model, tokenizer, ["12+34*56="] * 64, n=4, params=SamplingParams(temperature=0.9, seed=0))
+    outs[i].prompt_token_ids; outs[i].completions[g] (also outs[i][g]): .token_ids / .text / .finish_reason / .logprobs
+
+DASH's preemptive sampling calls this once per optimizer step for the whole step's batch (e.g. 64 prompts x G=4);
+the model object is the trainer's, so the next call after `optimizer.step()` samples from the new weights.
+All inputs are validated before any work (ValueError naming the request and the limit). Running out of pages
+mid-call preempts and recomputes; every completion ends with finish_reason "stop" or "length", never truncated
+silently. A tqdm bar counts finished sequences when stderr is a TTY (or `progress=True`).
+
+Departures from the paper (which samples with vLLM on a separate copy of the weights): same model object, no sync;
+per-token log-probs are the processed ones (see sampling.py), returned for the loss's old_logp.
+Tests: `.venv/bin/python -m pytest tests/engine -q`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+from tqdm import tqdm
+
+from dash.engine.kv_cache import KVCache
+from dash.engine.runner import ModelRunner
+from dash.engine.sampling import mask_stop_tokens, process_logits, sample, uniforms
+from dash.engine.scheduler import Scheduler
+from dash.engine.sequence import RequestOutput, SamplingParams, SequenceTable
+
+DEFAULT_PAGE_SIZE = 16  # small pages waste little at short RL completions; the Triton kernel takes any size
+DEFAULT_MAX_NUM_SEQS = 1024  # a DASH step is 256 completions; more only adds host work per step
+DEFAULT_MAX_BATCHED_TOKENS = 16384  # prefill tokens per step: bounds the activation memory of one forward
+
+
+def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], n: int = 1,
+             params: SamplingParams | Sequence[SamplingParams] | None = None, *, page_size: int = DEFAULT_PAGE_SIZE,
+             num_pages: int | None = 0, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+             max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS, group_fork: bool = True,
+             progress: bool | None = None, stats: dict | None = None) -> list[RequestOutput]:
+    """Sample n completions for each prompt.
+
+    Args:
+        model: a `dash.model.CausalLM` (any device / dtype); used in place, never copied.
+        tokenizer: encodes string prompts and decodes completions; may be None for token-id prompts (text is "").
+        prompts: strings, or lists of token ids.
+        n: samples per prompt (the GRPO group size G); the prompt is prefilled once and its pages shared.
+        params: one SamplingParams for all prompts, or one per prompt.
+        page_size, num_pages: KV pool geometry; num_pages 0 / None sizes the pool so nothing is ever preempted.
+        max_num_seqs, max_batched_tokens: per-step limits on running sequences and prefill tokens.
+        group_fork: False prefills each of the n samples separately (for benchmarks and tests).
+        progress: tqdm bar; None -> only when stderr is a TTY.
+        stats: if a dict is given, filled with step / page / preemption counts.
+
+    Returns:
+        One RequestOutput per prompt (`.prompt_token_ids`, `.completions`; `out[i][g]` is completion g of prompt i).
+    """
+    ids, plist = _check_inputs(model, tokenizer, prompts, n, params, page_size, max_num_seqs, max_batched_tokens)
+    cfg = model.config
+    max_len = cfg.max_position_embeddings
+    stop_default = _default_stop_ids(model, tokenizer)
+    table = SequenceTable(ids, plist, n, max_len, stop_default)
+    pages_per_seq = [-(-(len(p) + int(m)) // page_size) for p, m in zip(ids, table.max_new[::n].tolist())]
+    if not num_pages:
+        num_pages = n * sum(pages_per_seq)
+    elif num_pages < max(pages_per_seq):
+        r = max(range(len(ids)), key=lambda i: pages_per_seq[i])
+        raise ValueError(f"num_pages={num_pages} is too small: prompt {r} needs {pages_per_seq[r]} pages of "
+                         f"{page_size} tokens for prompt + max_new_tokens = {len(ids[r]) + int(table.max_new[r * n])}")
+    cache = KVCache(model, num_pages, page_size)
+    sched = Scheduler(table, cache, max_num_seqs, max_batched_tokens, tokenizer, group_fork=group_fork)
+    runner = ModelRunner(model, cache, max_len)
+    show = sys.stderr.isatty() if progress is None else progress
+    steps = prefills = peak = 0
+    with tqdm(total=table.num_seqs, desc="generate", unit="seq", disable=not show) as bar:
+        while not sched.is_finished():
+            ctx, seq_ids, rows = sched.schedule()
+            peak = max(peak, num_pages - cache.allocator.num_free_pages)
+            logits = runner.run(ctx)[rows.to(runner.device)]  # [R, V] fp32
+            tokens, logprobs = _sample(table, seq_ids, logits)
+            bar.update(sched.postprocess(seq_ids, tokens.cpu(), logprobs.cpu()))
+            steps += 1
+            prefills += ctx.is_prefill
+    if stats is not None:
+        stats.update(steps=steps, prefill_steps=prefills, decode_steps=steps - prefills, num_pages=num_pages,
+                     peak_pages=peak, preemptions=sched.num_preemptions,
+                     generated_tokens=int(table.num_gen.sum()), prompt_tokens=sum(len(p) for p in ids) * n)
+    return table.outputs(tokenizer)
+
+
+def _sample(table: SequenceTable, seq_ids: torch.Tensor, logits: torch.Tensor):
+    """Process and sample one token per row; params and RNG keys come from each row's sequence."""
+    dev = logits.device
+    on = (lambda t: t) if dev.type == "cpu" else (lambda t: t.to(dev, non_blocking=True))  # no-op calls cost too
+    step = table.num_gen[seq_ids]  # [R] index of the token being sampled
+    temp = on(table.temperature[seq_ids])
+    logits = mask_stop_tokens(logits, on(table.stop_ids[seq_ids]), on(step < table.min_new[seq_ids]))
+    logp = process_logits(logits, temp, on(table.top_k[seq_ids]), on(table.top_p[seq_ids]), table.any_filter)
+    u = on(uniforms(table.seed[seq_ids], table.sample[seq_ids], step))
+    return sample(logp, temp == 0, u)
+
+
+def _default_stop_ids(model, tokenizer) -> list[int]:
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if eos is None:
+        eos = model.config.eos_token_id
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _check_inputs(model, tokenizer, prompts, n, params, page_size, max_num_seqs, max_batched_tokens):
+    """Every ValueError generate can raise, before any allocation or forward."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n (samples per prompt) must be an int >= 1, got {n!r}")
+    for name, value in (("page_size", page_size), ("max_num_seqs", max_num_seqs),
+                        ("max_batched_tokens", max_batched_tokens)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if params is None:
+        params = SamplingParams()
+    plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(plist) != len(prompts):
+        raise ValueError(f"params: got {len(plist)} SamplingParams for {len(prompts)} prompts")
+    cfg = model.config
+    ids = []
+    for i, (p, sp) in enumerate(zip(prompts, plist)):
+        sp.check(f"request {i}")
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError(f"request {i}: a string prompt needs a tokenizer")
+            p = tokenizer.encode(p)
+        p = [int(t) for t in p]
+        if not p:
+            raise ValueError(f"request {i}: empty prompt (at least one token is needed to condition on)")
+        if len(p) >= cfg.max_position_embeddings:
+            raise ValueError(f"request {i}: prompt has {len(p)} tokens but the model's context is "
+                             f"{cfg.max_position_embeddings} (prompt + at least one new token must fit)")
+        if min(p) < 0 or max(p) >= cfg.vocab_size:
+            raise ValueError(f"request {i}: token ids must be in [0, {cfg.vocab_size}), got {min(p)}..{max(p)}")
+        ids.append(p)
+    return ids, plist

@@ -1,0 +1,154 @@
+"""Continuous batching: every step admits waiting sequences (a prefill step) or advances all running ones by one
+token (a decode step); finished sequences leave at once and free their pages.
+
+Policy (nano-vllm's prefill-first, plus group fork and preemption by recompute):
+- Waiting entries are FIFO. A fresh entry is a whole group (the n samples of one prompt): its prompt is prefilled once
+  and the allocator forks it into n sequences sharing the prompt's pages; each sample then draws its own first token
+  from the shared last-position logits. A preempted sequence comes back alone, in front, and recomputes prompt +
+  generated tokens (its sampling keys do not change, so neither do its tokens).
+- Admission needs the entry's pages plus one page of headroom per sequence when anything else is running, so a step
+  that admits is not immediately undone by preemption.
+- Decode: if the step's new pages (page boundaries + copy-on-write) exceed the free pages, the newest running
+  sequences are preempted until it fits. The pool always fits one longest sequence (checked in `generate`), so the
+  oldest sequence always progresses.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+from dash.engine.kv_cache import Context, KVCache
+from dash.engine.sequence import SequenceTable
+
+
+class Scheduler:
+    def __init__(self, table: SequenceTable, cache: KVCache, max_num_seqs: int, max_batched_tokens: int,
+                 tokenizer=None, group_fork: bool = True) -> None:
+        self.table, self.cache, self.alloc = table, cache, cache.allocator
+        self.max_num_seqs, self.max_batched_tokens = max_num_seqs, max_batched_tokens
+        self.tokenizer = tokenizer
+        n = table.n
+        groups = [list(range(r * n, (r + 1) * n)) for r in range(len(table.prompts))]
+        # Without group fork every sample is its own entry and prefills the prompt again (the baseline to beat).
+        self.waiting: deque[list[int]] = deque(groups if group_fork else ([s] for g in groups for s in g))
+        self.running: list[int] = []
+        self._running_ids: torch.Tensor | None = None  # cached tensor of `running`, rebuilt when it changes
+        self.num_preemptions = 0
+        self.num_finished = 0
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def running_ids(self) -> torch.Tensor:
+        if self._running_ids is None:
+            self._running_ids = torch.tensor(self.running, dtype=torch.long)
+        return self._running_ids
+
+    def schedule(self) -> tuple[Context, torch.Tensor, torch.Tensor]:
+        """Plan the next step. Returns (context, seq_ids [R] that sample, logits row [R] each samples from)."""
+        if self.waiting:
+            planned = self._schedule_prefill()
+            if planned is not None:
+                return planned
+        return self._schedule_decode()
+
+    def _schedule_prefill(self):
+        entries, seqs, num_tokens = [], [], 0
+        free = self.alloc.num_free_pages
+        while self.waiting:
+            entry = self.waiting[0]
+            tokens = self.table.full_tokens(entry[0])
+            need = self.alloc.pages_for(len(tokens))
+            busy = bool(self.running or entries)
+            if busy and (len(self.running) + len(seqs) + len(entry) > self.max_num_seqs
+                         or num_tokens + len(tokens) > self.max_batched_tokens
+                         or need + len(self.running) + len(seqs) + len(entry) > free):
+                break
+            if need > free:
+                break
+            self.waiting.popleft()
+            entries.append((entry, tokens))
+            seqs += entry
+            num_tokens += len(tokens)
+            free -= need
+        if not entries:
+            return None
+        lens = torch.tensor([len(t) for _, t in entries], dtype=torch.long)
+        slots = self.alloc.allocate(torch.tensor([e[0] for e, _ in entries], dtype=torch.long), lens)
+        for entry, _ in entries:
+            if len(entry) > 1:  # group fork: the other samples share the prompt's pages
+                self.alloc.fork(entry[0], torch.tensor(entry[1:], dtype=torch.long))
+        cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)  # [E+1]
+        ctx = Context(
+            is_prefill=True,
+            input_ids=torch.tensor([t for _, toks in entries for t in toks], dtype=torch.long),  # [T]
+            positions=torch.cat([torch.arange(n) for n in lens.tolist()]),  # [T]
+            slot_mapping=slots,
+            cu_seqlens=cu,
+            max_seqlen=int(lens.max()),
+            logits_index=cu[1:].long() - 1,  # [E] last token of each entry
+        )
+        row_of = torch.repeat_interleave(torch.arange(len(entries)), torch.tensor([len(e) for e, _ in entries]))
+        self.running += seqs
+        self._running_ids = None
+        return ctx, torch.tensor(seqs, dtype=torch.long), row_of
+
+    def _schedule_decode(self):
+        ids = self.running_ids()
+        while self.alloc.pages_needed_for_append(ids) > self.alloc.num_free_pages:
+            self._preempt_newest()
+            ids = self.running_ids()
+        slots, page_table, context_lens, src, dst = self.alloc.append(ids)
+        t = self.table
+        ctx = Context(
+            is_prefill=False,
+            input_ids=t.tokens[ids, t.num_gen[ids] - 1],  # [B] the last sampled token of each sequence
+            positions=context_lens.long() - 1,  # [B]
+            slot_mapping=slots,
+            page_table=page_table,
+            context_lens=context_lens,
+            cow_src=src,
+            cow_dst=dst,
+        )
+        return ctx, ids, torch.arange(ids.numel())
+
+    def _preempt_newest(self) -> None:
+        victim = self.running.pop()
+        self._running_ids = None
+        self.alloc.free(torch.tensor([victim], dtype=torch.long))
+        self.waiting.appendleft([victim])
+        self.num_preemptions += 1
+
+    def postprocess(self, seq_ids: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> int:
+        """Record the sampled tokens, retire finished sequences; returns how many finished this step."""
+        done = self.table.record(seq_ids, tokens, logprobs)  # [R]
+        if self.table.has_stop_strings:
+            done = self._check_stop_strings(seq_ids, done)
+        if not bool(done.any()):
+            return 0
+        finished = seq_ids[done]
+        self.alloc.free(finished)
+        gone = set(finished.tolist())
+        self.running = [s for s in self.running if s not in gone]
+        self._running_ids = None
+        self.num_finished += len(gone)
+        return len(gone)
+
+    def _check_stop_strings(self, seq_ids: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Python slow path, only for requests with stop strings: decode and search the completion text."""
+        t = self.table
+        done = done.clone()
+        for i, s in enumerate(seq_ids.tolist()):
+            stops = t.stop_strings[s // t.n]
+            if not stops or (bool(done[i]) and t.finish_reason[s] == "stop"):
+                continue
+            text = self.tokenizer.decode(t.tokens[s, : int(t.num_gen[s])].tolist())
+            hits = [text.find(stop) for stop in stops if stop in text]
+            if hits:
+                t.stop_text_cut[s] = min(hits)
+                t.finish_reason[s] = "stop"
+                done[i] = True
+        return done

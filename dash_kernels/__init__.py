@@ -1,0 +1,28 @@
+"""dash_kernels: standalone fused kernels for RL fine-tuning (usable in any trainer).
+
+Imports flow one way: csrc (compiled into dash_kernels._C) <- dash_kernels <- dash.
+This package imports only torch, triton and its own _C; never dash or transformers.
+
+Log-prob / policy-loss API (tensors and plain scalars only; see each docstring for shapes):
+    token_logprobs(hidden, weight, targets, temperature=1.0, bias=None, return_entropy=False, ignore_index=-100)
+    token_logprobs_from_logits(logits, targets, temperature=1.0, return_entropy=False, ignore_index=-100)
+    fused_policy_loss(hidden, weight, targets, advantages, mask, old_logp=None, ref_logp=None, *, loss_type=...)
+    policy_loss(logp, old_logp, advantages, mask, ref_logp=None, entropy=None, *, loss_type=...)   (reference math)
+Backend: dash_kernels.backend (DASH_KERNELS_BACKEND=triton|torch|reference).
+"""
+
+from dash_kernels._ext import HAS_C, require_c
+from dash_kernels.ops.logprobs_from_logits import token_logprobs_from_logits
+from dash_kernels.ops.policy_loss import fused_policy_loss
+from dash_kernels.ops.token_logprobs import token_logprobs
+from dash_kernels.reference import LOSS_TYPES, policy_loss
+
+__all__ = [
+    "HAS_C",
+    "require_c",
+    "LOSS_TYPES",
+    "fused_policy_loss",
+    "policy_loss",
+    "token_logprobs",
+    "token_logprobs_from_logits",
+]

@@ -1,0 +1,187 @@
+"""Paged attention: queries of B sequences attend to their keys/values stored in a paged KV cache.
+
+One call serves decode (one query per sequence) and prefill with a cached prefix (several queries per sequence whose
+K/V were stored before the call). Query i of sequence b sits at position `context_lens[b] - q_len_b + i` and sees the
+keys at positions <= its own (causal). Any page size works: each key token finds its page through the page table.
+
+Layers (one op per file): `_paged_attention_kernel` (Triton), `paged_attention_fwd` (launcher), `paged_attention_ref`
+(pure torch: gather the pages into a dense [B, S] layout, then SDPA with a mask; also the CPU path), and the public
+`paged_attention`. Inference only: there is no backward (the sampler runs under `torch.inference_mode`).
+
+Backends: Triton on CUDA tensors (or anywhere under TRITON_INTERPRET=1 when `backend.override == "triton"`), the
+gather + SDPA reference otherwise. Tests: `.venv/bin/python -m pytest tests/kernels/test_paged_attention.py -q`.
+AOT-compile signature for sm_80/sm_90 (see `AOT_SIGNATURE` below).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from dash_kernels import backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference path needs only torch
+    triton = None
+
+__all__ = ["paged_attention", "paged_attention_ref", "paged_attention_fwd"]
+
+_BLOCK_M = 16  # queries per program: prefill chunks; decode uses one row of it (masked)
+_BLOCK_N = 32  # key tokens per inner iteration, independent of the page size
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_attention_kernel(
+        Q, K_cache, V_cache, Out, Page_table, Context_lens, Cu_seqlens_q, scale,
+        stride_qt, stride_qh, stride_kslot, stride_kh, stride_ot, stride_oh, stride_pt,
+        GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        m_block = tl.program_id(2)
+        q_start = tl.load(Cu_seqlens_q + b)
+        q_len = tl.load(Cu_seqlens_q + b + 1) - q_start
+        if m_block * BLOCK_M >= q_len:
+            return
+        ctx = tl.load(Context_lens + b)
+        kvh = h // GROUP  # GQA: GROUP query heads read one K/V head
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < q_len
+        d_ok = offs_d < HEAD_DIM
+        q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        q_pos = ctx - q_len + offs_m  # absolute position of each query (causal bound)
+        # Online softmax (flash-attention): running max m_i, running sum l_i, unnormalised output acc.
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        kv_end = tl.minimum(ctx, ctx - q_len + (m_block + 1) * BLOCK_M)  # later keys are masked for every row
+        for n0 in range(0, kv_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < kv_end
+            page = tl.load(Page_table + b * stride_pt + offs_n // PAGE_SIZE, mask=n_ok, other=0)
+            slot = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+            kv_off = slot[:, None] * stride_kslot + kvh * stride_kh + offs_d[None, :]
+            k = tl.load(K_cache + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            v = tl.load(V_cache + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_N]
+            visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked row must not give NaN
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p, v)
+            m_i = m_new
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(Out + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dimension >= 16
+
+
+def AOT_SIGNATURE(dtype: str = "fp16", page_size: int = 16, head_dim: int = 128, group: int = 1) -> tuple[dict, dict]:
+    """(signature, constexprs) for `triton.compile(ASTSource(fn=_paged_attention_kernel, ...))` on sm_80 / sm_90."""
+    sig = {"Q": f"*{dtype}", "K_cache": f"*{dtype}", "V_cache": f"*{dtype}", "Out": f"*{dtype}",
+           "Page_table": "*i32", "Context_lens": "*i32", "Cu_seqlens_q": "*i32", "scale": "fp32",
+           **{name: "i32" for name in ("stride_qt", "stride_qh", "stride_kslot", "stride_kh", "stride_ot",
+                                        "stride_oh", "stride_pt")}}
+    constexprs = {"GROUP": group, "PAGE_SIZE": page_size, "HEAD_DIM": head_dim, "BLOCK_M": _BLOCK_M,
+                  "BLOCK_N": _BLOCK_N, "BLOCK_D": _block_d(head_dim)}
+    sig.update({name: "constexpr" for name in constexprs})
+    return sig, constexprs
+
+
+def paged_attention_fwd(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q, max_q_len, scale):
+    """Triton launcher; arguments as in `paged_attention` (cu_seqlens_q: [B+1] int32, max_q_len: host int)."""
+    T, Hq, D = q.shape
+    _, page_size, Hkv, _ = k_cache.shape
+    out = torch.empty_like(q)
+    B = page_table.shape[0]
+    if T == 0 or B == 0:
+        return out
+    grid = (B, Hq, triton.cdiv(max_q_len, _BLOCK_M))
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, page_table, context_lens, cu_seqlens_q, scale,
+        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
+        page_table.stride(0),
+        GROUP=Hq // Hkv, PAGE_SIZE=page_size, HEAD_DIM=D,
+        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=_block_d(D),
+    )
+    return out
+
+
+def paged_attention_ref(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q=None, scale=None):
+    """Torch reference and CPU path: gather each sequence's pages into [B, W*page_size], then masked SDPA.
+
+    Decode (cu_seqlens_q None: one query per sequence) takes one batched SDPA call; with several queries per
+    sequence the queries are scattered into a right-aligned [B, Lq_max] layout first.
+    """
+    T, Hq, D = q.shape
+    B, W = page_table.shape
+    num_pages, page_size, Hkv, _ = k_cache.shape
+    scale = D**-0.5 if scale is None else scale
+    S = W * page_size
+    flat = page_table.reshape(-1)  # [B*W], any int dtype index_select accepts
+    k = k_cache.index_select(0, flat).view(B, S, Hkv, D).transpose(1, 2)  # [B, Hkv, S, D]
+    v = v_cache.index_select(0, flat).view(B, S, Hkv, D).transpose(1, 2)
+    ctx = context_lens.to(torch.long)
+    key_pos = torch.arange(S, device=q.device)  # [S]
+    if cu_seqlens_q is None:  # decode
+        mask = (key_pos[None, :] < ctx[:, None])[:, None, None, :]  # [B, 1, 1, S]
+        out = F.scaled_dot_product_attention(q.view(B, Hq, 1, D), k, v, attn_mask=mask, scale=scale,
+                                             enable_gqa=Hq != Hkv)
+        return out.view(B, Hq, D)
+    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(torch.long)  # [B]
+    lq = int(q_lens.max()) if B else 0
+    seq = torch.repeat_interleave(torch.arange(B, device=q.device), q_lens)  # [T]
+    idx = torch.arange(T, device=q.device) - cu_seqlens_q.to(torch.long)[seq]  # [T] index within its sequence
+    row = seq * lq + (lq - q_lens[seq]) + idx  # right-aligned: the last query of each sequence at column lq-1
+    q_pad = q.new_zeros(B * lq, Hq, D).index_copy(0, row, q).view(B, lq, Hq, D).transpose(1, 2)
+    q_pos = ctx[:, None] - lq + torch.arange(lq, device=q.device)[None, :]  # [B, lq] (pad rows: anything)
+    mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < ctx[:, None, None])
+    mask = mask | (q_pos[:, :, None] < 0)  # pad query rows: see everything (finite), dropped below
+    out = F.scaled_dot_product_attention(q_pad, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=Hq != Hkv)
+    return out.transpose(1, 2).reshape(B * lq, Hq, D).index_select(0, row)  # [T, Hq, D]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None = None,
+                    scale: float | None = None, max_q_len: int | None = None) -> torch.Tensor:
+    """Attention of new queries over a paged KV cache (their own K/V must already be stored).
+
+    Args:
+        q: (T, Hq, D) queries packed by sequence; T == B for decode (cu_seqlens_q None).
+        k_cache, v_cache: (num_pages, page_size, Hkv, D); Hq must be a multiple of Hkv.
+        page_table: (B, W) int32 physical page of each logical page; entries past a sequence's end are ignored
+            but must be valid page ids (pad with 0).
+        context_lens: (B,) int32 tokens in the cache per sequence, including the new ones.
+        cu_seqlens_q: (B+1,) int32 query offsets, or None for one query per sequence.
+        scale: softmax scale, default D ** -0.5.
+        max_q_len: longest query run (host int) for the Triton grid; computed when None.
+
+    Returns:
+        (T, Hq, D) in q's dtype.
+    """
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"paged_attention: q must be [T, Hq, D] and caches [num_pages, page_size, Hkv, D], got "
+                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if q.shape[1] % k_cache.shape[2] or q.shape[2] != k_cache.shape[3]:
+        raise ValueError(f"paged_attention: q heads/dim {tuple(q.shape[1:])} do not fit cache {tuple(k_cache.shape)}")
+    if backend.resolve(q.device) == "triton":
+        B = page_table.shape[0]
+        if cu_seqlens_q is None:
+            cu_seqlens_q = torch.arange(B + 1, dtype=torch.int32, device=q.device)
+            max_q_len = 1
+        elif max_q_len is None:
+            max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return paged_attention_fwd(q, k_cache, v_cache, page_table.to(torch.int32).contiguous(),
+                                   context_lens.to(torch.int32), cu_seqlens_q.to(torch.int32), max_q_len, scale)
+    return paged_attention_ref(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q, scale)

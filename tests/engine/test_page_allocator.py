@@ -1,0 +1,194 @@
+"""dash_kernels._C.PageAllocator: every state transition, the invariants, and that misuse is a ValueError.
+
+Run: .venv/bin/python -m pytest tests/engine/test_page_allocator.py -q
+"""
+
+import random
+
+import pytest
+import torch
+
+import dash_kernels
+from dash_kernels import _C
+
+assert dash_kernels.HAS_C, "dash_kernels._C failed to import; rebuild with `pip install -e . --no-build-isolation`"
+
+
+def ids(*xs):
+    return torch.tensor(xs, dtype=torch.long)
+
+
+def check_invariants(a, live):
+    """ref count of a page == number of live page tables holding it; free pages are exactly those with ref 0."""
+    holders = [0] * a.num_pages
+    for s in live:
+        table = a.page_table(s)
+        assert len(table) == a.pages_for(a.num_tokens(s))
+        for p in table:
+            holders[p] += 1
+    assert [a.ref_count(p) for p in range(a.num_pages)] == holders
+    assert a.num_free_pages == sum(h == 0 for h in holders)
+    assert a.num_seqs == len(live)
+
+
+def test_allocate_gives_contiguous_slots_per_page():
+    a = _C.PageAllocator(8, 4)
+    slots = a.allocate(ids(0, 1), ids(6, 3))
+    assert slots.dtype == torch.int32
+    t0, t1 = a.page_table(0), a.page_table(1)
+    assert len(t0) == 2 and len(t1) == 1
+    expect = [t0[i // 4] * 4 + i % 4 for i in range(6)] + [t1[0] * 4 + i for i in range(3)]
+    assert slots.tolist() == expect
+    assert a.num_free_pages == 5 and a.can_allocate(20) and not a.can_allocate(21)
+    check_invariants(a, [0, 1])
+
+
+def test_append_takes_new_page_only_at_boundary():
+    a = _C.PageAllocator(4, 4)
+    a.allocate(ids(0), ids(3))
+    slots, table, lens, src, dst = a.append(ids(0))  # token 3: still page 0
+    assert slots.tolist() == [3] and lens.tolist() == [4] and table.tolist() == [[0]] and src.numel() == 0
+    assert a.pages_needed_for_append(ids(0)) == 1
+    slots, table, lens, _, _ = a.append(ids(0), min_width=3, pad=-1)  # token 4 opens page 1
+    assert slots.tolist() == [4] and lens.tolist() == [5] and table.tolist() == [[0, 1, -1]]
+    check_invariants(a, [0])
+
+
+def test_fork_shares_pages_and_copy_on_write_of_partial_page():
+    G, prompt, page = 4, 10, 4  # 2 full prompt pages + a partial one
+    a = _C.PageAllocator(16, page)
+    a.allocate(ids(0), ids(prompt))
+    a.fork(0, ids(1, 2, 3))
+    shared = a.page_table(0)
+    assert all(a.page_table(c) == shared for c in range(G))
+    assert all(a.ref_count(p) == G for p in shared)
+    assert a.num_free_pages == 16 - 3  # the prompt's pages once, not G times
+    check_invariants(a, range(G))
+    # First decode step: every writer of the shared partial page but the last copies it.
+    assert a.pages_needed_for_append(ids(0, 1, 2, 3)) == G - 1
+    slots, table, lens, src, dst = a.append(ids(0, 1, 2, 3))
+    assert src.tolist() == [shared[2]] * (G - 1) and len(set(dst.tolist())) == G - 1
+    assert lens.tolist() == [prompt + 1] * G
+    tables = table.tolist()
+    assert all(t[:2] == shared[:2] for t in tables)  # full prompt pages stay shared
+    assert len({t[2] for t in tables}) == G and tables[-1][2] == shared[2]  # the last writer kept the original
+    assert len(set(slots.tolist())) == G  # nobody writes another sequence's slot
+    assert a.ref_count(shared[0]) == G and a.ref_count(shared[2]) == 1
+    assert a.num_free_pages == 16 - 3 - (G - 1)
+    check_invariants(a, range(G))
+
+
+def test_partial_writers_count_when_not_all_holders_append():
+    a = _C.PageAllocator(8, 4)
+    a.allocate(ids(0), ids(2))
+    a.fork(0, ids(1, 2))
+    assert a.pages_needed_for_append(ids(1)) == 1  # page still held by 0 and 2 afterwards
+    assert a.pages_needed_for_append(ids(0, 1, 2)) == 2
+    _, _, _, src, dst = a.append(ids(1))
+    assert src.tolist() == [a.page_table(0)[0]] and dst.tolist() == a.page_table(1)
+    check_invariants(a, [0, 1, 2])
+
+
+def test_fork_on_page_boundary_needs_no_copy():
+    a = _C.PageAllocator(8, 4)
+    a.allocate(ids(0), ids(8))
+    a.fork(0, ids(1))
+    _, table, _, src, _ = a.append(ids(0, 1))
+    assert src.numel() == 0 and table[0, :2].tolist() == table[1, :2].tolist() and table[0, 2] != table[1, 2]
+    check_invariants(a, [0, 1])
+
+
+def test_free_releases_only_unshared_pages():
+    a = _C.PageAllocator(8, 4)
+    a.allocate(ids(0), ids(6))
+    a.fork(0, ids(1))
+    a.free(ids(0))
+    assert a.num_free_pages == 6 and not a.has_seq(0)  # pages still held by 1
+    check_invariants(a, [1])
+    a.free(ids(1))
+    assert a.num_free_pages == 8
+    check_invariants(a, [])
+
+
+@pytest.mark.parametrize("misuse", [
+    lambda a: a.free(ids(0)),                      # double free
+    lambda a: a.free(ids(1, 1)),                   # the same sequence twice in one call
+    lambda a: a.free(ids(7)),                      # never allocated
+    lambda a: a.append(ids(0)),                    # append after free
+    lambda a: a.append(ids(1, 1)),
+    lambda a: a.fork(0, ids(2)),                   # fork of a freed parent
+    lambda a: a.fork(1, ids(1)),                   # child id already live
+    lambda a: a.allocate(ids(1), ids(3)),          # id already live
+    lambda a: a.allocate(ids(5), ids(0)),          # empty sequence
+    lambda a: a.allocate(ids(5), ids(1000)),       # more pages than free
+    lambda a: a.allocate(ids(5, 5), ids(1, 1)),
+    lambda a: a.allocate(ids(5), torch.tensor([3], dtype=torch.int32)),  # wrong dtype
+    lambda a: a.ref_count(99),
+    lambda a: a.num_tokens(0),
+], ids=["double_free", "free_dup", "free_unknown", "append_freed", "append_dup", "fork_freed", "fork_live_child",
+        "allocate_live", "allocate_empty", "allocate_oom", "allocate_dup", "wrong_dtype", "bad_page", "freed_query"])
+def test_misuse_is_value_error_and_leaves_state_intact(misuse):
+    a = _C.PageAllocator(8, 4)
+    a.allocate(ids(0, 1), ids(5, 3))
+    a.free(ids(0))
+    before = (a.num_free_pages, a.page_table(1), a.num_tokens(1), [a.ref_count(p) for p in range(8)])
+    with pytest.raises(ValueError, match="PageAllocator"):
+        misuse(a)
+    assert before == (a.num_free_pages, a.page_table(1), a.num_tokens(1), [a.ref_count(p) for p in range(8)])
+
+
+def test_append_out_of_pages_is_atomic():
+    a = _C.PageAllocator(2, 2)
+    a.allocate(ids(0, 1), ids(2, 2))  # both full, no free page
+    assert a.pages_needed_for_append(ids(0, 1)) == 2
+    with pytest.raises(ValueError, match="out of pages"):
+        a.append(ids(0, 1))
+    assert a.num_tokens(0) == 2 and a.num_tokens(1) == 2
+    a.free(ids(1))  # preemption frees room
+    a.append(ids(0))
+    check_invariants(a, [0])
+
+
+def test_constructor_rejects_bad_sizes():
+    for args in [(0, 4), (4, 0), (2**30, 16)]:
+        with pytest.raises(ValueError):
+            _C.PageAllocator(*args)
+
+
+def test_random_walk_keeps_invariants():
+    """Random allocate / fork / append / free sequences; invariants hold after every call."""
+    rng = random.Random(0)
+    a = _C.PageAllocator(40, 3)
+    live, next_id = [], 0
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.25 and a.can_allocate(7):
+            a.allocate(ids(next_id), ids(rng.randint(1, 7)))
+            live.append(next_id)
+            next_id += 1
+        elif op < 0.4 and live:
+            kids = list(range(next_id, next_id + rng.randint(1, 3)))
+            a.fork(rng.choice(live), torch.tensor(kids))
+            live += kids
+            next_id += len(kids)
+        elif op < 0.8 and live:
+            batch = rng.sample(live, rng.randint(1, len(live)))
+            while batch and a.pages_needed_for_append(torch.tensor(batch)) > a.num_free_pages:
+                victim = batch.pop()  # preempt, as the scheduler does
+                a.free(ids(victim))
+                live.remove(victim)
+            if batch:
+                before = {s: a.num_tokens(s) for s in batch}
+                free_before = a.num_free_pages
+                need = a.pages_needed_for_append(torch.tensor(batch))
+                slots, *_ = a.append(torch.tensor(batch))
+                assert a.num_free_pages == free_before - need  # the estimate is exact
+                assert all(a.num_tokens(s) == before[s] + 1 for s in batch)
+                assert len(set(slots.tolist())) == len(batch)
+                for s, slot in zip(batch, slots.tolist()):  # the written page is private to its sequence
+                    assert a.ref_count(slot // 3) == 1 and slot // 3 == a.page_table(s)[-1]
+        elif live:
+            victim = rng.choice(live)
+            a.free(ids(victim))
+            live.remove(victim)
+        check_invariants(a, live)

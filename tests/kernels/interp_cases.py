@@ -1,0 +1,160 @@
+"""Triton kernels on CPU under the Triton interpreter, against the fp64 reference.
+
+Not collected by a plain `pytest` run (the name does not start with test_): test_triton_interpreter.py runs this file
+in a subprocess with TRITON_INTERPRET=1 and DASH_KERNELS_BACKEND=triton, because the interpreter must be switched on
+before triton is first imported and must not leak into the rest of the suite. Shapes are small and odd (N=37, H=31,
+V=123 / 1000): the interpreter executes every program in numpy.
+"""
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - guard against a direct run without the env
+    pytest.skip("run through test_triton_interpreter.py (needs TRITON_INTERPRET=1)", allow_module_level=True)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from dash_kernels import backend, fused_policy_loss, token_logprobs, token_logprobs_from_logits  # noqa: E402
+from dash_kernels.ops import logprobs_from_logits, token_logprobs as tlp_module  # noqa: E402
+from dash_kernels.ops._triton_utils import offsets_2d  # noqa: E402
+from dash_kernels.reference import token_logprobs_from_logits_ref, token_logprobs_ref  # noqa: E402
+from kernel_testing import (assert_close_to_ref, check_loss_against_ref, linear_inputs, loss_inputs,  # noqa: E402
+                            naive_alt_logprobs, run_with_grads)
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    with backend.use_backend("triton"):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def no_torch_fallback(monkeypatch):
+    """Every op must reach a Triton kernel: the chunked torch sweep is made to fail loudly."""
+    from dash_kernels.ops import _chunked
+
+    def boom(*a, **k):
+        raise AssertionError("torch backend used under the triton backend")
+
+    monkeypatch.setattr(_chunked, "sweep", boom)
+
+
+@pytest.mark.parametrize("N,H,V", [(37, 31, 123), (37, 31, 1000), (150, 20, 300)])
+@pytest.mark.parametrize("temperature,bias,entropy", [(1.0, False, False), (0.7, True, True)])
+def test_token_logprobs_kernels(N, H, V, temperature, bias, entropy):
+    hidden, weight, targets, b = linear_inputs(N, H, V, seed=V, bias=bias, ignore_frac=0.2)
+    g = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)]
+
+    def run(fn, dtype=None):
+        def f(h, w, bb):
+            extra = {} if dtype is None else {"dtype": dtype}
+            cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))  # noqa: E731
+            out = fn(cast(h), cast(w), targets, temperature, cast(bb), entropy, **extra)
+            return out if entropy else (out,)
+        return run_with_grads(f, [hidden, weight, b], upstream)
+
+    ours, g_ours = run(token_logprobs)
+    naive, g_naive = run(token_logprobs_ref, torch.float32)
+    naive2, g_naive2 = run(naive_alt_logprobs, torch.float32)
+    ref, g_ref = run(token_logprobs_ref, torch.float64)
+    for name, a, n, n2, r in zip(("logp", "entropy"), ours, naive, naive2, ref):
+        assert_close_to_ref(name, a, [n, n2], r)
+    for name, a, n, n2, r in zip(("d_hidden", "d_weight", "d_bias"), g_ours, g_naive, g_naive2, g_ref):
+        if r is not None:
+            assert_close_to_ref(name, a, [n, n2], r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_from_logits_kernels(dtype):
+    g = torch.Generator().manual_seed(3)
+    N, V = 37, 1000
+    logits = (torch.randn(N, V, generator=g) * 3).to(dtype)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::7] = -100
+    upstream = [torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)]
+
+    def run(fn, **kw):
+        return run_with_grads(lambda z: fn(z, targets, 0.8, True, **kw), [logits], upstream)
+
+    ours, g_ours = run(token_logprobs_from_logits)
+    naive, g_naive = run(token_logprobs_from_logits_ref, dtype=torch.float32)
+    ref, g_ref = run(token_logprobs_from_logits_ref, dtype=torch.float64)
+    for name, a, n, r in zip(("logp", "entropy"), ours, naive, ref):
+        assert_close_to_ref(name, a, n, r)
+    assert g_ours[0].dtype == dtype
+    if dtype == torch.float32:
+        assert_close_to_ref("d_logits", g_ours[0], g_naive[0], g_ref[0])
+    else:
+        # The interpreter rounds fp32 -> bf16 by truncation (GPUs round to nearest even): allow one bf16 ulp.
+        err = (g_ours[0].double() - g_ref[0]).abs()
+        assert (err <= 2.0**-7 * g_ref[0].abs() + 1e-6).all(), err.max()
+
+
+@pytest.mark.parametrize("kw", [dict(loss_type="dapo"),
+                                dict(loss_type="grpo", beta=0.04, adv_threshold=0.1, temperature=0.7),
+                                dict(loss_type="bnpo", beta=0.1, entropy_coef=0.01, eps_high=0.28),
+                                dict(loss_type="dr_grpo", delta=1.5, normalizer=40.0)],
+                         ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("V,bias", [(123, False), (1000, True)])
+def test_fused_loss_kernels(kw, V, bias):
+    inp = loss_inputs(3, 13, 31, V, seed=V, bias=bias, per_token_adv=bias)
+    check_loss_against_ref(fused_policy_loss, inp, **kw)
+
+
+def test_fused_loss_edge_cases():
+    inp = loss_inputs(3, 5, 16, 40, seed=6)
+    h = inp["hidden"].clone().requires_grad_()
+    w = inp["weight"].clone().requires_grad_()
+    loss, metrics = fused_policy_loss(h, w, inp["targets"], torch.tensor([0.01, -0.02, 0.0]), inp["mask"],
+                                      inp["old_logp"], inp["ref_logp"], beta=0.1, adv_threshold=0.1)
+    loss.backward()
+    assert loss.item() == 0.0 and (h.grad == 0).all() and (w.grad == 0).all()
+    assert all(torch.isfinite(v) for v in metrics.values())
+    single = loss_inputs(5, 1, 16, 77, seed=8, mask_frac=0.0)
+    check_loss_against_ref(fused_policy_loss, single, loss_type="grpo", beta=0.05)
+    empty, _ = fused_policy_loss(torch.randn(0, 3, 8, requires_grad=True), torch.randn(20, 8),
+                                 torch.zeros(0, 3, dtype=torch.long), torch.zeros(0), torch.ones(0, 3))
+    assert empty.item() == 0.0
+
+
+def test_kernels_really_ran(monkeypatch):
+    """The Triton launchers are what ran above (not a silent fallback)."""
+    calls = []
+    for mod, name in ((tlp_module, "_token_logprobs_fwd_kernel"), (tlp_module, "_token_logprobs_bwd_kernel"),
+                      (logprobs_from_logits, "_logprobs_from_logits_fwd_kernel")):
+        kernel = getattr(mod, name)
+
+        class Spy:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                calls.append(name)
+                return kernel[grid]
+
+        monkeypatch.setattr(mod, name, Spy())
+    hidden, weight, targets, _ = linear_inputs(8, 16, 40)
+    h = hidden.requires_grad_()
+    token_logprobs(h, weight, targets).sum().backward()
+    token_logprobs_from_logits(torch.randn(4, 40), targets[:4])
+    assert calls == ["_token_logprobs_fwd_kernel", "_token_logprobs_bwd_kernel", "_logprobs_from_logits_fwd_kernel"]
+
+
+@triton.jit
+def _offsets_probe_kernel(out_ptr, row, row_stride, col, BLOCK: tl.constexpr):
+    rows = row + tl.arange(0, BLOCK)
+    cols = col + tl.arange(0, BLOCK)
+    offs = offsets_2d(rows, row_stride, cols, 1)  # [BLOCK, BLOCK] int64
+    idx = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    tl.store(out_ptr + idx, offs)
+
+
+def test_int64_offsets():
+    """Row 20000 of a V = 151936 row-major matrix sits past 2**31: the shared offset helper must not wrap."""
+    row, stride, col, block = 20000, 151936, 151000, 16
+    out = torch.empty(block * block, dtype=torch.int64)
+    _offsets_probe_kernel[(1,)](out, row, stride, col, BLOCK=block)
+    expected = [(row + i) * stride + col + j for i in range(block) for j in range(block)]
+    assert expected[0] > 2**31
+    assert out.tolist() == expected
