@@ -155,17 +155,18 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
     metrics_sum: dict[str, float] = {}
     update_metrics: dict = {}
     n_mb = 0
-    minibatches = [list(range(len(rollout)))] if t.ppo_minibatches == 1 else [
-        list(range(len(rollout)))[i::t.ppo_minibatches] for i in range(t.ppo_minibatches)]
-    old_cache: dict[int, torch.Tensor] = {}
+    # PPO-Mini: interleaved slices of the step's samples (each holds whole groups' members spread evenly).
+    minibatches = [list(range(len(rollout)))[i::t.ppo_minibatches] for i in range(t.ppo_minibatches)]
+    plans = []  # per mini-batch: [(micro-batch, normaliser), ...]
+    for mini in minibatches:
+        mini_keep = torch.zeros_like(keep)
+        mini_keep[mini] = keep[mini]
+        sub = StepMicroBatches(cfg, rollout, mini_keep)
+        plans.append([(collate(rollout, idx, adv, device), norm) for idx, norm in zip(sub.plan, sub.norms)])
+    olds = _old_logps(cfg, update, plans, reuse=t.ppo_epochs * t.ppo_minibatches > 1)
     for epoch in range(t.ppo_epochs):
-        for mini in minibatches:
-            mini_keep = torch.zeros_like(keep)
-            mini_keep[mini] = keep[mini]
-            sub = StepMicroBatches(cfg, rollout, mini_keep)
-            for idx, norm in zip(sub.plan, sub.norms):
-                mb = collate(rollout, idx, adv, device)
-                old = _old_logp(cfg, update, mb, old_cache, reuse=t.ppo_epochs * t.ppo_minibatches > 1)
+        for plan, plan_olds in zip(plans, olds):
+            for (mb, norm), old in zip(plan, plan_olds):
                 for k, v in update.backward(mb, norm, old).items():
                     metrics_sum[k] = metrics_sum.get(k, 0.0) + v
                 n_mb += 1
@@ -185,13 +186,11 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
     return metrics, rollout
 
 
-def _old_logp(cfg: DashConfig, update: PolicyUpdate, mb, cache: dict, reuse: bool):
-    """The ratio's denominator for this micro-batch (see TrainConfig.old_logp)."""
+def _old_logps(cfg: DashConfig, update: PolicyUpdate, plans: list, reuse: bool) -> list[list]:
+    """The ratio's denominators of every micro-batch (see TrainConfig.old_logp), all taken before the step's first
+    update touches the weights, so a later PPO epoch or mini-batch compares against the policy that sampled."""
     if cfg.train.old_logp == "sampler":
-        return mb.old_logp
-    if not reuse:
-        return None  # one update per sample: on-policy, ratio exactly 1 (the paper's logp.detach())
-    key = tuple(mb.indices)
-    if key not in cache:  # computed before this step's first update touches the weights
-        cache[key] = update.token_logprobs(update.model, mb)
-    return cache[key]
+        return [[mb.old_logp for mb, _ in plan] for plan in plans]
+    if not reuse:  # one update per sample: on-policy, ratio exactly 1 (the paper's logp.detach())
+        return [[None for _ in plan] for plan in plans]
+    return [[update.token_logprobs(update.model, mb) for mb, _ in plan] for plan in plans]

@@ -128,3 +128,30 @@ def test_cli_train_writes_metrics_and_checkpoint(model_dir, tmp_path):
     assert sum("eval/greedy_acc" in x for x in lines) == 2 and sum("time/step_s" in x for x in lines) == 2
     assert (out / "checkpoints" / "step-2" / "model" / "model.safetensors").is_file()
     assert cli_main(["train", "--train.stepz=3"]) == 2  # config errors name the key and exit 2
+
+
+@pytest.mark.parametrize("extra,updates", [(("--train.ppo_epochs=2",), 2), (("--train.ppo_minibatches=2",), 2),
+                                            (("--train.ppo_epochs=2", "--train.old_logp=sampler"), 2)])
+def test_ppo_multi_and_mini_take_several_clipped_updates(model_dir, tmp_path, extra, updates):
+    tr = Trainer(_cfg(model_dir, tmp_path, "--train.lr=5e-3", "--loss.eps_low=0.01", "--loss.eps_high=0.01", *extra),
+                 quiet=True)
+    tr.setup()
+    m = tr.train_step()
+    tr.close()
+    assert tr.scheduler.last_epoch == updates  # one scheduler tick per optimizer step
+    # after the first update the ratio moves away from 1, so a tight clip range clips some tokens
+    assert m["loss/clip_frac"] > 0
+
+
+def test_kl_reference_only_built_when_beta_positive_and_tensorboard(model_dir, tmp_path):
+    tr = Trainer(_cfg(model_dir, tmp_path / "nokl"), quiet=True)
+    tr.setup()
+    assert tr.ref_model is None
+    tr.close()
+    tr = Trainer(_cfg(model_dir, tmp_path / "kl", "--loss.beta=0.04", "--log.tensorboard=true"), quiet=True)
+    tr.setup()
+    assert tr.ref_model is not None and all(not p.requires_grad for p in tr.ref_model.parameters())
+    m = tr.train_step()
+    tr.close()
+    assert m["loss/kl"] >= 0
+    assert list((tmp_path / "kl" / "tb").glob("events.out.tfevents.*"))
