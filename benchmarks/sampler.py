@@ -193,7 +193,10 @@ def main() -> None:
                   load_avg_1m=round(__import__("os").getloadavg()[0], 2), torch=torch.__version__,
                   transformers=transformers.__version__, git_sha=_git_sha(),
                   timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    lines = ["| model | batch | provider | tok/s | peak MiB | note |", "|---|---|---|---|---|---|"]
+    lines = [f"sampler benchmark, {result['timestamp']}, cpu, {args.threads} thread(s), 1-min load average "
+             f"{result['load_avg_1m']} (shared box: best of {args.repeats} interleaved rounds), {PROMPT_LEN}-token "
+             f"prompts, {NEW_TOKENS} new tokens, temperature {TEMPERATURE}\n",
+             "| model | batch | provider | tok/s | peak MiB | note |", "|---|---|---|---|---|---|"]
     for m, b, p, t, mib, note in rows:
         lines.append(f"| {m} | {b} | {p} | {'' if t is None else f'{t:.0f}'} | "
                      f"{'' if mib is None else f'{mib:.1f}'} | {note} |")

@@ -158,6 +158,7 @@ class SequenceTable:
             text = tokenizer.decode(ids) if tokenizer is not None else ""
             if s in self.stop_text_cut:
                 text = text[: self.stop_text_cut[s]]
-            out[s // self.n].completions.append(Completion(s // self.n, s % self.n, ids, text, self.finish_reason[s] or "length",
-                                               self.logprobs[s, :k].tolist()))
+            reason = self.finish_reason[s] or "length"
+            out[s // self.n].completions.append(
+                Completion(s // self.n, s % self.n, ids, text, reason, self.logprobs[s, :k].tolist()))
         return out

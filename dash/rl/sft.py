@@ -58,7 +58,9 @@ class PackedSFTBatch:
 def pack_sft_batch(tokenizer, prompts: Sequence[str], completions: Sequence[str]) -> PackedSFTBatch:
     """Tokenize and pack (prompt, completion) pairs; see PackedSFTBatch for the layout."""
     if len(prompts) != len(completions) or not prompts:
-        raise ValueError(f"need equal, non-zero numbers of prompts and completions, got {len(prompts)}/{len(completions)}")
+        raise ValueError(
+            f"need equal, non-zero numbers of prompts and completions, got {len(prompts)}/{len(completions)}"
+        )
     # No specials are added: a prompt is its characters and the completion carries its own EOS.
     p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
@@ -127,13 +129,15 @@ def run_sft(
     `on_log(step, metrics)` is called every `log_every` steps and at the end.
 
     Returns a dict: `losses` (per-step loss list), `final_loss` (mean of the last `log_every` steps), `steps`,
-    `tokens` (completion tokens trained on), `wall_time_s`, `steps_per_s`.
+    `tokens` (completion tokens trained on), `wall_time_s`, `cpu_time_s` (process CPU time, all threads),
+    `steps_per_s`.
     """
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"run_sft: schedule must be 'constant' or 'cosine', got {schedule!r}")
     if steps < 1 or batch_size < 1 or not train_examples:
-        raise ValueError(f"run_sft: need steps >= 1, batch_size >= 1 and examples (got {steps}, {batch_size}, "
-                         f"{len(train_examples)})")
+        raise ValueError(
+            f"run_sft: need steps >= 1, batch_size >= 1 and examples (got {steps}, {batch_size}, {len(train_examples)})"
+        )
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
@@ -141,7 +145,7 @@ def run_sft(
 
     order = torch.randperm(len(train_examples), generator=gen).tolist()
     cursor, losses, tokens = 0, [], 0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     bar = tqdm(range(steps), desc="sft", disable=not sys.stderr.isatty(), dynamic_ncols=True)
     for step in bar:
         if cursor + batch_size > len(order):  # new epoch: reshuffle; the tail of the old order is dropped
@@ -164,18 +168,33 @@ def run_sft(
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if (log_every and (step + 1) % log_every == 0) or step + 1 == steps:
             window = losses[-log_every:] if log_every else losses[-1:]
-            metrics = {"train/loss": sum(window) / len(window), "train/lr": cur_lr, "train/grad_norm": float(grad_norm),
-                       "time/elapsed_s": time.perf_counter() - t0}
+            metrics = {
+                "train/loss": sum(window) / len(window),
+                "train/lr": cur_lr,
+                "train/grad_norm": float(grad_norm),
+                "time/elapsed_s": time.perf_counter() - t0,
+            }
             if on_log is not None:
                 on_log(step + 1, metrics)
             else:
-                tqdm.write(f"sft step {step + 1}/{steps} loss {metrics['train/loss']:.4f} lr {cur_lr:.2e} "
-                           f"grad_norm {metrics['train/grad_norm']:.3f} elapsed {metrics['time/elapsed_s']:.1f}s")
+                tqdm.write(
+                    f"sft step {step + 1}/{steps} loss {metrics['train/loss']:.4f} lr {cur_lr:.2e} "
+                    f"grad_norm {metrics['train/grad_norm']:.3f} elapsed {metrics['time/elapsed_s']:.1f}s"
+                )
     bar.close()
     wall = time.perf_counter() - t0
+    # CPU seconds of this process (all threads): on a shared machine wall time is inflated, this much less so.
+    cpu = time.process_time() - cpu0
     window = losses[-log_every:] if log_every else losses[-1:]
-    return {"losses": losses, "final_loss": sum(window) / len(window), "steps": steps, "tokens": tokens,
-            "wall_time_s": wall, "steps_per_s": steps / wall}
+    return {
+        "losses": losses,
+        "final_loss": sum(window) / len(window),
+        "steps": steps,
+        "tokens": tokens,
+        "wall_time_s": wall,
+        "cpu_time_s": cpu,
+        "steps_per_s": steps / wall,
+    }
 
 
 @torch.inference_mode()

@@ -27,6 +27,7 @@ import warnings
 import torch
 
 from dash.config import DashConfig
+from dash.rl.distributed import DistInfo, all_reduce_grads, all_reduce_sum, shard_range
 from dash.rl.loss_norm import global_normalizer, paper_normalizer
 from dash.rl.packing import collate, plan_balanced, plan_fixed
 from dash.rl.rollout import Rollout, group_advantages, keep_mask
@@ -35,7 +36,8 @@ from dash.rl.rollout import Rollout, group_advantages, keep_mask
 class StepMicroBatches:
     """The micro-batch plan of one step and the normaliser each micro-batch uses."""
 
-    def __init__(self, cfg: DashConfig, rollout: Rollout, keep: torch.Tensor):
+    def __init__(self, cfg: DashConfig, rollout: Rollout, keep: torch.Tensor, counts: tuple[float, float]):
+        """counts: (samples, completion tokens) of the whole update, over all ranks: the global normaliser's input."""
         t, loss = cfg.train, cfg.loss
         lengths = [len(p) + len(c) - 1 for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
         if loss.normalizer == "paper" or t.algorithm == "grpo":
@@ -45,7 +47,7 @@ class StepMicroBatches:
             self.plan = plan_balanced(lengths, keep, rows, t.token_budget)
         max_new = cfg.sampling.max_new_tokens
         if loss.normalizer == "global":
-            step_norm = global_normalizer(loss.loss_type, rollout, max_new)
+            step_norm = global_normalizer(loss.loss_type, int(counts[0]), int(counts[1]), max_new)
             self.norms = [step_norm] * len(self.plan)
         else:
             self.norms = [paper_normalizer(loss.loss_type, len(mb), sum(len(rollout.completion_ids[i]) for i in mb),
@@ -94,8 +96,15 @@ class PolicyUpdate:
         out["loss/value"] = float(loss.detach())
         return out
 
-    def step(self) -> dict:
-        """Clip, step, zero. A NaN/inf gradient skips the update (and is reported), it never reaches the weights."""
+    def step(self, info: DistInfo | None = None) -> dict:
+        """Sync gradients over ranks, clip, step, zero. A NaN/inf loss or gradient on any rank skips the update on
+        every rank (and is reported); it never reaches the weights."""
+        info = info or DistInfo()
+        t0 = time.perf_counter()
+        if info.enabled:
+            average = self.cfg.loss.normalizer == "paper"  # paper: per-rank means, averaged like DDP
+            self.non_finite = int(all_reduce_grads(self.model, info, [float(self.non_finite)], average)[0])
+        wait_s = time.perf_counter() - t0
         clip = self.cfg.train.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf) if params else torch.tensor(0.0)
@@ -107,7 +116,8 @@ class PolicyUpdate:
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         out = {"train/grad_norm": float(norm), "train/skipped_update": float(skipped),
-               "train/non_finite_losses": float(self.non_finite), "train/lr": self.scheduler.get_last_lr()[0]}
+               "train/non_finite_losses": float(self.non_finite), "train/lr": self.scheduler.get_last_lr()[0],
+               "time/grad_sync_s": wait_s}
         self.non_finite = 0
         return out
 
@@ -131,18 +141,25 @@ def frozen_copy(model):
     return ref
 
 
-def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, step: int) -> tuple[dict, Rollout]:
-    """One optimizer step (or ppo_epochs x ppo_minibatches of them) of `cfg.train.algorithm`; returns metrics."""
+def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, step: int,
+             dist_info: DistInfo | None = None) -> tuple[dict, Rollout]:
+    """One optimizer step (or ppo_epochs x ppo_minibatches of them) of `cfg.train.algorithm`; returns metrics.
+
+    `examples` is the whole step's prompt batch (the same list on every rank); under torchrun each rank samples and
+    trains on its contiguous share, and prompt k keeps its single-process seed.
+    """
     t = cfg.train
     G = t.group_size
+    info = dist_info or DistInfo()
+    lo, hi = shard_range(len(examples), info)
     t0 = time.perf_counter()
     reward_s0 = sampler.reward_seconds
     if t.algorithm == "dash":
-        rollout = sampler.sample(examples, G, t.seed, step, 0)
+        rollout = sampler.sample(examples[lo:hi], G, t.seed, step, lo)
         calls = 1
     else:  # grpo: one sampling call per backprop micro-batch of micro_batch_size completions
         per_call = t.micro_batch_size // G
-        parts = [sampler.sample(examples[i:i + per_call], G, t.seed, step, i) for i in range(0, len(examples), per_call)]
+        parts = [sampler.sample(examples[i:min(i + per_call, hi)], G, t.seed, step, i) for i in range(lo, hi, per_call)]
         rollout, calls = Rollout.concat(parts), len(parts)
     t_reward = sampler.reward_seconds - reward_s0
     t_gen = time.perf_counter() - t0 - t_reward
@@ -157,11 +174,15 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
     n_mb = 0
     # PPO-Mini: interleaved slices of the step's samples (each holds whole groups' members spread evenly).
     minibatches = [list(range(len(rollout)))[i::t.ppo_minibatches] for i in range(t.ppo_minibatches)]
+    local_counts = [x for mini in minibatches for x in (len(mini), sum(len(rollout.completion_ids[i]) for i in mini))]
+    # One collective for all counts: [samples, tokens] per mini-batch, then reward sum and kept samples of the step.
+    counts = all_reduce_sum(local_counts + [float(rollout.rewards.sum()), float(keep.sum())], info)
+    reward_sum, kept_all = counts[-2], counts[-1]
     plans = []  # per mini-batch: [(micro-batch, normaliser), ...]
-    for mini in minibatches:
+    for j, mini in enumerate(minibatches):
         mini_keep = torch.zeros_like(keep)
         mini_keep[mini] = keep[mini]
-        sub = StepMicroBatches(cfg, rollout, mini_keep)
+        sub = StepMicroBatches(cfg, rollout, mini_keep, (counts[2 * j], counts[2 * j + 1]))
         plans.append([(collate(rollout, idx, adv, device), norm) for idx, norm in zip(sub.plan, sub.norms)])
     olds = _old_logps(cfg, update, plans, reuse=t.ppo_epochs * t.ppo_minibatches > 1)
     for epoch in range(t.ppo_epochs):
@@ -170,13 +191,15 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
                 for k, v in update.backward(mb, norm, old).items():
                     metrics_sum[k] = metrics_sum.get(k, 0.0) + v
                 n_mb += 1
-            update_metrics = update.step()
+            update_metrics = update.step(info)
     t_train = time.perf_counter() - t1
     S, kept = len(rollout), int(keep.sum())
+    S_all = sum(counts[0:-2:2])  # samples over all ranks: every sample is in exactly one mini-batch
     metrics = {k: v / max(n_mb, 1) for k, v in metrics_sum.items()}
     metrics.update(update_metrics)
     metrics.update({
-        "rollout/reward_mean": float(rollout.rewards.mean()), "rollout/kept_frac": kept / S,
+        "rollout/reward_mean": reward_sum / S_all, "rollout/kept_frac": kept_all / S_all,
+        "rollout/rank_kept_frac": kept / S,
         "rollout/completion_len": rollout.completion_tokens() / S, "rollout/sampling_calls": calls,
         "train/micro_batches": n_mb, "train/skipped_samples": S - kept,
         "time/generate_s": t_gen, "time/reward_s": t_reward, "time/train_s": t_train,

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from dash.config import DashConfig, config_to_dict
 from dash.rl.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, set_rng_state, MODEL_DIR
+from dash.rl.distributed import close_distributed, init_distributed
 from dash.rl.evaluate import evaluate
 from dash.rl.metrics import MetricsLogger
 from dash.rl.sample import RolloutSampler
@@ -43,6 +44,10 @@ class Trainer:
         ckpt = find_checkpoint(resume) if resume else None
         folder = ckpt / MODEL_DIR if ckpt else resolve_model_path(cfg.model.path)
         device = resolve_device(cfg.model.device)
+        self.dist = init_distributed(device)
+        if device.type == "cuda" and self.dist.enabled:  # one GPU per rank
+            device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(device)
         self.model = load_model(folder, dtype=resolve_dtype(cfg.model.dtype), device=device).train()
         self.tokenizer = load_tokenizer(folder)
         # The KL reference is the initial policy; it is not even built when beta == 0.
@@ -55,7 +60,8 @@ class Trainer:
         self.update = PolicyUpdate(cfg, self.model, self.optimizer, self.scheduler, self.ref_model)
         self.sampler = RolloutSampler(self.model, self.tokenizer, cfg.sampling, get_reward(cfg.data.reward),
                                       reward_timeout_s=cfg.data.reward_timeout_s)
-        self.logger = MetricsLogger(cfg.log.out_dir, tensorboard=cfg.log.tensorboard)
+        # Rank 0 alone logs, evaluates and checkpoints (the replicas are identical).
+        self.logger = MetricsLogger(cfg.log.out_dir, tensorboard=cfg.log.tensorboard) if self.dist.is_main else None
         if ckpt:
             state = load_trainer_state(ckpt)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -69,15 +75,15 @@ class Trainer:
     def train(self) -> list[dict]:
         cfg = self.cfg
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"{cfg.train.algorithm}", unit="step",
-                   disable=self.quiet or not sys.stderr.isatty())
+                   disable=self.quiet or not sys.stderr.isatty() or not self.dist.is_main)
         while self.step < cfg.train.steps:
             metrics = self.train_step()
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}", kept=f"{metrics['rollout/kept_frac']:.2f}")
             done = self.step == cfg.train.steps
-            if (cfg.log.eval_every and self.step % cfg.log.eval_every == 0) or done:
+            if self.dist.is_main and ((cfg.log.eval_every and self.step % cfg.log.eval_every == 0) or done):
                 self.evaluate()
-            if (cfg.log.ckpt_every and self.step % cfg.log.ckpt_every == 0) or done:
+            if self.dist.is_main and ((cfg.log.ckpt_every and self.step % cfg.log.ckpt_every == 0) or done):
                 self.save_checkpoint()
         bar.close()
         return self.history
@@ -86,12 +92,12 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         examples = self.train_data.next_batch(cfg.train.prompts_per_step)
-        metrics, rollout = run_step(cfg, self.sampler, self.update, examples, self.step)
+        metrics, rollout = run_step(cfg, self.sampler, self.update, examples, self.step, self.dist)
         self.step += 1
         metrics["time/step_s"] = time.perf_counter() - t0
         if metrics["train/skipped_update"]:
             self._say(f"step {self.step}: non-finite gradient, update skipped")
-        if cfg.log.log_every and self.step % cfg.log.log_every == 0:
+        if self.logger and cfg.log.log_every and self.step % cfg.log.log_every == 0:
             self.logger.log(self.step, metrics)
         self.history.append({"step": self.step, **metrics})
         return metrics
@@ -102,8 +108,9 @@ class Trainer:
             metrics, shown = evaluate(self.sampler, self.test_examples, self.cfg.train.seed,
                                       pass_k=self.cfg.log.eval_pass_k, samples_shown=self.cfg.log.samples_shown)
         self.model.train()
-        self.logger.log(self.step, metrics)
-        self.logger.log_samples(self.step, shown)
+        if self.logger:
+            self.logger.log(self.step, metrics)
+            self.logger.log_samples(self.step, shown)
         self.history.append({"step": self.step, **metrics})
         self._say(f"step {self.step}: greedy accuracy {metrics['eval/greedy_acc']:.3f}")
         return metrics
@@ -117,9 +124,11 @@ class Trainer:
         return path
 
     def close(self) -> None:
-        if hasattr(self, "logger"):
+        if getattr(self, "logger", None):
             self.logger.close()
+        if hasattr(self, "dist"):
+            close_distributed(self.dist)
 
     def _say(self, msg: str) -> None:
-        if not self.quiet:
+        if not self.quiet and getattr(self, "dist", None) is not None and self.dist.is_main:
             tqdm.write(msg, file=sys.stderr)

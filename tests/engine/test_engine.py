@@ -64,7 +64,7 @@ def test_group_fork_same_tokens_fewer_pages(model_pair, make_prompts):
 def test_seeded_results_do_not_depend_on_the_batch(model_pair, make_prompts):
     _, model = model_pair("qwen3")
     target = make_prompts([11], seed=3)[0]
-    others = make_prompts([4 + i % 29 for i in range(63)], seed=4)
+    others = make_prompts([4 + i % 29 for i in range(127)], seed=4)  # with the target: 128 prompts x 2 = 256 rows
     alone = generate(model, None, [target], n=2, params=SAMPLED)[0]
     params = [SAMPLED] + [SamplingParams(temperature=1.0, max_new_tokens=12)] * len(others)
     crowd = generate(model, None, [target] + others, n=2, params=params, page_size=8)[0]

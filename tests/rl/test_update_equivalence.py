@@ -68,7 +68,7 @@ def trainer_grads(cfg, model, ref_model, rollout):
     update = PolicyUpdate(cfg, model, optimizer=None, scheduler=None, ref_model=ref_model)
     adv = group_advantages(rollout.rewards, G)
     keep = keep_mask(adv, cfg.loss.adv_threshold)
-    plan = StepMicroBatches(cfg, rollout, keep)
+    plan = StepMicroBatches(cfg, rollout, keep, (len(rollout), rollout.completion_tokens()))
     for idx, norm in zip(plan.plan, plan.norms):
         mb = collate(rollout, idx, adv, torch.device("cpu"))
         update.backward(mb, norm, mb.old_logp)
@@ -104,7 +104,7 @@ def reference_grads(cfg, model, ref_model, rollout):
         old[i, : len(o)] = o
     if lc.normalizer == "global":
         groups = [list(range(len(rollout)))]
-        norms = [global_normalizer(lc.loss_type, rollout, MAX_NEW)]
+        norms = [global_normalizer(lc.loss_type, len(rollout), rollout.completion_tokens(), MAX_NEW)]
     else:  # the paper: per fixed micro-batch of 8 over its kept rows, / accumulation steps
         groups = [list(range(s, s + 8)) for s in range(0, len(rollout), 8)]
         acc = len(groups)

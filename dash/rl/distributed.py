@@ -1,0 +1,95 @@
+"""Data parallelism under torchrun: replicas, a split of each step's prompts, one gradient all-reduce per update.
+
+    torchrun --nproc_per_node 2 -m dash train --config configs/tiny.yaml
+
+Each rank holds a full replica of the policy and runs its own in-process sampler on its contiguous share of the
+step's prompts (a group's G samples stay on one rank, so advantages need no communication). Prompt k of the step keeps
+the sampling seed it has in a single process, so W ranks draw exactly the completions one process would. Rewards,
+filtering and packing are per rank. The loss normaliser is the global one, computed from all-reduced counts, and the
+gradients are summed over ranks once per optimizer step, so the update equals the single-process update on the same
+global batch.
+
+Why one all-reduce per optimizer step instead of torch DDP's per-backward bucketed sync: after filtering, ranks hold
+different numbers of micro-batches (possibly zero). Per-micro-batch collectives would force every rank to run as
+many micro-batches as the busiest one (zero-weight padding micro-batches cost a full forward/backward each); a single
+sync after local accumulation costs nothing extra and cannot deadlock, because every rank makes the same number of
+collective calls per step (counts, gradients, metrics), whatever its share of work. What it gives up is overlapping
+the all-reduce with the last backward, which matters on fast GPU interconnect only for large models.
+Checkpoints are written by rank 0 (replicas are identical), so a run can resume with any world size.
+FSDP2 sharding is not implemented yet (see README status).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(slots=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Joins the torchrun process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1; a no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return info
+
+
+def shard_range(num_prompts: int, info: DistInfo) -> tuple[int, int]:
+    """[start, end) of this rank's contiguous share of the step's prompts."""
+    if num_prompts % info.world_size:
+        raise ValueError(f"train.prompts_per_step={num_prompts} must be divisible by the world size "
+                         f"{info.world_size} so every rank gets whole groups")
+    per = num_prompts // info.world_size
+    return info.rank * per, (info.rank + 1) * per
+
+
+def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
+    """Element-wise sum of a list of floats over ranks (fp64 on CPU: exact for counts)."""
+    if not info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_grads(model: torch.nn.Module, info: DistInfo, extras: list[float], average: bool) -> list[float]:
+    """Sums (or averages) every gradient over ranks in one flat all-reduce (a missing grad counts as zero); `extras`
+    (e.g. non-finite loss counts) ride along in the same call and come back summed."""
+    if not info.enabled:
+        return extras
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+    flat = torch.cat(grads + [torch.tensor(extras, dtype=torch.float32, device=grads[0].device)])
+    dist.all_reduce(flat)
+    scale = 1.0 / info.world_size if average else 1.0
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = (flat[offset:offset + n] * scale).view_as(p).to(p.dtype)
+        offset += n
+    return flat[offset:].tolist()
+
+
+def close_distributed(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
