@@ -8,6 +8,7 @@ forward/backward differences of this kind at ~3e-6.
 """
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -30,10 +31,15 @@ def tiny_model(seed=0):
     cfg = ModelConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                       max_position_embeddings=64)
-    return CausalLM(cfg)
+    model = CausalLM(cfg)
+    with torch.no_grad():  # HF-style small init: near-uniform softmax, so ratios and gradients are O(1), not ~0
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.1)
+    return model
 
 
-def make_rollout(seed=0, all_informative=False) -> Rollout:
+def make_rollout(seed=0, all_informative=False, rank_skew=False) -> Rollout:
     g = torch.Generator().manual_seed(seed)
     S = PROMPTS * G
     prompts = [torch.randint(1, VOCAB, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
@@ -45,8 +51,11 @@ def make_rollout(seed=0, all_informative=False) -> Rollout:
     pattern = [[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 1, 1, 1], [0, 0, 1, 0]]
     if all_informative:
         pattern = [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 1, 0], [1, 0, 1, 0], [0, 1, 0, 0]]
+    if rank_skew:  # on 2 ranks (prompts 0-2 | 3-5), rank 1 gets only uniform groups: zero kept samples
+        pattern = [[1, 0, 0, 0], [1, 1, 0, 1], [0, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]
     rewards = torch.tensor([r for grp in pattern for r in grp], dtype=torch.float32)
-    old = [-torch.rand(len(c), generator=g) * 0.1 - 1.0 for c in comps]
+    # near the policy's own log-probs (about -log V at this init) +- 0.3: ratios in ~[0.74, 1.35], so PPO clips some
+    old = [(torch.rand(len(c), generator=g) - 0.5) * 0.6 - math.log(VOCAB) for c in comps]
     return Rollout(prompt_ids, comps, old, rewards, G)
 
 
