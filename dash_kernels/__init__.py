@@ -19,10 +19,10 @@ from dash_kernels.reference import LOSS_TYPES, policy_loss
 
 __all__ = [
     "HAS_C",
-    "require_c",
     "LOSS_TYPES",
     "fused_policy_loss",
     "policy_loss",
+    "require_c",
     "token_logprobs",
     "token_logprobs_from_logits",
 ]

@@ -7,18 +7,14 @@ the `use_backend(...)` context manager). With the automatic choice, CPU tensors 
 """
 
 import contextlib
+import importlib.util
 import os
 
 import torch
 
 BACKENDS = ("triton", "torch", "reference")
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # the torch backend does not need it
-    HAS_TRITON = False
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # the torch backend does not need it
 
 
 def _interpreting() -> bool:

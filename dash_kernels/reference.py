@@ -9,6 +9,7 @@ Loss semantics (mirror TRL's `GRPOTrainer._compute_loss`; `l_t` is the per-token
     r_t    = exp(logp_t - old_t)                                   (old = logp.detach() when not given: on-policy)
     pg_t   = -min(min(r_t, delta) * A_t, clamp(r_t, 1 - eps_low, 1 + eps_high) * A_t)   (delta only when given)
     kl_t   = exp(ref_t - logp_t) - (ref_t - logp_t) - 1            (k3 estimator, only when beta != 0)
+             times r_t with kl_bias_correction (TRL's use_bias_correction_kl: unbiased reverse-KL gradient)
     l_t    = pg_t + beta * kl_t - entropy_coef * H_t
 
     kept_t = mask_t and (|A_t| > adv_threshold)                    (no filter when adv_threshold is None)
@@ -114,8 +115,8 @@ def loss_token_weights(mask, advantages, loss_type="dapo", adv_threshold=None, n
 
 
 def policy_loss(logp, old_logp, advantages, mask, ref_logp=None, entropy=None, *, loss_type="dapo", eps_low=0.2,
-                eps_high=0.2, delta=None, beta=0.0, entropy_coef=0.0, adv_threshold=None, normalizer=None,
-                max_completion_length=None):
+                eps_high=0.2, delta=None, beta=0.0, kl_bias_correction=False, entropy_coef=0.0, adv_threshold=None,
+                normalizer=None, max_completion_length=None):
     """PPO-clip policy-gradient loss with optional k3 KL and entropy bonus (formulas in the module docstring).
 
     Differentiable in `logp` and `entropy`; old_logp, ref_logp and advantages are treated as data (detached).
@@ -155,6 +156,8 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp=None, entropy=None, *
     if beta != 0.0:
         ref = torch.where(kept, ref_logp.detach().to(dtype), zero)
         kl = torch.exp(ref - lp) - (ref - lp) - 1
+        if kl_bias_correction:
+            kl = kl * ratio  # the unclipped ratio, differentiable (TRL's use_bias_correction_kl)
         per_token = per_token + beta * kl
     if entropy_coef != 0.0:
         per_token = per_token - entropy_coef * torch.where(kept, entropy, zero)
@@ -184,8 +187,8 @@ def fused_policy_loss_ref(hidden, weight, targets, advantages, mask, old_logp=No
 
     Args:
         hidden: [B, L, H]. weight: [V, H]. targets, mask: [B, L]. advantages: [B] or [B, L].
-        loss_kwargs: loss_type, eps_low, eps_high, delta, beta, entropy_coef, adv_threshold, normalizer,
-            max_completion_length (as in `policy_loss`).
+        loss_kwargs: loss_type, eps_low, eps_high, delta, beta, kl_bias_correction, entropy_coef, adv_threshold,
+            normalizer, max_completion_length (as in `policy_loss`).
     """
     logp, entropy = token_logprobs_ref(hidden, weight, targets, temperature, bias, True, ignore_index, dtype)
     mask = (mask != 0) & (targets != ignore_index)

@@ -15,7 +15,7 @@ def _desc(t: torch.Tensor) -> str:
 
 def check_tensor(name: str, t, *, ndim=None, floating=None, integer=None) -> None:
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004 (API: ValueError)
     if ndim is not None and t.dim() not in (ndim if isinstance(ndim, tuple) else (ndim,)):
         raise ValueError(f"{name} must have {ndim} dimensions, got {_desc(t)}")
     if floating and not t.is_floating_point():

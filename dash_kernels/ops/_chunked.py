@@ -14,7 +14,7 @@ before the two GEMMs dH[rows] = dz W and dW += dz^T h (fp32 accumulation). Three
 as many as the naive path), because the per-row coefficients c, cH are asked for (via `coef_fn`) as soon as the
 chunk's log-probs are known. When they are not known until later (the plain `token_logprobs` op), the backward calls
 `sweep` again with the saved lse/entropy and recomputes the tile (8NHV). Terms that need p and log p at once (the
-entropy and its gradient) go through a small [_SUB_ROWS, V] scratch tile.
+entropy and its gradient) go through a smaller scratch tile (_SCRATCH_BYTES).
 
 Why whole-chunk torch ops rather than cache-sized row groups: on a shared 2-core machine every parallel torch op pays
 a thread wake-up cost of milliseconds when the cores are busy, so a few large ops beat many small ones; and ATen's
@@ -28,11 +28,12 @@ per-row slices and `gather`, never a flattened N*V offset, so it is int64-safe b
 
 import torch
 
-_CHUNK_BYTES = 150 * 2**20
-"""Budget for the [R, V] fp32 tile: R = this / (4 V), 256 rows at V = 151936. Bounds peak memory (the naive path
-holds ~4 GiB of N x V buffers at N = 2048 there) while keeping each GEMM at R >= 256 rows, where it is efficient."""
-_SUB_ROWS = 32
-"""Rows of the scratch tile used when p and log p are needed together (entropy): 19 MB at V = 151936."""
+_CHUNK_BYTES = 96 * 2**20
+"""Budget for the [R, V] fp32 tile: R = this / (4 V), 208 rows at V = 151936. Bounds peak memory (the naive path
+holds ~4 GiB of N x V buffers at N = 2048 there) while keeping each GEMM at R >= 200 rows, where it is efficient."""
+_SCRATCH_BYTES = 32 * 2**20
+"""Scratch tile for the passes that need p and log p together (entropy): 55 rows at V = 151936. Byte-sized, not
+row-sized, so that a small vocabulary does not turn into hundreds of tiny ops."""
 _MIN_ROWS = 16
 """Never fewer rows per GEMM than this: below it the dW GEMM (inner size R) loses most of its efficiency."""
 _WEIGHT_BLOCK = 8192
@@ -107,7 +108,7 @@ def _inplace_log_softmax_works() -> bool:
         expected = torch.log_softmax(x, 1)
         torch.ops.aten._log_softmax.out(x, 1, False, out=x)
         return bool(torch.allclose(x, expected, atol=1e-6))
-    except Exception:  # noqa: BLE001 - any failure means: use the copying path
+    except Exception:  # noqa: BLE001 (any failure means: use the copying path)
         return False
 
 
@@ -122,9 +123,14 @@ def _log_softmax_(z):
         z.copy_(torch.log_softmax(z, 1))
 
 
-def _softmax_sums(log_p, scratch):
-    """Per row of log_p [r, V]: S = sum exp(log p) and H' = -sum (exp(log p) / S) log p, through the scratch tile.
-    torch's sum is pairwise; a bmm row-dot here was 7x less accurate (sequential fp32 accumulation)."""
+def _entropy_pass(log_p, scratch, leave_p=False):
+    """Per row of log_p [r, V]: S = sum p and H' = -sum (p / S) log p, with p = exp(log p), via the scratch tile.
+
+    ATen's fused log_softmax sums the V exponentials in vector lanes, so at V ~ 1.5e5 its normaliser is off by ~1e-5:
+    a common shift of every log p, which S measures (log p - log S is the better log-prob, H' + log S the better
+    entropy) and which cancels in the gradient as long as it uses p / S and log p + H' from the same pass. torch's
+    sum is pairwise (a bmm row-dot was 7x less accurate). With leave_p, log_p is overwritten by p on the way (saves
+    the exp pass of a gradient that needs no log p afterwards)."""
     r, sub = log_p.shape[0], scratch.shape[0]
     S = torch.empty(r, dtype=log_p.dtype, device=log_p.device)
     plp = torch.empty_like(S)
@@ -132,22 +138,29 @@ def _softmax_sums(log_p, scratch):
         lp = log_p[s0:s0 + sub]
         p = torch.exp(lp, out=scratch[: lp.shape[0]])
         S[s0:s0 + sub] = p.sum(1)
-        plp[s0:s0 + sub] = p.mul_(lp).sum(1)
+        if leave_p:
+            plp[s0:s0 + sub] = lp.mul_(p).sum(1)
+            lp.copy_(p)
+        else:
+            plp[s0:s0 + sub] = p.mul_(lp).sum(1)
     return S, -plp / S
 
 
 def sweep(hidden, weight, bias, targets, rows, inv_temp, *, coef_fn=None, saved=None, want_entropy=True,
-          need_dh=False, need_dw=False, need_db=False):
+          entropy_grad=True, need_dh=False, need_dw=False, need_db=False):
     """Streams over `rows` of hidden @ weight^T; returns per-row statistics and, with `coef_fn`, the gradients.
 
     Args:
         hidden: [N, H]. weight: [V, H]. bias: [V] or None. targets: [N] int64 (valid on the selected rows).
         rows: [n] int64 row ids to process, or None for all N rows (then no gather/scatter copies are made).
         inv_temp: 1 / temperature.
-        coef_fn: None (forward only) or f(lo, hi, logp [r], entropy [r]) -> (c [r], cH [r] or None): dL/dlogp and
-            dL/dentropy for the selected rows lo:hi, called once per chunk as soon as their logp is known.
+        coef_fn: None (forward only) or f(lo, hi, logp [r]) -> (c [r], cH [r] or None): dL/dlogp and dL/dentropy
+            for the selected rows lo:hi, called once per chunk as soon as their logp is known (the entropy is not
+            needed for them: a loss that contains the entropy adds that term afterwards, from the returned entropy).
         saved: None, or entropy [n] from an earlier forward: recompute mode (backward of token_logprobs).
-        want_entropy: compute the entropy (forward mode; it is always computed when coef_fn is given).
+        want_entropy: compute the entropy (forward mode).
+        entropy_grad: whether coef_fn may return an entropy gradient cH; False lets the sweep leave p in the tile
+            while it computes the entropy, saving a pass.
         need_dh, need_dw, need_db: which gradients to accumulate (only with coef_fn).
     Returns:
         logp [n], lse [n], entropy [n] (for the selected rows; entropy is 0 unless computed), dh [N, H] (hidden's
@@ -163,7 +176,8 @@ def sweep(hidden, weight, bias, targets, rows, inv_temp, *, coef_fn=None, saved=
     lse = torch.empty(n, dtype=acc, device=dev)
     entropy = torch.zeros(n, dtype=acc, device=dev)
     grad = coef_fn is not None
-    want_entropy = saved is None and (want_entropy or grad)
+    want_entropy = want_entropy and saved is None
+    entropy_grad = entropy_grad and grad
     # dw/db are overwritten by the first chunk's GEMM (beta = 0), dh by its rows when every row is processed.
     alloc_w = torch.empty if n else torch.zeros
     alloc_h = torch.empty if rows is None else torch.zeros
@@ -174,8 +188,10 @@ def sweep(hidden, weight, bias, targets, rows, inv_temp, *, coef_fn=None, saved=
         return logp, lse, entropy, dh, dw, db
 
     R = chunk_rows(n, V)
+    R = -(-n // -(-n // R))  # same rows per chunk (a short last chunk would run its GEMMs inefficiently)
+    sub_rows = max(1, min(R, _SCRATCH_BYTES // (4 * V)))
     z_buf = torch.empty(R, V, dtype=acc, device=dev)  # logits -> log p -> logits gradient
-    scratch = None  # [_SUB_ROWS, V], only when the entropy or its gradient is needed
+    scratch = None  # [sub_rows, V], only when the entropy or its gradient is needed
     for lo in range(0, n, R):
         hi = min(n, lo + R)
         sl = slice(lo, hi)
@@ -190,40 +206,40 @@ def sweep(hidden, weight, bias, targets, rows, inv_temp, *, coef_fn=None, saved=
         # ~1e-6 that z - lse would pass to every p (and to 1 - p of a confident token).
         _log_softmax_(z)
         logp[sl] = z.gather(1, y).squeeze(1)
-        # ATen's fused log_softmax sums the V exponentials in vector lanes; at V ~ 1.5e5 its normaliser is off by
-        # ~1e-5, a common shift of every log p. Wherever we exponentiate anyway we measure the shift, log S with
-        # S = sum exp(log p), and remove it; the gradient formulas use p / S and log p + H', where it cancels.
-        S = neg_plp = None  # [r]: S and H' = -sum (p / S) log p
-        if want_entropy:
-            scratch = scratch if scratch is not None else torch.empty(min(_SUB_ROWS, R), V, dtype=acc, device=dev)
-            S, neg_plp = _softmax_sums(z, scratch)
-            log_s = S.log()
-            logp[sl] -= log_s
-            entropy[sl] = neg_plp + log_s
-        elif saved is not None:
+        S = neg_plp = None  # [r]: sum p and H' = -sum (p / S) log p, when a pass computed them
+        p_in_z = False
+        if want_entropy or entropy_grad:
+            scratch = scratch if scratch is not None else torch.empty(sub_rows, V, dtype=acc, device=dev)
+            p_in_z = grad and not entropy_grad  # the gradient will need p but not log p: leave p in z
+            S, neg_plp = _entropy_pass(z, scratch, leave_p=p_in_z)
+            if saved is None:
+                log_s = S.log()
+                logp[sl] -= log_s
+                entropy[sl] = neg_plp + log_s
+        if grad:
+            c, cH = coef_fn(lo, hi, logp[sl])
+            c = (c * inv_temp).unsqueeze(1)  # [r, 1]; dL/d(h W^T + b) = dL/dz / tau
+            if cH is None:
+                if not p_in_z:
+                    z.exp_()  # p (up to the factor S)
+                if S is None:
+                    S = z.sum(1)
+                z.mul_(-c / S.unsqueeze(1))  # -c p / S
+            else:
+                # -(p / S) (c + cH (log p + H')): p and log p both needed, so sub-tile through the scratch.
+                assert not p_in_z, "coef_fn returned an entropy gradient after entropy_grad=False"
+                cH = (cH * inv_temp).unsqueeze(1)
+                scale = (-1.0 / S).unsqueeze(1)
+                for s0 in range(0, hi - lo, sub_rows):
+                    s1 = min(hi - lo, s0 + sub_rows)
+                    lp = z[s0:s1]
+                    p = torch.exp(lp, out=scratch[: s1 - s0])
+                    lp.add_(neg_plp[s0:s1].unsqueeze(1)).mul_(cH[s0:s1]).add_(c[s0:s1]).mul_(p)
+                    lp.mul_(scale[s0:s1])
+        if saved is not None:
             entropy[sl] = saved[sl]
         lse[sl] = z_y - logp[sl]
-        if not grad:
-            continue
-        c, cH = coef_fn(lo, hi, logp[sl], entropy[sl])
-        c = (c * inv_temp).unsqueeze(1)  # [r, 1]; dL/d(h W^T + b) = dL/dz / tau
-        if cH is None:
-            z.exp_()  # p (up to the factor S)
-            if S is None:
-                S = z.sum(1)
-            z.mul_(-c / S.unsqueeze(1))  # -c p / S
-        else:
-            # -(p / S) (c + cH (log p + H')): p and log p are both needed, so sub-tile through the scratch buffer.
-            cH = (cH * inv_temp).unsqueeze(1)
-            scratch = scratch if scratch is not None else torch.empty(min(_SUB_ROWS, R), V, dtype=acc, device=dev)
-            if S is None:
-                S, neg_plp = _softmax_sums(z, scratch)
-            scale = (-1.0 / S).unsqueeze(1)
-            for s0 in range(0, hi - lo, _SUB_ROWS):
-                s1 = min(hi - lo, s0 + _SUB_ROWS)
-                lp = z[s0:s1]
-                p = torch.exp(lp, out=scratch[: s1 - s0])
-                lp.add_(neg_plp[s0:s1].unsqueeze(1)).mul_(cH[s0:s1]).add_(c[s0:s1]).mul_(p).mul_(scale[s0:s1])
-        z.scatter_add_(1, y, c)
-        _backward_gemms(z, h32, weight, rows_chunk, sl, dh, dw, db, first=lo == 0)
+        if grad:
+            z.scatter_add_(1, y, c)
+            _backward_gemms(z, h32, weight, rows_chunk, sl, dh, dw, db, first=lo == 0)
     return logp, lse, entropy, dh, dw, db

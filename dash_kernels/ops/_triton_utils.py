@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
     triton = None
 
-    class tl:  # noqa: N801 - stands in for triton.language in annotations
+    class tl:
         constexpr = None
 
     def jit(fn):

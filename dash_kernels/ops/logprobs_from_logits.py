@@ -199,3 +199,22 @@ def token_logprobs_from_logits(logits, targets, temperature=1.0, return_entropy=
     logp, entropy = LogprobsFromLogitsFunction.apply(z, t1, rows, inv_temp, backend)
     logp, entropy = logp.reshape(lead), entropy.reshape(lead)
     return (logp, entropy) if return_entropy else logp
+
+
+# ------------------------------------------------------------------------------------------------------- AOT specs
+def aot_specs():
+    """(name, kernel, signature, constexprs, options) for `python -m dash_kernels.aot`."""
+    specs = []
+    for dt in ("fp32", "bf16"):
+        fwd_sig = {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "rows_ptr": "*i64", "norm_ptr": "*fp32",
+                   "logp_ptr": "*fp32", "ent_ptr": "*fp32", "vocab": "i32", "stride_n": "i32", "inv_temp": "fp32",
+                   "BLOCK_V": "constexpr"}
+        specs.append((f"from_logits_fwd[{dt}]", _logprobs_from_logits_fwd_kernel, fwd_sig, {"BLOCK_V": BLOCK_V},
+                      {"num_warps": NUM_WARPS, "num_stages": 1}))
+        bwd_sig = {"logits_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "targets_ptr": "*i64", "rows_ptr": "*i64",
+                   "norm_ptr": "*fp32", "ent_ptr": "*fp32", "c_ptr": "*fp32", "ch_ptr": "*fp32", "vocab": "i32",
+                   "stride_n": "i32", "stride_gn": "i32", "inv_temp": "fp32", "HAS_ENTROPY_GRAD": "constexpr",
+                   "BLOCK_V": "constexpr"}
+        specs.append((f"from_logits_bwd[{dt}]", _logprobs_from_logits_bwd_kernel, bwd_sig,
+                      {"HAS_ENTROPY_GRAD": True, "BLOCK_V": BLOCK_V}, {"num_warps": NUM_WARPS, "num_stages": 1}))
+    return specs

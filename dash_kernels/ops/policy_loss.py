@@ -2,7 +2,7 @@
 
 Every loss term reaches the logits only through two scalars per token (reference.py has the formulas):
 
-    c_t  = dL/dlogp_t  = w_t * (dpg_t/dlogp_t + beta * (1 - exp(ref_t - logp_t)))
+    c_t  = dL/dlogp_t  = w_t * (dpg_t/dlogp_t + beta * dkl_t/dlogp_t)      dk3/dlogp = 1 - exp(ref_t - logp_t)
     cH_t = dL/dH_t     = -w_t * entropy_coef
 
 where w_t = kept_t / denominator comes from `reference.loss_token_weights` (so the two paths cannot disagree on the
@@ -28,8 +28,13 @@ from dash_kernels.ops import _chunked
 from dash_kernels.ops._checks import check_linear, check_same_device, check_shape, check_temperature, check_tensor
 from dash_kernels.ops._triton_utils import jit, tl, triton
 from dash_kernels.ops.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
-from dash_kernels.reference import (IGNORE_INDEX, LOSS_TYPES, _per_token_advantages, fused_policy_loss_ref,
-                                    loss_token_weights)
+from dash_kernels.reference import (
+    IGNORE_INDEX,
+    LOSS_TYPES,
+    _per_token_advantages,
+    fused_policy_loss_ref,
+    loss_token_weights,
+)
 
 COEF_BLOCK = 1024  # elements per program of the O(N) kernel: memory-bound, any large power of two will do
 
@@ -40,7 +45,7 @@ def _policy_coef_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, ent_ptr,
                         loss_ptr, c_ptr, ch_ptr, clip_ptr, kl_ptr,
                         n, eps_low, eps_high, delta, beta, entropy_coef,
                         HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr,
-                        HAS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+                        KL_BIAS_CORRECTION: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     logp = tl.load(logp_ptr + offs, mask=mask, other=0.0)
@@ -59,7 +64,7 @@ def _policy_coef_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, ent_ptr,
         cap_pass = ratio <= delta
     else:
         r_cap = ratio
-        cap_pass = ratio == ratio
+        cap_pass = tl.full([BLOCK], 1, dtype=tl.int1)
     u1 = r_cap * adv
     u2 = r_clip * adv
     # d/dlogp of -min(u1, u2); d ratio/dlogp = ratio. A tie (inside the band) splits evenly, as torch.min does.
@@ -72,8 +77,12 @@ def _policy_coef_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, ent_ptr,
         d = tl.load(ref_ptr + offs, mask=mask, other=0.0) - logp
         ed = tl.exp(d)
         kl = ed - d - 1.0  # k3
+        dkl = 1.0 - ed
+        if KL_BIAS_CORRECTION:  # kl * ratio, d/dlogp = ratio * (kl + dkl)
+            dkl = ratio * (kl + dkl)
+            kl = ratio * kl
         term += beta * kl
-        dl += beta * (1.0 - ed)
+        dl += beta * dkl
     if HAS_ENTROPY:
         term -= entropy_coef * tl.load(ent_ptr + offs, mask=mask, other=0.0)
         tl.store(ch_ptr + offs, -w * entropy_coef, mask=mask)
@@ -85,7 +94,8 @@ def _policy_coef_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, ent_ptr,
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
-def _policy_coef_torch(logp, old, ref, adv, w, entropy, eps_low, eps_high, delta, beta, entropy_coef):
+def _policy_coef_torch(logp, old, ref, adv, w, entropy, eps_low, eps_high, delta, beta, entropy_coef,
+                       kl_bias_correction=False):
     """Torch twin of _policy_coef_kernel (all [n] fp32): returns loss terms, c, cH (or None), clipped, kl."""
     ratio = torch.exp(logp - old) if old is not None else torch.ones_like(logp)
     lo, hi = 1.0 - eps_low, 1.0 + eps_high
@@ -102,11 +112,15 @@ def _policy_coef_torch(logp, old, ref, adv, w, entropy, eps_low, eps_high, delta
         d = ref - logp
         ed = torch.exp(d)
         kl = ed - d - 1.0
+        dkl = 1.0 - ed
+        if kl_bias_correction:
+            kl, dkl = ratio * kl, ratio * (kl + dkl)
         term = term + beta * kl
-        dl = dl + beta * (1.0 - ed)
+        dl = dl + beta * dkl
     ch = None
     if entropy_coef != 0.0:
-        term = term - entropy_coef * entropy
+        if entropy is not None:  # None: the caller adds this term itself once the entropy is known
+            term = term - entropy_coef * entropy
         ch = -w * entropy_coef
     clipped = ((ratio < lo) & (adv < 0)) | ((ratio > hi) & (adv > 0))
     return w * term, w * dl, ch, clipped.to(logp.dtype), kl
@@ -114,8 +128,8 @@ def _policy_coef_torch(logp, old, ref, adv, w, entropy, eps_low, eps_high, delta
 
 def policy_coef(logp, old, ref, adv, w, entropy, params, backend):
     """Stage 2 on the active rows ([n] fp32 each; old/ref may be None). params: (eps_low, eps_high, delta, beta,
-    entropy_coef). Returns (loss terms, c, cH or None, clipped as 0/1, kl), each [n] fp32."""
-    eps_low, eps_high, delta, beta, entropy_coef = params
+    entropy_coef, kl_bias_correction). Returns (loss terms, c, cH or None, clipped as 0/1, kl), each [n] fp32."""
+    eps_low, eps_high, delta, beta, entropy_coef, kl_bias_correction = params
     if backend == "torch":
         return _policy_coef_torch(logp, old, ref, adv, w, entropy, *params)
     n = logp.numel()
@@ -126,7 +140,7 @@ def policy_coef(logp, old, ref, adv, w, entropy, params, backend):
             out[0], out[1], out[2], out[3], out[4],
             n, float(eps_low), float(eps_high), float(delta if delta is not None else 0.0), float(beta),
             float(entropy_coef), HAS_OLD=old is not None, HAS_DELTA=delta is not None, HAS_KL=beta != 0.0,
-            HAS_ENTROPY=entropy_coef != 0.0, BLOCK=COEF_BLOCK)
+            KL_BIAS_CORRECTION=bool(kl_bias_correction), HAS_ENTROPY=entropy_coef != 0.0, BLOCK=COEF_BLOCK)
     return out[0], out[1], (out[2] if entropy_coef != 0.0 else None), out[3], out[4]
 
 
@@ -178,20 +192,24 @@ def _torch_forward(hidden, weight, bias, targets, rows, old, ref, adv, w, inv_te
     acc = _chunked.acc_dtype(hidden.dtype)
     terms = [torch.empty(n, dtype=acc, device=hidden.device) for _ in range(5)]  # loss, c, cH, clip, kl
 
-    def coef_fn(lo, hi, logp, entropy):
-        part = lambda t: None if t is None else t[lo:hi]  # noqa: E731
-        out = _policy_coef_torch(logp, part(old), part(ref), adv[lo:hi], w[lo:hi], entropy, *params)
+    def coef_fn(lo, hi, logp):
+        part = lambda t: None if t is None else t[lo:hi]
+        out = _policy_coef_torch(logp, part(old), part(ref), adv[lo:hi], w[lo:hi], None, *params)
         for buf, val in zip(terms, out):
             if val is not None:
                 buf[lo:hi] = val
         return out[1], out[2]
 
     want_grad = any(needs)
+    entropy_coef = params[4]
     logp, _, entropy, dh, dw, db = _chunked.sweep(hidden, weight, bias, targets, rows, inv_temp,
-                                                  coef_fn=coef_fn if want_grad else None, need_dh=needs[0],
+                                                  coef_fn=coef_fn if want_grad else None, want_entropy=True,
+                                                  entropy_grad=entropy_coef != 0.0, need_dh=needs[0],
                                                   need_dw=needs[1], need_db=needs[2])
     if not want_grad:
-        terms = list(_policy_coef_torch(logp, old, ref, adv, w, entropy, *params))
+        terms = list(_policy_coef_torch(logp, old, ref, adv, w, None, *params))
+    if entropy_coef != 0.0:
+        terms[0] = terms[0] - entropy_coef * w * entropy  # the entropy bonus, now that the entropy is known
     dw = None if dw is None else dw.to(weight.dtype)
     db = None if db is None else db.to(bias.dtype)
     return logp, entropy, terms, dh, dw, db
@@ -218,8 +236,8 @@ def _scale(grad, grad_loss):
 
 # ------------------------------------------------------------------------------------------------------ public
 def fused_policy_loss(hidden, weight, targets, advantages, mask, old_logp=None, ref_logp=None, *, loss_type="dapo",
-                      eps_low=0.2, eps_high=0.2, delta=None, beta=0.0, entropy_coef=0.0, adv_threshold=None,
-                      temperature=1.0, normalizer=None, max_completion_length=None, bias=None,
+                      eps_low=0.2, eps_high=0.2, delta=None, beta=0.0, kl_bias_correction=False, entropy_coef=0.0,
+                      adv_threshold=None, temperature=1.0, normalizer=None, max_completion_length=None, bias=None,
                       ignore_index=IGNORE_INDEX):
     """PPO-clip / GRPO-family loss from the policy's last hidden states, without the [B, L, V] logits.
 
@@ -233,6 +251,7 @@ def fused_policy_loss(hidden, weight, targets, advantages, mask, old_logp=None, 
         old_logp: [B, L] log-probs at sampling time, or None (on-policy). ref_logp: [B, L], needed when beta != 0.
         loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo". eps_low, eps_high: PPO clip range [1-eps_low, 1+eps_high].
         delta: optional upper cap on the unclipped ratio (two-sided clipping). beta: k3 KL weight.
+        kl_bias_correction: multiply the k3 term by the (unclipped) ratio, as TRL's use_bias_correction_kl.
         entropy_coef: weight of the entropy bonus (loss -= entropy_coef * H). adv_threshold: tokens with
             |A| <= adv_threshold contribute nothing (None: no filter). temperature: logits / temperature.
         normalizer: the step's denominator (sequences for grpo, tokens for bnpo/dapo, sequences * max length for
@@ -245,9 +264,10 @@ def fused_policy_loss(hidden, weight, targets, advantages, mask, old_logp=None, 
     B, L = _check_loss_inputs(hidden, weight, targets, advantages, mask, old_logp, ref_logp, loss_type, beta,
                               normalizer, bias, ignore_index)
     inv_temp = 1.0 / check_temperature(temperature)
-    loss_kwargs = dict(loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, delta=delta, beta=beta,
-                       entropy_coef=entropy_coef, adv_threshold=adv_threshold, normalizer=normalizer,
-                       max_completion_length=max_completion_length)
+    loss_kwargs = {"loss_type": loss_type, "eps_low": eps_low, "eps_high": eps_high, "delta": delta, "beta": beta,
+                   "kl_bias_correction": kl_bias_correction, "entropy_coef": entropy_coef,
+                   "adv_threshold": adv_threshold, "normalizer": normalizer,
+                   "max_completion_length": max_completion_length}
     backend = _backend.resolve(hidden.device)
     if backend == "reference":
         return fused_policy_loss_ref(hidden, weight, targets, advantages, mask, old_logp, ref_logp, bias=bias,
@@ -262,13 +282,13 @@ def fused_policy_loss(hidden, weight, targets, advantages, mask, old_logp=None, 
     adv = _per_token_advantages(advantages.detach().to(acc), in_mask.shape)  # [B, L]
     active = kept & ((adv != 0) | (beta != 0.0) | (entropy_coef != 0.0))
     rows = active.reshape(-1).nonzero().squeeze(1)  # [n] int64
-    pick = lambda t: None if t is None else t.detach().reshape(-1).to(acc)[rows]  # noqa: E731
+    pick = lambda t: None if t is None else t.detach().reshape(-1).to(acc)[rows]
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     needs = needs if torch.is_grad_enabled() else (False, False, False)
-    loss, logp, entropy, clipped, kl = FusedPolicyLossFunction.apply(
+    loss, _logp, entropy, clipped, kl = FusedPolicyLossFunction.apply(
         hidden.reshape(B * L, hidden.shape[-1]), weight, bias, targets.reshape(-1).long(), rows, pick(old_logp),
         pick(ref_logp) if beta != 0.0 else None, pick(adv), pick(w), inv_temp,
-        (eps_low, eps_high, delta, beta, entropy_coef), backend, needs)
+        (eps_low, eps_high, delta, beta, entropy_coef, kl_bias_correction), backend, needs)
 
     n_mask, n_kept, n_active = in_mask.sum(), kept.sum(), rows.numel()
     with torch.no_grad():
@@ -304,3 +324,16 @@ def _check_loss_inputs(hidden, weight, targets, advantages, mask, old_logp, ref_
     if normalizer is not None and not isinstance(normalizer, torch.Tensor) and not normalizer > 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer!r}")
     return B, L
+
+
+# ------------------------------------------------------------------------------------------------------- AOT specs
+def aot_specs():
+    """(name, kernel, signature, constexprs, options) of the O(N) kernel for `python -m dash_kernels.aot`."""
+    ptrs = ["logp_ptr", "old_ptr", "ref_ptr", "adv_ptr", "w_ptr", "ent_ptr", "loss_ptr", "c_ptr", "ch_ptr", "clip_ptr",
+            "kl_ptr"]
+    sig = {**{p: "*fp32" for p in ptrs}, "n": "i32", "eps_low": "fp32", "eps_high": "fp32", "delta": "fp32",
+           "beta": "fp32", "entropy_coef": "fp32"}
+    const = {"HAS_OLD": True, "HAS_DELTA": True, "HAS_KL": True, "KL_BIAS_CORRECTION": True, "HAS_ENTROPY": True,
+             "BLOCK": COEF_BLOCK}
+    return [("policy_coef[all terms]", _policy_coef_kernel, {**sig, **{k: "constexpr" for k in const}}, const,
+             {"num_warps": 4, "num_stages": 1})]

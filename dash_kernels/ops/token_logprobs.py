@@ -24,11 +24,21 @@ from dash_kernels.ops._checks import check_linear, check_temperature
 from dash_kernels.ops._triton_utils import dot_precision, jit, num_programs_target, offsets_2d, tl, triton
 from dash_kernels.reference import IGNORE_INDEX, token_logprobs_ref
 
-# Tile sizes. fp32 accumulators per thread (num_warps=8, 256 threads): forward z tile 64x128 -> 32 registers;
-# backward dz 64x64 plus a 64x64 dH and a 64x64 dW partial -> 48. Both compile without spills for sm_80/sm_90
-# (checked by `python -m dash_kernels.aot`).
-FWD_CONFIG = dict(BLOCK_M=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=2)
-BWD_CONFIG = dict(BLOCK_M=64, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=2)
+# Tile sizes per operand dtype, the largest that compile without register spills for both sm_80 and sm_90 (checked by
+# `python -m dash_kernels.aot`). fp32 operands go through an IEEE fp32 dot (FMA, no tensor cores, unless torch allows
+# TF32), whose operand fragments cost far more registers than a bf16 MMA, hence the smaller tiles.
+FWD_CONFIGS = {
+    "fp32": {"BLOCK_M": 32, "BLOCK_V": 64, "BLOCK_H": 64, "num_warps": 8, "num_stages": 2},
+    "16bit": {"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2},
+}
+BWD_CONFIGS = {
+    "fp32": {"BLOCK_M": 32, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2},
+    "16bit": {"BLOCK_M": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2},
+}
+
+
+def _config(table, dtype):
+    return table["fp32" if dtype == torch.float32 else "16bit"]
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
@@ -70,7 +80,7 @@ def _token_logprobs_fwd_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, ro
     run_pz = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum exp(z - run_m) * (z - run_m)
     z_y = tl.zeros([BLOCK_M], dtype=tl.float32)  # target logit (0 unless it lies in this split)
     v0 = pid_s * tiles_per_split * BLOCK_V
-    for t in range(0, tiles_per_split):
+    for t in range(tiles_per_split):
         cols = v0 + t * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < vocab
         z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, sel_mask, cols, col_mask, hdim,
@@ -162,7 +172,7 @@ def token_logprobs_fwd(hidden, weight, bias, targets, rows, inv_temp, backend, w
         return logp, torch.stack([lse, torch.zeros_like(lse)], 1), entropy
     rows = _all_rows(rows, hidden.shape[0], hidden.device)
     n, V, H = rows.numel(), weight.shape[0], weight.shape[1]
-    cfg = FWD_CONFIG
+    cfg = _config(FWD_CONFIGS, hidden.dtype)
     row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
     tiles = triton.cdiv(V, cfg["BLOCK_V"])
     n_splits = max(1, min(tiles, num_programs_target(hidden.device) // max(row_blocks, 1)))
@@ -200,7 +210,8 @@ def token_logprobs_bwd(hidden, weight, bias, targets, rows, norm, entropy, grad_
             return grad_logp[lo:hi], None if grad_entropy is None else grad_entropy[lo:hi]
 
         *_, dh, dw, db = _chunked.sweep(hidden, weight, bias, targets, rows, inv_temp, coef_fn=coef_fn,
-                                        saved=entropy, need_dh=need_dh, need_dw=need_dw, need_db=need_db)
+                                        saved=entropy, entropy_grad=grad_entropy is not None, need_dh=need_dh,
+                                        need_dw=need_dw, need_db=need_db)
         return dh, dw, db
     rows = _all_rows(rows, hidden.shape[0], hidden.device)
     n, V, H = rows.numel(), weight.shape[0], weight.shape[1]
@@ -209,7 +220,7 @@ def token_logprobs_bwd(hidden, weight, bias, targets, rows, norm, entropy, grad_
     dw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_dw else None
     db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
     if n:
-        cfg = BWD_CONFIG
+        cfg = _config(BWD_CONFIGS, hidden.dtype)
         c = (grad_logp.float() * inv_temp).contiguous()
         ch = None if grad_entropy is None else (grad_entropy.float() * inv_temp).contiguous()
         dummy = entropy
@@ -300,3 +311,36 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, bias=None, return_e
     logp, entropy = TokenLogprobsFunction.apply(h2, weight, bias, t1, rows, inv_temp, backend, return_entropy)
     logp, entropy = logp.reshape(lead), entropy.reshape(lead)
     return (logp, entropy) if return_entropy else logp
+
+
+# ------------------------------------------------------------------------------------------------------- AOT specs
+def aot_specs():
+    """The kernel variants the launchers above use, as (name, kernel, signature, constexprs, options) for the
+    ahead-of-time compile check (`python -m dash_kernels.aot`)."""
+    specs = []
+    for label, dt, tt, prec in (("fp32", "fp32", torch.float32, "ieee"), ("fp32-tf32", "fp32", torch.float32, "tf32"),
+                                ("bf16", "bf16", torch.bfloat16, "tf32")):
+        common = {"hidden_ptr": f"*{dt}", "weight_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "targets_ptr": "*i64",
+                  "rows_ptr": "*i64"}
+        strides = {"stride_hn": "i32", "stride_hh": "i32", "stride_wv": "i32", "stride_wh": "i32",
+                   "inv_temp": "fp32"}
+        fwd_full, bwd_full = _config(FWD_CONFIGS, tt), _config(BWD_CONFIGS, tt)
+        fwd_cfg = {k: v for k, v in fwd_full.items() if k.startswith("BLOCK")}
+        bwd_cfg = {k: v for k, v in bwd_full.items() if k.startswith("BLOCK")}
+        fwd_sig = {**common, "part_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", "hdim": "i32", "n_splits": "i32",
+                   "tiles_per_split": "i32", **strides}
+        for has_bias in (False, True):
+            const = {"HAS_BIAS": has_bias, **fwd_cfg, "DOT_PRECISION": prec}
+            specs.append((f"token_logprobs_fwd[{label}{',bias' if has_bias else ''}]", _token_logprobs_fwd_kernel,
+                          {**fwd_sig, **{k: "constexpr" for k in const}}, const,
+                          {"num_warps": fwd_full["num_warps"], "num_stages": fwd_full["num_stages"]}))
+        bwd_sig = {**common, "norm_ptr": "*fp32", "neg_ent_ptr": "*fp32", "c_ptr": "*fp32", "ch_ptr": "*fp32",
+                   "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "n_rows": "i32", "vocab": "i32",
+                   "hdim": "i32", **strides}
+        for has_ent in (False, True):
+            const = {"HAS_BIAS": False, "HAS_ENTROPY_GRAD": has_ent, "NEED_DH": True, "NEED_DW": True,
+                     "NEED_DB": False, **bwd_cfg, "DOT_PRECISION": prec}
+            specs.append((f"token_logprobs_bwd[{label}{',entropy' if has_ent else ''}]", _token_logprobs_bwd_kernel,
+                          {**bwd_sig, **{k: "constexpr" for k in const}}, const,
+                          {"num_warps": bwd_full["num_warps"], "num_stages": bwd_full["num_stages"]}))
+    return specs

@@ -13,8 +13,8 @@ def torch_backend():
 
 @pytest.fixture(params=["default", "tiny"])
 def chunking(request, monkeypatch):
-    """'tiny' forces 16-row chunks and 5-row scratch tiles, so small shapes cross every chunk boundary."""
+    """'tiny' forces 16-row chunks and 1-row scratch tiles, so small shapes cross every chunk boundary."""
     if request.param == "tiny":
         monkeypatch.setattr(_chunked, "_CHUNK_BYTES", 1)
-        monkeypatch.setattr(_chunked, "_SUB_ROWS", 5)
+        monkeypatch.setattr(_chunked, "_SCRATCH_BYTES", 1)  # 1-row scratch tiles
     return request.param

@@ -14,15 +14,22 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - guard against a direct run without the env
     pytest.skip("run through test_triton_interpreter.py (needs TRITON_INTERPRET=1)", allow_module_level=True)
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
+from kernel_testing import (
+    assert_close_to_ref,
+    check_loss_against_ref,
+    linear_inputs,
+    loss_inputs,
+    naive_alt_logprobs,
+    run_with_grads,
+)
 
-from dash_kernels import backend, fused_policy_loss, token_logprobs, token_logprobs_from_logits  # noqa: E402
-from dash_kernels.ops import logprobs_from_logits, token_logprobs as tlp_module  # noqa: E402
-from dash_kernels.ops._triton_utils import offsets_2d  # noqa: E402
-from dash_kernels.reference import token_logprobs_from_logits_ref, token_logprobs_ref  # noqa: E402
-from kernel_testing import (assert_close_to_ref, check_loss_against_ref, linear_inputs, loss_inputs,  # noqa: E402
-                            naive_alt_logprobs, run_with_grads)
+from dash_kernels import backend, fused_policy_loss, token_logprobs, token_logprobs_from_logits
+from dash_kernels.ops import logprobs_from_logits
+from dash_kernels.ops import token_logprobs as tlp_module
+from dash_kernels.ops._triton_utils import offsets_2d
+from dash_kernels.reference import token_logprobs_from_logits_ref, token_logprobs_ref
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +59,7 @@ def test_token_logprobs_kernels(N, H, V, temperature, bias, entropy):
     def run(fn, dtype=None):
         def f(h, w, bb):
             extra = {} if dtype is None else {"dtype": dtype}
-            cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))  # noqa: E731
+            cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
             out = fn(cast(h), cast(w), targets, temperature, cast(bb), entropy, **extra)
             return out if entropy else (out,)
         return run_with_grads(f, [hidden, weight, b], upstream)
@@ -94,10 +101,11 @@ def test_from_logits_kernels(dtype):
         assert (err <= 2.0**-7 * g_ref[0].abs() + 1e-6).all(), err.max()
 
 
-@pytest.mark.parametrize("kw", [dict(loss_type="dapo"),
-                                dict(loss_type="grpo", beta=0.04, adv_threshold=0.1, temperature=0.7),
-                                dict(loss_type="bnpo", beta=0.1, entropy_coef=0.01, eps_high=0.28),
-                                dict(loss_type="dr_grpo", delta=1.5, normalizer=40.0)],
+@pytest.mark.parametrize("kw", [{"loss_type": "dapo"},
+                                {"loss_type": "grpo", "beta": 0.04, "adv_threshold": 0.1, "temperature": 0.7},
+                                {"loss_type": "bnpo", "beta": 0.1, "entropy_coef": 0.01, "eps_high": 0.28},
+                                {"loss_type": "dr_grpo", "delta": 1.5, "normalizer": 40.0, "beta": 0.1,
+                                     "kl_bias_correction": True}],
                          ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 @pytest.mark.parametrize("V,bias", [(123, False), (1000, True)])
 def test_fused_loss_kernels(kw, V, bias):

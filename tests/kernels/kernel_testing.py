@@ -15,8 +15,12 @@ import math
 
 import torch
 
-from dash_kernels.reference import (fused_policy_loss_ref, policy_loss, token_logprobs_from_logits_ref,
-                                    token_logprobs_ref)
+from dash_kernels.reference import (
+    fused_policy_loss_ref,
+    policy_loss,
+    token_logprobs_from_logits_ref,
+    token_logprobs_ref,
+)
 
 FACTOR = 2.0
 ATOL_REL = 2e-6  # atol = ATOL_REL * max|ref|: a floor for outputs the naive path happens to get exactly right
@@ -105,7 +109,7 @@ def linear_inputs(N, H, V, seed=0, bias=False, ignore_frac=0.0, dtype=torch.floa
         torch.zeros(0, dtype=torch.long)
     if ignore_frac:
         targets[torch.rand(N, generator=g) < ignore_frac] = -100
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    cast = lambda t: None if t is None else t.to(dtype)
     return cast(hidden), cast(weight), targets, cast(b)
 
 
@@ -129,8 +133,8 @@ def loss_inputs(B, L, H, V, seed=0, bias=False, per_token_adv=False, zero_adv_fr
         mask[:, 0] = True  # every sequence has at least one completion token...
     if B > 2:
         mask[1] = False  # ...except one, fully masked
-    return dict(hidden=hidden, weight=weight, targets=targets, advantages=adv.to(dtype), mask=mask,
-                old_logp=old, ref_logp=ref, bias=b)
+    return {"hidden": hidden, "weight": weight, "targets": targets, "advantages": adv.to(dtype), "mask": mask,
+                "old_logp": old, "ref_logp": ref, "bias": b}
 
 
 def check_loss_against_ref(ours_fn, inp, **kw):
@@ -140,7 +144,7 @@ def check_loss_against_ref(ours_fn, inp, **kw):
         extra = {} if dtype is None else {"dtype": dtype}
 
         def f(hidden, weight, bias):
-            cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))  # noqa: E731
+            cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
             loss, metrics = fn(cast(hidden), cast(weight), inp["targets"], cast(inp["advantages"]), inp["mask"],
                                cast(inp["old_logp"]), cast(inp["ref_logp"]), bias=cast(bias), **extra, **kw)
             call.metrics = metrics

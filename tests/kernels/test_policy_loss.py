@@ -2,19 +2,20 @@
 
 import pytest
 import torch
+from kernel_testing import assert_finite, check_loss_against_ref, loss_inputs
 
 from dash_kernels import fused_policy_loss, policy_loss
 from dash_kernels.ops import _chunked
 from dash_kernels.reference import fused_policy_loss_ref, loss_token_weights
-from kernel_testing import assert_finite, check_loss_against_ref, loss_inputs
 
 SETTINGS = [
-    dict(loss_type="dapo"),
-    dict(loss_type="dapo", adv_threshold=0.1, temperature=0.7),
-    dict(loss_type="grpo", beta=0.04, adv_threshold=0.1),
-    dict(loss_type="bnpo", beta=0.1, entropy_coef=0.01, eps_high=0.28),
-    dict(loss_type="dr_grpo", delta=1.5, max_completion_length=16, temperature=1.3),
-    dict(loss_type="dapo", normalizer=57.0, entropy_coef=0.02, adv_threshold=0.0),
+    {"loss_type": "dapo"},
+    {"loss_type": "dapo", "adv_threshold": 0.1, "temperature": 0.7},
+    {"loss_type": "grpo", "beta": 0.04, "adv_threshold": 0.1},
+    {"loss_type": "bnpo", "beta": 0.1, "entropy_coef": 0.01, "eps_high": 0.28},
+    {"loss_type": "grpo", "beta": 0.1, "kl_bias_correction": True, "delta": 1.3},
+    {"loss_type": "dr_grpo", "delta": 1.5, "max_completion_length": 16, "temperature": 1.3},
+    {"loss_type": "dapo", "normalizer": 57.0, "entropy_coef": 0.02, "adv_threshold": 0.0},
 ]
 
 
@@ -49,7 +50,7 @@ def test_filtered_rows_are_never_computed(torch_backend, monkeypatch):
     loss, metrics = fused_policy_loss(h, inp["weight"], inp["targets"], inp["advantages"], inp["mask"],
                                       inp["old_logp"], adv_threshold=0.1)
     loss.backward()
-    assert seen == [list(range(0, 6)) + list(range(18, 24))]  # sequences 0 and 3 only, one sweep (fwd+bwd)
+    assert seen == [list(range(6)) + list(range(18, 24))]  # sequences 0 and 3 only, one sweep (fwd+bwd)
     assert (h.grad[1:3] == 0).all() and h.grad[0].abs().sum() > 0
     assert float(metrics["loss/kept_frac"]) == pytest.approx(0.5)
     assert float(metrics["loss/active_frac"]) == pytest.approx(0.5)
@@ -130,13 +131,15 @@ def test_grad_scale_and_frozen_weight(torch_backend):
 
 
 # ---------------------------------------------------------------------------------------------- loss semantics
-def _trl_loss(logp, old, adv, mask, ref, loss_type, beta, eps_low=0.2, eps_high=0.2, max_len=None, n_items=None):
+def _trl_loss(logp, old, adv, mask, ref, loss_type, beta, eps_low=0.2, eps_high=0.2, max_len=None, n_items=None,
+              bias_corr=False):
     """TRL GRPOTrainer._compute_loss (token-level importance sampling), written out independently."""
     coef_1 = torch.exp(logp - old)
     coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
     per_token = -torch.min(coef_1 * adv.unsqueeze(1), coef_2 * adv.unsqueeze(1))
     if beta:
-        per_token = per_token + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+        kl = torch.exp(ref - logp) - (ref - logp) - 1
+        per_token = per_token + beta * (kl * coef_1 if bias_corr else kl)
     mask = mask.float()
     if loss_type == "grpo":
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
@@ -148,8 +151,8 @@ def _trl_loss(logp, old, adv, mask, ref, loss_type, beta, eps_low=0.2, eps_high=
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-@pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_reference_matches_trl_formulas(loss_type, beta):
+@pytest.mark.parametrize("beta,bias_corr", [(0.0, False), (0.04, False), (0.04, True)])
+def test_reference_matches_trl_formulas(loss_type, beta, bias_corr):
     g = torch.Generator().manual_seed(11)
     B, L = 4, 9
     logp = (-torch.rand(B, L, generator=g, dtype=torch.float64) * 3).requires_grad_()
@@ -158,10 +161,10 @@ def test_reference_matches_trl_formulas(loss_type, beta):
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     mask = torch.rand(B, L, generator=g) > 0.3
     n_items = 50.0
-    kw = dict(max_completion_length=12) if loss_type == "dr_grpo" else {}
-    ours, _ = policy_loss(logp, old, adv, mask, ref, loss_type=loss_type, beta=beta,
+    kw = {"max_completion_length": 12} if loss_type == "dr_grpo" else {}
+    ours, _ = policy_loss(logp, old, adv, mask, ref, loss_type=loss_type, beta=beta, kl_bias_correction=bias_corr,
                           normalizer=n_items if loss_type == "dapo" else None, **kw)
-    trl = _trl_loss(logp, old, adv, mask, ref, loss_type, beta, max_len=12, n_items=n_items)
+    trl = _trl_loss(logp, old, adv, mask, ref, loss_type, beta, max_len=12, n_items=n_items, bias_corr=bias_corr)
     g_ours, = torch.autograd.grad(ours, logp)
     g_trl, = torch.autograd.grad(trl, logp)
     assert torch.allclose(ours, trl, rtol=1e-12, atol=1e-14)
@@ -193,7 +196,7 @@ def test_accumulation_with_normalizer_equals_one_big_batch(torch_backend, loss_t
     """Uneven, filtered micro-batches with the step's normaliser sum to the one-big-batch gradient, fused path."""
     inp = loss_inputs(6, 8, 16, 90, seed=13)
     inp["mask"][4, 2:] = False  # uneven lengths
-    kw = dict(loss_type=loss_type, adv_threshold=0.1, beta=0.04)
+    kw = {"loss_type": loss_type, "adv_threshold": 0.1, "beta": 0.04}
     B = 6
     mask = inp["mask"] & (inp["targets"] != -100)
     step_norm = {"grpo": B, "bnpo": mask.sum().item(), "dapo": mask.sum().item(), "dr_grpo": B * 8}[loss_type]

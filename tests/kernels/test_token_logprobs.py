@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from kernel_testing import assert_close_to_ref, linear_inputs, naive_alt_logprobs, run_with_grads
 
 from dash_kernels import token_logprobs, token_logprobs_from_logits
 from dash_kernels.ops import _chunked
 from dash_kernels.reference import token_logprobs_from_logits_ref, token_logprobs_ref
-from kernel_testing import assert_close_to_ref, linear_inputs, naive_alt_logprobs, run_with_grads
 
 
 def _check_linear(N, H, V, temperature, bias, entropy, ignore_frac, seed=0):
@@ -17,7 +17,7 @@ def _check_linear(N, H, V, temperature, bias, entropy, ignore_frac, seed=0):
     def run(fn, dtype=None):
         def f(h, w, bb):
             extra = {} if dtype is None else {"dtype": dtype}
-            cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))  # noqa: E731
+            cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
             out = fn(cast(h), cast(w), targets, temperature, cast(bb), entropy, **extra)
             return out if entropy else (out,)
         return run_with_grads(f, [hidden, weight, b], upstream)

@@ -21,7 +21,7 @@ def test_triton_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", DASH_KERNELS_BACKEND="triton")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "interp_cases.py")],
-        cwd=HERE.parent.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        cwd=HERE.parent.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
     assert proc.returncode == 0, f"interpreter run failed:\n{tail}"
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], tail

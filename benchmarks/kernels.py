@@ -1,0 +1,248 @@
+"""Log-prob + policy-loss forward+backward: naive torch vs TRL-style vs torch's linear_cross_entropy vs dash_kernels.
+
+    .venv/bin/python benchmarks/kernels.py                      # full shapes; about 5-10 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/kernels.py --quick              # small shapes, a smoke run (~1 minute)
+    .venv/bin/python benchmarks/kernels.py --out benchmarks/results/kernels   # also writes kernels.md / kernels.json
+
+Every variant computes the same thing from the last hidden states: per-token log-probs of the sampled tokens under
+lm_head (fp32, temperature 1), then the DAPO-normalised PPO-clip loss of `dash_kernels.reference.policy_loss` (beta 0),
+then backward to hidden and lm_head weight. Variants:
+  naive        logits = h W^T, log_softmax, gather (materialises [N, V] and keeps it for backward)
+  trl          TRL's fp32 `selective_log_softmax`: gather, minus a logsumexp looped row by row
+  torch_lce    torch.nn.functional.linear_cross_entropy(reduction="none") (default options: materialised), logp = -CE
+  torch_lce_chunked   the same with LinearCrossEntropyOptions() (torch's chunked path)
+  fused        dash_kernels.fused_policy_loss (chunked torch backend on CPU, Triton on CUDA)
+  fused_half   the same with half of the sequences carrying zero advantage (their rows are skipped entirely)
+Each variant runs in a fresh subprocess, once (a 20 s run needs no repeats to be stable to a few %; the box is shared,
+so treat +-10% as noise). Memory is the peak beyond the inputs and their gradients: on CPU the rise of the process's
+peak RSS (VmHWM, reset through /proc/self/clear_refs after the inputs exist) minus the bytes of d_hidden and d_weight;
+on CUDA torch.cuda.max_memory_allocated minus the same. "work skipped" is the fraction of rows (so of the 6NHV GEMM
+FLOPs) the fused path did not compute. Prints a table, then ONE JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch
+
+SEQ_LEN = 256  # tokens per sequence; N = B * SEQ_LEN
+MAIN_SHAPE = (2048, 896, 151936)  # Qwen2.5-0.5B head, the issue's target shape
+FULL_SHAPES = [MAIN_SHAPE, (2048, 896, 128256)]
+QUICK_SHAPES = [(512, 256, 32000)]
+VARIANTS = ["naive", "trl", "torch_lce", "torch_lce_chunked", "fused", "fused_half"]
+SECOND_SHAPE_VARIANTS = ["naive", "fused", "fused_half"]  # keep the full run within minutes
+
+
+# ------------------------------------------------------------------------------------------------ the variants
+def _logp_naive(h, w, y):
+    logits = h @ w.t()  # [N, V]
+    return torch.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def _logp_trl(h, w, y):
+    logits = h @ w.t()  # [N, V]
+    picked = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    lse = torch.stack([torch.logsumexp(row, -1) for row in logits])  # TRL loops rows to bound the temporaries
+    return picked - lse
+
+
+def _logp_lce(h, w, y, chunked):
+    opts = torch.nn.LinearCrossEntropyOptions() if chunked else None
+    return -torch.nn.functional.linear_cross_entropy(h, w, y, reduction="none", options=opts)
+
+
+def _inputs(N, H, V, device, half_zero=False, seed=0):
+    """Hidden [B, L, H], weight [V, H] (no temporaries: RSS after this is the baseline), targets, advantages..."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    B = N // SEQ_LEN
+    hidden = torch.empty(B, SEQ_LEN, H).normal_(generator=g).to(device).requires_grad_()
+    weight = torch.empty(V, H).normal_(0.0, H ** -0.5, generator=g).to(device).requires_grad_()
+    targets = torch.randint(0, V, (B, SEQ_LEN), generator=g).to(device)
+    adv = torch.randn(B, generator=g)
+    if half_zero:
+        adv[::2] = 0.0  # half the sequences: zero advantage (filtered / uninformative groups)
+    old = torch.full((B, SEQ_LEN), -12.0)  # ratios away from 1 on some tokens: the clip branch is exercised
+    mask = torch.ones(B, SEQ_LEN, dtype=torch.bool)
+    return hidden, weight, targets, adv.to(device), mask.to(device), old.to(device)
+
+
+def run_variant(variant, hidden, weight, targets, adv, mask, old):
+    """One forward+backward; returns the loss and the fraction of rows computed (1.0 unless fused)."""
+    from dash_kernels import fused_policy_loss
+    from dash_kernels.reference import policy_loss
+
+    B, L, H = hidden.shape
+    if variant.startswith("fused"):
+        loss, metrics = fused_policy_loss(hidden, weight, targets, adv, mask, old, loss_type="dapo")
+        computed = float(metrics["loss/active_frac"])
+    else:
+        h, y = hidden.reshape(B * L, H), targets.reshape(-1)
+        logp = {"naive": lambda: _logp_naive(h, weight, y), "trl": lambda: _logp_trl(h, weight, y),
+                "torch_lce": lambda: _logp_lce(h, weight, y, False),
+                "torch_lce_chunked": lambda: _logp_lce(h, weight, y, True)}[variant]()
+        loss, _ = policy_loss(logp.reshape(B, L), old, adv, mask, loss_type="dapo")
+        computed = 1.0
+    loss.backward()
+    return float(loss.detach()), computed
+
+
+# ---------------------------------------------------------------------------------------------- the worker side
+def _proc_status():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                key, val = line.split(":")
+                out[key] = int(val.split()[0]) * 1024
+    return out
+
+
+def worker(variant, N, H, V, device):
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    # Warm up the code path on a tiny problem (library init, thread pools), outside the measurement.
+    small = _inputs(SEQ_LEN, 64, 512, dev, half_zero=variant == "fused_half")
+    run_variant(variant, *small)
+    del small
+    inputs = _inputs(N, H, V, dev, half_zero=variant == "fused_half")
+    grad_bytes = (N * H + V * H) * 4  # d_hidden and d_weight, fp32
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+        base = _proc_status()["VmRSS"]
+    start = time.perf_counter()
+    loss, computed = run_variant(variant, *inputs)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _proc_status()["VmHWM"]
+    assert inputs[0].grad is not None and inputs[1].grad is not None
+    extra = max(0, peak - base - grad_bytes)
+    return {"variant": variant, "N": N, "H": H, "V": V, "device": device, "ms": round(elapsed * 1e3, 1),
+                "peak_extra_mb": round(extra / 2**20, 1), "loss": loss, "rows_computed_frac": round(computed, 4),
+                "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------------------------------------- the driver side
+def measure(variant, shape, device):
+    N, H, V = shape
+    cmd = [sys.executable, __file__, "--worker", variant, "--shape", f"{N}x{H}x{V}", "--device", device]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return {"variant": variant, "N": N, "H": H, "V": V, "device": device, "error": last}
+    return json.loads(lines[-1])
+
+
+def _git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=ROOT, check=False).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes only (smoke run)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: both when CUDA is present, else cpu)")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--out", default=None, help="path prefix: writes <out>.md (table + JSON) and <out>.json")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        N, H, V = (int(x) for x in args.shape.split("x"))
+        print(json.dumps(worker(args.worker, N, H, V, args.device)))
+        return
+
+    devices = [args.device] if args.device else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    chosen = args.variants.split(",") if args.variants else VARIANTS
+    t0 = time.perf_counter()
+    results = []
+    for device in devices:
+        for i, shape in enumerate(shapes):
+            names = chosen if i == 0 else [v for v in chosen if v in SECOND_SHAPE_VARIANTS]
+            for variant in names:
+                r = measure(variant, shape, device)
+                results.append(r)
+                print(f"# {device} {shape} {variant}: {r.get('ms', r.get('error'))} ms", file=sys.stderr, flush=True)
+    lines = [(f"{'device':6s} {'N x H x V':>20s} {'variant':18s} {'fwd+bwd ms':>11s} {'vs naive':>9s} "
+              f"{'peak extra MiB':>15s} {'work skipped':>13s}")]
+    lines.append("-" * len(lines[0]))
+    for r in results:
+        shape = f"{r['N']}x{r['H']}x{r['V']}"
+        if "error" in r:
+            lines.append(f"{r['device']:6s} {shape:>20s} {r['variant']:18s} ERROR {r['error']}")
+            continue
+        naive = next((q for q in results if q["variant"] == "naive" and q["device"] == r["device"]
+                      and (q["N"], q["H"], q["V"]) == (r["N"], r["H"], r["V"]) and "ms" in q), None)
+        speed = f"{naive['ms'] / r['ms']:.2f}x" if naive else "-"
+        lines.append(f"{r['device']:6s} {shape:>20s} {r['variant']:18s} {r['ms']:11.0f} {speed:>9s} "
+                     f"{r['peak_extra_mb']:15.1f} {1 - r['rows_computed_frac']:13.0%}")
+
+    main_shape = shapes[0]
+    main = {r["variant"]: r for r in results if r["device"] == devices[0] and (r["N"], r["H"], r["V"]) == main_shape
+            and "ms" in r}
+    pick = lambda v, k: main[v][k] if v in main else None
+    summary = {
+        "bench": "kernels",
+        "device": devices[0],
+        "shape": dict(zip("NHV", main_shape)),
+        "naive_ms": pick("naive", "ms"), "fused_ms": pick("fused", "ms"),
+        "fused_half_filtered_ms": pick("fused_half", "ms"),
+        "naive_peak_mb": pick("naive", "peak_extra_mb"), "fused_peak_mb": pick("fused", "peak_extra_mb"),
+        "fused_half_filtered_peak_mb": pick("fused_half", "peak_extra_mb"),
+        "trl_ms": pick("trl", "ms"), "trl_peak_mb": pick("trl", "peak_extra_mb"),
+        "torch_lce_ms": pick("torch_lce", "ms"), "torch_lce_peak_mb": pick("torch_lce", "peak_extra_mb"),
+        "torch_lce_chunked_ms": pick("torch_lce_chunked", "ms"),
+        "torch_lce_chunked_peak_mb": pick("torch_lce_chunked", "peak_extra_mb"),
+        "half_filtered_work_skipped": (round(1 - main["fused_half"]["rows_computed_frac"], 4)
+                                       if "fused_half" in main else None),
+        "results": results,
+        "torch": torch.__version__, "triton": _triton_version(), "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(), "git_sha": _git_sha(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    if summary["naive_ms"] and summary["fused_ms"]:
+        summary["fused_speedup"] = round(summary["naive_ms"] / summary["fused_ms"], 3)
+        summary["half_filtered_time_drop"] = round(1 - summary["fused_half_filtered_ms"] / summary["fused_ms"], 3) \
+            if summary["fused_half_filtered_ms"] else None
+        summary["fused_peak_frac_of_naive"] = round(summary["fused_peak_mb"] / summary["naive_peak_mb"], 4) \
+            if summary["naive_peak_mb"] else None
+    table = "\n".join(lines)
+    print(table)
+    print(json.dumps(summary))
+    if args.out:
+        Path(args.out).with_suffix(".md").write_text(
+            "# benchmarks/kernels.py\n\n```\n" + table + "\n```\n\n```json\n" + json.dumps(summary) + "\n```\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    main()

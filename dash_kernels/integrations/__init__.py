@@ -1,0 +1,1 @@
+"""Adapters for other trainers (optional dependencies, imported lazily): `dash_kernels.integrations.trl`."""

@@ -1,0 +1,62 @@
+"""nn.Module wrappers, and the backend choice (environment variable, override)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from kernel_testing import loss_inputs
+from torch import nn
+
+from dash_kernels import fused_policy_loss, token_logprobs
+from dash_kernels.modules import FusedPolicyLoss, LinearLogprobs
+
+
+def test_fused_policy_loss_module_equals_function(torch_backend):
+    inp = loss_inputs(3, 6, 16, 50, seed=3)
+    module = FusedPolicyLoss(loss_type="grpo", beta=0.05, adv_threshold=0.1)
+    args = (inp["hidden"], inp["weight"], inp["targets"], inp["advantages"], inp["mask"], inp["old_logp"],
+            inp["ref_logp"])
+    a, ma = module(*args, normalizer=7.0)
+    b, mb = fused_policy_loss(*args, loss_type="grpo", beta=0.05, adv_threshold=0.1, normalizer=7.0)
+    assert torch.equal(a, b) and all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert "loss_type=grpo" in repr(module) and not list(module.parameters())
+
+
+def test_linear_logprobs_module(torch_backend):
+    torch.manual_seed(0)
+    head = nn.Linear(16, 40, bias=True)
+    hidden = torch.randn(2, 5, 16)
+    targets = torch.randint(0, 40, (2, 5))
+    logp = LinearLogprobs(head, temperature=0.8)(hidden, targets)
+    ref = torch.log_softmax(head(hidden) / 0.8, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logp, ref, atol=1e-5)
+    logp.sum().backward()
+    assert head.weight.grad is not None and head.bias.grad is not None
+    with pytest.raises(ValueError, match="head must be an nn.Linear"):
+        LinearLogprobs(nn.Embedding(4, 4))
+
+
+@pytest.mark.parametrize("env,expected", [("reference", "reference"), ("torch", "torch"), ("", "torch")])
+def test_backend_from_environment(env, expected):
+    code = "import dash_kernels.backend as b, torch; print(b.resolve(torch.device('cpu')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, DASH_KERNELS_BACKEND=env), check=True).stdout.strip()
+    assert out == expected
+
+
+def test_bad_backend_environment_is_an_error():
+    proc = subprocess.run([sys.executable, "-c", "import dash_kernels"], capture_output=True, text=True,
+                          env=dict(os.environ, DASH_KERNELS_BACKEND="cuda"), check=False)
+    assert proc.returncode != 0 and "DASH_KERNELS_BACKEND must be one of" in proc.stderr
+
+
+def test_override_switches_paths_on_the_same_inputs():
+    from dash_kernels import backend
+    inp = loss_inputs(2, 4, 8, 30, seed=1)
+    outs = {}
+    for name in ("torch", "reference"):
+        with backend.use_backend(name):
+            outs[name] = token_logprobs(inp["hidden"], inp["weight"], inp["targets"])
+    assert torch.allclose(outs["torch"], outs["reference"], atol=1e-5)
