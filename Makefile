@@ -27,7 +27,7 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m dash smoke --config configs/tiny.yaml
+	$(PY) benchmarks/step_time.py --config configs/tiny.yaml
 
 bench: install
 	$(PY) benchmarks/kernels.py

@@ -97,12 +97,15 @@ def save_model(
     folder.parent.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    _umask_permissions(tmp, directory=True)  # mkdtemp makes a private 0700 folder; the model is an ordinary one
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_hf_dict(dtype), indent=2) + "\n")
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}  # no tied duplicate
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})  # HF checks the "format" key
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        for f in tmp.iterdir():
+            _umask_permissions(f, directory=False)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
             folder.rename(old)
@@ -135,6 +138,13 @@ def load_tokenizer(folder: str | os.PathLike) -> Any:
 
 
 # ---------------------------------------------------------------- validation helpers
+
+
+def _umask_permissions(path: Path, directory: bool) -> None:
+    """chmod `path` to what a plain mkdir / open would have given under the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if directory else 0o666) & ~umask)
 
 
 def _existing_folder(folder: str | os.PathLike) -> Path:

@@ -30,6 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from dash.model import CausalLM
 
 # Prompts decoded per forward in greedy_decode: bounds the [B, L, V] logits buffer, large enough to amortise the
 # per-call overhead on CPU (VERIFIED.md: decode steps cost ~1 ms whatever the batch up to a few hundred rows).
@@ -55,7 +58,9 @@ class PackedSFTBatch:
     loss_mask: torch.Tensor
 
 
-def pack_sft_batch(tokenizer, prompts: Sequence[str], completions: Sequence[str]) -> PackedSFTBatch:
+def pack_sft_batch(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
+) -> PackedSFTBatch:
     """Tokenize and pack (prompt, completion) pairs; see PackedSFTBatch for the layout."""
     if len(prompts) != len(completions) or not prompts:
         raise ValueError(
@@ -83,7 +88,7 @@ def pack_sft_batch(tokenizer, prompts: Sequence[str], completions: Sequence[str]
     )
 
 
-def sft_loss(model, batch: PackedSFTBatch) -> tuple[torch.Tensor, int]:
+def sft_loss(model: CausalLM, batch: PackedSFTBatch) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the completion tokens of `batch` -> (loss, number of completion tokens)."""
     hidden = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.positions)  # [T, H]
     logits = model.compute_logits(hidden[batch.loss_mask])  # [N, V], N = completion tokens
@@ -104,8 +109,8 @@ def _lr_factor(step: int, steps: int, warmup_steps: int, schedule: str, min_lr_r
 
 
 def run_sft(
-    model,
-    tokenizer,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
     train_examples: Sequence,
     *,
     steps: int,
@@ -134,9 +139,10 @@ def run_sft(
     """
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"run_sft: schedule must be 'constant' or 'cosine', got {schedule!r}")
-    if steps < 1 or batch_size < 1 or not train_examples:
+    if steps < 1 or not 1 <= batch_size <= len(train_examples):
         raise ValueError(
-            f"run_sft: need steps >= 1, batch_size >= 1 and examples (got {steps}, {batch_size}, {len(train_examples)})"
+            f"run_sft: need steps >= 1 and 1 <= batch_size <= len(train_examples), got steps={steps}, "
+            f"batch_size={batch_size}, {len(train_examples)} examples"
         )
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -198,7 +204,9 @@ def run_sft(
 
 
 @torch.inference_mode()
-def greedy_decode(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+def greedy_decode(
+    model: CausalLM, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int
+) -> list[str]:
     """Greedy completions of `prompts`, decoded with special tokens kept and cut after the first EOS.
 
     Returns one string per prompt, e.g. "553<eos>" (or the raw `max_new_tokens` tokens if no EOS came).
@@ -233,8 +241,8 @@ def greedy_decode(model, tokenizer, prompts: Sequence[str], max_new_tokens: int)
 
 
 def greedy_accuracy(
-    model,
-    tokenizer,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
     examples: Sequence,
     max_new_tokens: int,
     reward_fn: Callable[[str, str], float] | None = None,

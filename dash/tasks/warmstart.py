@@ -13,7 +13,11 @@ Design limits:
   budget is sized to take a few minutes on 2 idle cores and land in the 20-60% greedy band that leaves RL room.
 - Bitwise reproduction also needs the same torch build and thread count (float reduction order).
 - `dash.model.CausalLM` keeps PyTorch's default init (N(0, 1) embeddings), so `build_tiny_model` applies HF's
-  initializer (N(0, initializer_range) weights, zero biases, unit norms) from a private generator.
+  initializer (N(0, initializer_range) weights, zero biases, unit norms) from a private generator. The init scale
+  matters a lot at this size: see TINY_MODEL_CONFIG["initializer_range"].
+- Threads: on an idle machine torch's default (one per core) is fastest; on a shared machine 2 threads can be
+  2x SLOWER than 1 (measured here: 0.33 vs 0.15 s/step at load 2), because the threads wait on each other's
+  preempted core. `--threads 1` is the safe choice when other jobs run.
 
 Departures from the paper: the paper starts RL from a pretrained Qwen2.5-0.5B; our tiny model starts from this SFT.
 """
@@ -39,11 +43,15 @@ from dash.tokenizer import build_arith_tokenizer
 TINY_SFT_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-sft"
 RECORD_FILE = "warmstart.json"
 
-# SFT settings measured on this CPU (VERIFIED.md: AdamW lr 1e-3, batch 128). The step count is chosen so the
-# default run lands in the 20-60% greedy band in at most ~5 minutes on 2 idle cores (see warmstart.json).
-DEFAULT_STEPS = 1500
+# SFT settings measured on this CPU (VERIFIED.md: AdamW lr 1e-3, batch 128; probes here: lr 1.5e-3 / 2e-3 / 3e-3
+# learned slower, so did batch 64 at equal compute). Cosine decay to 10% ended ~3 points above a constant lr.
+# 2000 steps reach ~25% greedy: inside the 20-60% band that leaves RL room, in ~3 minutes on 2 idle cores (about
+# 0.09 s/step) and about 5 minutes on one core (0.15 s/step).
+DEFAULT_STEPS = 2000
 BATCH_SIZE = 128
 LR = 1e-3
+SCHEDULE = "cosine"
+MIN_LR_RATIO = 0.1
 # A short warmup keeps the first Adam steps (whose second-moment estimate is still tiny) from overshooting.
 WARMUP_STEPS = 50
 LOG_EVERY = 100
@@ -72,14 +80,26 @@ def load_warmstart(folder: str | os.PathLike = TINY_SFT_DIR) -> tuple[CausalLM, 
     folder = Path(folder)
     record_path = folder / RECORD_FILE
     if not record_path.is_file():
-        raise FileNotFoundError(f"{record_path}: no warm-start record; run `python -m dash.tasks.warmstart "
-                                f"--out {folder}` to create the checkpoint")
+        raise FileNotFoundError(
+            f"{record_path}: no warm-start record; run `python -m dash.tasks.warmstart "
+            f"--out {folder}` to create the checkpoint"
+        )
     record = json.loads(record_path.read_text())
     return load_model(folder), load_tokenizer(folder), record
 
 
-def warmstart(out: str | os.PathLike = TINY_SFT_DIR, *, steps: int = DEFAULT_STEPS, seed: int = 0) -> dict:
-    """Train, evaluate and save the warm start to `out` (replacing it); returns the record written to warmstart.json."""
+def warmstart(
+    out: str | os.PathLike = TINY_SFT_DIR,
+    *,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    batch_size: int = BATCH_SIZE,
+    lr: float = LR,
+) -> dict:
+    """Train, evaluate and save the warm start to `out` (replacing it); returns the record written to warmstart.json.
+
+    The defaults reproduce the shipped checkpoint; `dash sft` passes its config's steps / batch_size / lr.
+    """
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
     task = ArithTaskConfig(seed=seed)
@@ -87,31 +107,50 @@ def warmstart(out: str | os.PathLike = TINY_SFT_DIR, *, steps: int = DEFAULT_STE
     tokenizer = build_arith_tokenizer()
     model = build_tiny_model(seed)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"tiny model: {n_params / 1e6:.2f}M parameters; task {task.form} digits={task.digits}: "
-          f"{len(train)} train / {len(test)} test; {steps} SFT steps at batch {BATCH_SIZE}, lr {LR}", flush=True)
+    print(
+        f"tiny model: {n_params / 1e6:.2f}M parameters; task {task.form} digits={task.digits}: "
+        f"{len(train)} train / {len(test)} test; {steps} SFT steps at batch {batch_size}, lr {lr}",
+        flush=True,
+    )
 
-    stats = run_sft(model, tokenizer, train, steps=steps, batch_size=BATCH_SIZE, lr=LR, seed=seed,
-                    log_every=LOG_EVERY, warmup_steps=WARMUP_STEPS)
+    stats = run_sft(
+        model,
+        tokenizer,
+        train,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        log_every=LOG_EVERY,
+        warmup_steps=WARMUP_STEPS,
+        schedule=SCHEDULE,
+        min_lr_ratio=MIN_LR_RATIO,
+    )
     t_eval = time.perf_counter()
     accuracy = greedy_accuracy(model, tokenizer, test, task.max_new_tokens)
     eval_s = time.perf_counter() - t_eval
     wall = time.perf_counter() - t_start
-    print(f"greedy test accuracy {accuracy:.3f} on {len(test)} prompts; SFT {stats['wall_time_s']:.1f}s, "
-          f"eval {eval_s:.1f}s, total {wall:.1f}s", flush=True)
+    print(
+        f"greedy test accuracy {accuracy:.3f} on {len(test)} prompts; SFT {stats['wall_time_s']:.1f}s, "
+        f"eval {eval_s:.1f}s, total {wall:.1f}s",
+        flush=True,
+    )
 
     record = {
         "test_accuracy": accuracy,
         "test_size": len(test),
         "task": dataclasses.asdict(task),
         "steps": steps,
-        "batch_size": BATCH_SIZE,
-        "lr": LR,
+        "batch_size": batch_size,
+        "lr": lr,
         "warmup_steps": WARMUP_STEPS,
-        "schedule": "constant",
+        "schedule": SCHEDULE,
+        "min_lr_ratio": MIN_LR_RATIO,
         "seed": seed,
         "final_loss": stats["final_loss"],
         "num_params": n_params,
         "sft_wall_time_s": round(stats["wall_time_s"], 1),
+        "sft_cpu_time_s": round(stats["cpu_time_s"], 1),
         "total_wall_time_s": round(wall, 1),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
@@ -134,9 +173,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=TINY_SFT_DIR, help=f"output folder (default {TINY_SFT_DIR})")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"SFT steps (default {DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task split, init and batches (default 0)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warmstart(args.out, steps=args.steps, seed=args.seed)
 
 

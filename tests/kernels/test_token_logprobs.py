@@ -113,3 +113,14 @@ def test_int64_offsets_chunked_path(torch_backend):
     for rows in (torch.arange(0, 4), torch.arange(N - 4, N)):
         ref = token_logprobs_ref(hidden[rows], weight, targets[rows], dtype=torch.float64)
         assert torch.allclose(logp[rows].double(), ref, atol=1e-4), (logp[rows], ref)
+
+
+def test_empty_inputs(torch_backend):
+    h = torch.randn(0, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    logp, ent = token_logprobs(h, w, torch.zeros(0, dtype=torch.long), return_entropy=True)
+    assert logp.shape == ent.shape == (0,)
+    (logp.sum() + ent.sum()).backward()
+    assert h.grad.shape == (0, 8) and (w.grad == 0).all()
+    assert token_logprobs(torch.randn(2, 0, 8), w, torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0)
+    assert token_logprobs_from_logits(torch.randn(0, 20), torch.zeros(0, dtype=torch.long)).shape == (0,)

@@ -5,7 +5,7 @@ import pytest
 from dash.tasks.arith import FORMS, TINY_MODEL_CONFIG, ArithTaskConfig, arith_reward, make_example, make_splits
 from dash.tokenizer import build_arith_tokenizer
 
-SMALL = dict(train_size=2000, test_size=200)
+SMALL = {"train_size": 2000, "test_size": 200}
 
 
 def test_splits_are_deterministic_and_seed_dependent():

@@ -8,8 +8,14 @@ from dash.tasks.warmstart import build_tiny_model
 from dash.tokenizer import build_arith_tokenizer
 
 # A model far smaller than the shipped one, so a few dozen steps take a couple of seconds.
-MICRO_CONFIG = {**TINY_MODEL_CONFIG, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                "num_attention_heads": 2, "num_key_value_heads": 1}
+MICRO_CONFIG = {
+    **TINY_MODEL_CONFIG,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
 
 
 def _data(n_train=512):
@@ -36,10 +42,11 @@ def test_loss_decreases_and_is_deterministic():
         runs.append(run_sft(model, tok, train, steps=40, batch_size=32, lr=1e-2, seed=5, log_every=0)["losses"])
     losses = runs[0]
     assert runs[0] == runs[1], "same seed and init must give bitwise identical losses"
-    # ln(16) ~ 2.77 at init; 40 steps must cut it clearly (measured: 2.82 -> 1.98 mean of the last 5).
+    # ln(16) ~ 2.77 at init; 40 steps must cut it clearly (measured: 2.99 -> 1.98 mean of the last 5).
     assert sum(losses[-5:]) / 5 < 0.8 * losses[0], losses
-    other = run_sft(build_tiny_model(seed=0, config=MICRO_CONFIG), tok, train, steps=3, batch_size=32, lr=3e-3,
-                    seed=6, log_every=0)["losses"]
+    other = run_sft(
+        build_tiny_model(seed=0, config=MICRO_CONFIG), tok, train, steps=3, batch_size=32, lr=3e-3, seed=6, log_every=0
+    )["losses"]
     assert other != losses[:3], "a different seed must draw different batches"
 
 

@@ -42,8 +42,15 @@ def test_tokenizer_and_config_match_the_task(shipped):
     for text in ["12+34*56=", "553<eos>"]:
         assert tok(text)["input_ids"] == fresh(text)["input_ids"]
     hf = model.config.to_hf_dict()
-    for key in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "tie_word_embeddings"]:
+    for key in [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "tie_word_embeddings",
+    ]:
         assert hf[key] == TINY_MODEL_CONFIG[key], key
 
 
@@ -55,3 +62,30 @@ def test_accuracy_within_noise_band(shipped):
     acc = greedy_accuracy(model, tok, test[:SUBSET], task.max_new_tokens)
     band = BAND_SE * math.sqrt(p * (1 - p) / SUBSET)
     assert abs(acc - p) <= band, f"subset accuracy {acc:.3f} vs recorded {p:.3f} (band +-{band:.3f})"
+
+
+def test_transformers_reads_the_shipped_folder(shipped):
+    """The folder is a plain HF checkpoint: transformers' Qwen2 gives the same logits as our model."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    model, tok, _ = shipped
+    hf = Qwen2ForCausalLM.from_pretrained(TINY_SFT_DIR).eval()
+    ids = torch.tensor(tok(["12+34*56=1916", "07+42*13=553<eos>"])["input_ids"])  # [2, 13]: same length, no padding
+    with torch.no_grad():
+        ours, theirs = model.forward(ids), hf(input_ids=ids).logits  # [2, 12, V] each
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_warmstart_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
+    """`python -m dash.tasks.warmstart` end to end with a 2-step budget (the real run is minutes)."""
+    from dash.tasks.warmstart import main
+
+    out = tmp_path / "ws"
+    main(["--out", str(out), "--steps", "2", "--seed", "1"])
+    assert "greedy test accuracy" in capsys.readouterr().out
+    model, tok, record = load_warmstart(out)
+    assert record["steps"] == 2 and record["seed"] == 1 and record["test_size"] == 500
+    assert 0.0 <= record["test_accuracy"] <= 1.0
+    assert len(tok) == TINY_MODEL_CONFIG["vocab_size"]
+    assert sum(p.numel() for p in model.parameters()) == record["num_params"]
