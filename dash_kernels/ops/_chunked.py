@@ -74,30 +74,32 @@ def _logits_tile(z, h32, weight, bias, inv_temp):
             zb.addmm_(h32, w32.t(), beta=inv_temp, alpha=inv_temp)
 
 
-def _backward_gemms(dz, h32, weight, rows_chunk, out, dh, dw, db, first):
-    """dH[rows] = dz @ W and dW += dz^T @ h, db += sum_rows dz, all from the gradient tile dz [R, V] (fp32).
+def _dh_tile(dz, weight, out=None):
+    """dz [R, V] @ W -> [R, H] in dz's dtype (into `out` when given and the dtypes allow it)."""
+    if weight.dtype == dz.dtype and out is not None and out.dtype == dz.dtype:
+        return torch.mm(dz, weight, out=out)
+    acc = torch.zeros(dz.shape[0], weight.shape[1], dtype=dz.dtype, device=dz.device)  # [R, H]
+    for start, stop, w32 in _weight_blocks(weight):
+        acc.addmm_(dz[:, start:stop], w32)
+    return acc
+
+
+def _dw_db(dz, h32, weight, dw, db, first, keep=None):
+    """dW += dz^T h and db += sum_rows dz (rows where `keep` is False left out), fp32 accumulation.
     `first`: dw and db are still uninitialised (saves a 4 V H-byte memset: the first GEMM overwrites them)."""
-    if dh is not None:
-        if weight.dtype == dz.dtype and dh.dtype == dz.dtype and rows_chunk is None:
-            torch.mm(dz, weight, out=dh[out])
-        else:
-            acc = torch.zeros(dz.shape[0], weight.shape[1], dtype=dz.dtype, device=dz.device)  # [R, H]
-            for start, stop, w32 in _weight_blocks(weight):
-                acc.addmm_(dz[:, start:stop], w32)
-            if rows_chunk is None:
-                dh[out] = acc
-            else:
-                dh.index_copy_(0, rows_chunk, acc.to(dh.dtype))
+    if keep is not None:
+        h32 = h32 * keep.unsqueeze(1)  # a copy: h32 may be a view of the caller's hidden
     if dw is not None:
         V = dw.shape[0]
         step = V if weight.dtype == dz.dtype else _WEIGHT_BLOCK
         for start in range(0, V, step):
             dw[start:start + step].addmm_(dz[:, start:start + step].t(), h32, beta=0.0 if first else 1.0)
     if db is not None:
+        col = dz.sum(0) if keep is None else torch.mv(dz.t(), keep)
         if first:
-            torch.sum(dz, 0, out=db)
+            db.copy_(col)
         else:
-            db += dz.sum(0)
+            db += col
 
 
 def _inplace_log_softmax_works() -> bool:
@@ -208,7 +210,8 @@ def sweep(hidden, weight, bias, targets, rows, inv_temp, *, coef_fn=None, saved=
         logp[sl] = z.gather(1, y).squeeze(1)
         S = neg_plp = None  # [r]: sum p and H' = -sum (p / S) log p, when a pass computed them
         p_in_z = False
-        if want_entropy or entropy_grad:
+        derive = grad and want_entropy and not entropy_grad and dh is not None
+        if (want_entropy and not derive) or entropy_grad:
             scratch = scratch if scratch is not None else torch.empty(sub_rows, V, dtype=acc, device=dev)
             p_in_z = grad and not entropy_grad  # the gradient will need p but not log p: leave p in z
             S, neg_plp = _entropy_pass(z, scratch, leave_p=p_in_z)
@@ -216,30 +219,62 @@ def sweep(hidden, weight, bias, targets, rows, inv_temp, *, coef_fn=None, saved=
                 log_s = S.log()
                 logp[sl] -= log_s
                 entropy[sl] = neg_plp + log_s
-        if grad:
-            c, cH = coef_fn(lo, hi, logp[sl])
-            c = (c * inv_temp).unsqueeze(1)  # [r, 1]; dL/d(h W^T + b) = dL/dz / tau
-            if cH is None:
-                if not p_in_z:
-                    z.exp_()  # p (up to the factor S)
-                if S is None:
-                    S = z.sum(1)
-                z.mul_(-c / S.unsqueeze(1))  # -c p / S
-            else:
-                # -(p / S) (c + cH (log p + H')): p and log p both needed, so sub-tile through the scratch.
-                assert not p_in_z, "coef_fn returned an entropy gradient after entropy_grad=False"
-                cH = (cH * inv_temp).unsqueeze(1)
-                scale = (-1.0 / S).unsqueeze(1)
-                for s0 in range(0, hi - lo, sub_rows):
-                    s1 = min(hi - lo, s0 + sub_rows)
-                    lp = z[s0:s1]
-                    p = torch.exp(lp, out=scratch[: s1 - s0])
-                    lp.add_(neg_plp[s0:s1].unsqueeze(1)).mul_(cH[s0:s1]).add_(c[s0:s1]).mul_(p)
-                    lp.mul_(scale[s0:s1])
+        elif derive:
+            z.exp_()  # p (up to the factor S)
+            p_in_z = True
+            S = z.sum(1)
+            logp[sl] -= S.log()
         if saved is not None:
             entropy[sl] = saved[sl]
         lse[sl] = z_y - logp[sl]
-        if grad:
-            z.scatter_add_(1, y, c)
-            _backward_gemms(z, h32, weight, rows_chunk, sl, dh, dw, db, first=lo == 0)
+        if not grad:
+            continue
+        c, cH = coef_fn(lo, hi, logp[sl])
+        c = c * inv_temp  # [r]; dL/d(h W^T + b) = dL/dz / tau
+        fake = None
+        if derive:
+            # The entropy comes out of the dH GEMM below (no extra pass over the tile): row i of dz W is
+            # c (w_y - sum_v p_v w_v / S), hence sum p z / S. Rows with c = 0 (e.g. clipped) get c = 1 for that GEMM
+            # and are then left out of dH, dW and db.
+            fake = c == 0
+            c = torch.where(fake, torch.ones_like(c), c)
+            pb = torch.mv(z, bias.to(acc)) / S if bias is not None else None  # sum_v p_v b_v / S
+        c = c.unsqueeze(1)  # [r, 1]
+        if cH is None:
+            if not p_in_z:
+                z.exp_()  # p (up to the factor S)
+            if S is None:
+                S = z.sum(1)
+            z.mul_(-c / S.unsqueeze(1))  # -c p / S
+        else:
+            # -(p / S) (c + cH (log p + H')): p and log p both needed, so sub-tile through the scratch.
+            assert not p_in_z, "coef_fn returned an entropy gradient after entropy_grad=False"
+            cH = (cH * inv_temp).unsqueeze(1)
+            scale = (-1.0 / S).unsqueeze(1)
+            for s0 in range(0, hi - lo, sub_rows):
+                s1 = min(hi - lo, s0 + sub_rows)
+                lp = z[s0:s1]
+                p = torch.exp(lp, out=scratch[: s1 - s0])
+                lp.add_(neg_plp[s0:s1].unsqueeze(1)).mul_(cH[s0:s1]).add_(c[s0:s1]).mul_(p)
+                lp.mul_(scale[s0:s1])
+        z.scatter_add_(1, y, c)
+        if dh is not None:
+            direct = rows_chunk is None and dh.dtype == acc
+            dh_rows = _dh_tile(z, weight, dh[sl] if direct else None)  # [r, H]
+            if derive:
+                # sum_v p_v z_v / S = inv_temp * (h . (w_y - dH_row / c) + sum_v p_v b_v / S); H = lse - that.
+                w_y = weight.index_select(0, y.squeeze(1)).to(acc)  # [r, H]
+                pz = torch.linalg.vecdot(h32, w_y - dh_rows / c) + (pb if pb is not None else 0.0)
+                entropy[sl] = lse[sl] - inv_temp * pz
+            if fake is not None and bool(fake.any()):
+                dh_rows[fake] = 0.0
+            else:
+                fake = None
+            if not direct:
+                if rows_chunk is None:
+                    dh[sl] = dh_rows
+                else:
+                    dh.index_copy_(0, rows_chunk, dh_rows.to(dh.dtype))
+        keep = None if fake is None else (~fake).to(acc)
+        _dw_db(z, h32, weight, dw, db, first=lo == 0, keep=keep)
     return logp, lse, entropy, dh, dw, db
