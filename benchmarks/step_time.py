@@ -33,6 +33,9 @@ from dash.config import load_config  # noqa: E402
 from dash.rl.trainer import Trainer  # noqa: E402
 
 WARMUP_STEPS = 1  # first step pays one-time costs (allocator growth, lazy init); excluded from the means
+# The tiny model is overhead-bound: one thread is as fast as two on an idle 2-core machine, and on a shared one
+# OpenMP's second thread spins on a descheduled core (steps measured up to 10x slower), which made runs unrepeatable.
+CPU_THREADS_DEFAULT = 1
 
 
 def _git_sha() -> str:
@@ -68,10 +71,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs/tiny.yaml"))
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per algorithm")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=CPU_THREADS_DEFAULT,
+                        help="torch threads on CPU (0: torch's default); the same for every variant")
     parser.add_argument("--skip-paper-mb", action="store_true", help="skip the dash-paper-mb row")
     args, overrides = parser.parse_known_args()
-    if args.threads:
+    if args.threads and not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
     base = load_config(args.config, overrides)
     out_root = Path(tempfile.mkdtemp(prefix="dash-step-time-"))
