@@ -15,10 +15,13 @@ then backward to hidden and lm_head weight. Variants:
   fused        dash_kernels.fused_policy_loss (chunked torch backend on CPU, Triton on CUDA)
   fused_half   the same with half of the sequences carrying zero advantage (their rows are skipped entirely)
 Each variant runs in a fresh subprocess, once per round; rounds are interleaved (--repeats, default 2) and the table
-shows each variant's fastest run, since the box is shared and its load drifts by tens of % within minutes. Memory is the peak beyond the inputs and their gradients: on CPU the rise of the process's
-peak RSS (VmHWM, reset through /proc/self/clear_refs after the inputs exist) minus the bytes of d_hidden and d_weight;
-on CUDA torch.cuda.max_memory_allocated minus the same. "work skipped" is the fraction of rows (so of the 6NHV GEMM
-FLOPs) the fused path did not compute. Prints a table, then ONE JSON line.
+shows each variant's fastest run, since the box is shared and its load drifts by tens of % within minutes. The
+"CPU s" column (user + system time of the worker, all threads, lowest round) is the steadier figure on a busy box:
+other users' jobs stretch wall time but not the work done. Memory is the peak beyond the inputs and their gradients:
+on CPU the rise of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs after the inputs exist and a
+two-sequence warm-up ran) minus the bytes of d_hidden and d_weight; on CUDA torch.cuda.max_memory_allocated minus the
+same. "work skipped" is the fraction of rows (so of the 6NHV GEMM FLOPs) the fused path did not compute. Prints a
+table, then ONE JSON line.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -131,15 +135,19 @@ def worker(variant, N, H, V, device):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM (peak RSS) to the current RSS
         base = _proc_status()["VmRSS"]
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     loss, computed = run_variant(variant, *inputs)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)  # all threads of this process
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _proc_status()["VmHWM"]
     assert inputs[0].grad is not None and inputs[1].grad is not None
     extra = max(0, peak - base - grad_bytes)
     return {"variant": variant, "N": N, "H": H, "V": V, "device": device, "ms": round(elapsed * 1e3, 1),
+            "cpu_s": round(cpu_s, 2),
                 "peak_extra_mb": round(extra / 2**20, 1), "loss": loss, "rows_computed_frac": round(computed, 4),
                 "threads": torch.get_num_threads()}
 
@@ -167,6 +175,63 @@ def _git_sha():
         return None
 
 
+def render(results, main_shape, device, meta):
+    """The table and the summary dict (the JSON line) from per-variant results."""
+    lines = [(f"{'device':6s} {'N x H x V':>20s} {'variant':18s} {'fwd+bwd ms':>11s} {'vs naive':>9s} "
+              f"{'CPU s':>7s} {'vs naive':>9s} {'peak extra MiB':>15s} {'work skipped':>13s}")]
+    lines.append("-" * len(lines[0]))
+    for r in results:
+        shape = f"{r['N']}x{r['H']}x{r['V']}"
+        if "error" in r:
+            lines.append(f"{r['device']:6s} {shape:>20s} {r['variant']:18s} ERROR {r['error']}")
+            continue
+        naive = next((q for q in results if q["variant"] == "naive" and q["device"] == r["device"]
+                      and (q["N"], q["H"], q["V"]) == (r["N"], r["H"], r["V"]) and "ms" in q), None)
+        speed = f"{naive['ms'] / r['ms']:.2f}x" if naive else "-"
+        cpu_speed = f"{naive['cpu_s'] / r['cpu_s']:.2f}x" if naive else "-"
+        lines.append(f"{r['device']:6s} {shape:>20s} {r['variant']:18s} {r['ms']:11.0f} {speed:>9s} "
+                     f"{r['cpu_s']:7.1f} {cpu_speed:>9s} {r['peak_extra_mb']:15.1f} "
+                     f"{1 - r['rows_computed_frac']:13.0%}")
+    main = {r["variant"]: r for r in results if r["device"] == device and (r["N"], r["H"], r["V"]) == tuple(main_shape)
+            and "ms" in r}
+
+    def pick(variant, key):
+        return main[variant][key] if variant in main else None
+
+    def ratio(a, b, invert=False):
+        if a is None or b is None:
+            return None
+        return round(1 - a / b, 3) if invert else round(a / b, 3)
+
+    summary = {
+        "bench": "kernels",
+        "device": device,
+        "shape": dict(zip("NHV", main_shape)),
+        "naive_ms": pick("naive", "ms"), "fused_ms": pick("fused", "ms"),
+        "fused_half_filtered_ms": pick("fused_half", "ms"),
+        "naive_cpu_s": pick("naive", "cpu_s"), "fused_cpu_s": pick("fused", "cpu_s"),
+        "fused_half_filtered_cpu_s": pick("fused_half", "cpu_s"),
+        "naive_peak_mb": pick("naive", "peak_extra_mb"), "fused_peak_mb": pick("fused", "peak_extra_mb"),
+        "fused_half_filtered_peak_mb": pick("fused_half", "peak_extra_mb"),
+        "trl_ms": pick("trl", "ms"), "trl_cpu_s": pick("trl", "cpu_s"), "trl_peak_mb": pick("trl", "peak_extra_mb"),
+        "torch_lce_ms": pick("torch_lce", "ms"), "torch_lce_cpu_s": pick("torch_lce", "cpu_s"),
+        "torch_lce_peak_mb": pick("torch_lce", "peak_extra_mb"),
+        "torch_lce_chunked_ms": pick("torch_lce_chunked", "ms"),
+        "torch_lce_chunked_peak_mb": pick("torch_lce_chunked", "peak_extra_mb"),
+        "half_filtered_work_skipped": (round(1 - main["fused_half"]["rows_computed_frac"], 4)
+                                       if "fused_half" in main else None),
+        # ratios: wall time (best round) and CPU time (best round, steadier on a shared box)
+        "fused_speedup": ratio(pick("naive", "ms"), pick("fused", "ms")),
+        "fused_speedup_cpu": ratio(pick("naive", "cpu_s"), pick("fused", "cpu_s")),
+        "half_filtered_time_drop": ratio(pick("fused_half", "ms"), pick("fused", "ms"), invert=True),
+        "half_filtered_cpu_drop": ratio(pick("fused_half", "cpu_s"), pick("fused", "cpu_s"), invert=True),
+        "fused_peak_frac_of_naive": ratio(pick("fused", "peak_extra_mb"), pick("naive", "peak_extra_mb")),
+        "results": results,
+        **meta,
+    }
+    return "\n".join(lines), summary
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes only (smoke run)")
@@ -174,12 +239,21 @@ def main():
     ap.add_argument("--variants", default=None, help="comma-separated, from " + ",".join(VARIANTS + EXTRA_VARIANTS))
     ap.add_argument("--out", default=None, help="path prefix: writes <out>.md (table + JSON) and <out>.json")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the table shows the fastest run")
+    ap.add_argument("--rerender", default=None, help="re-render the table/JSON from a saved <out>.json (no runs)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         N, H, V = (int(x) for x in args.shape.split("x"))
         print(json.dumps(worker(args.worker, N, H, V, args.device)))
+        return
+
+    if args.rerender:
+        saved = json.loads(Path(args.rerender).read_text())
+        meta_keys = ("torch", "triton", "threads", "cpu", "git_sha", "timestamp", "wall_s", "repeats")
+        table, summary = render(saved["results"], [saved["shape"][k] for k in "NHV"], saved["device"],
+                                {k: saved.get(k) for k in meta_keys})
+        _emit(table, summary, args.out)
         return
 
     devices = [args.device] if args.device else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
@@ -201,59 +275,26 @@ def main():
                 ok = [r for r in runs[variant] if "ms" in r]
                 best = min(ok, key=lambda r: r["ms"]) if ok else runs[variant][-1]
                 if ok:
-                    best = dict(best, all_ms=[r["ms"] for r in ok])
+                    best = dict(best, all_ms=[r["ms"] for r in ok], all_cpu_s=[r["cpu_s"] for r in ok],
+                                cpu_s=min(r["cpu_s"] for r in ok))
                 results.append(best)
-    lines = [(f"{'device':6s} {'N x H x V':>20s} {'variant':18s} {'fwd+bwd ms':>11s} {'vs naive':>9s} "
-              f"{'peak extra MiB':>15s} {'work skipped':>13s}")]
-    lines.append("-" * len(lines[0]))
-    for r in results:
-        shape = f"{r['N']}x{r['H']}x{r['V']}"
-        if "error" in r:
-            lines.append(f"{r['device']:6s} {shape:>20s} {r['variant']:18s} ERROR {r['error']}")
-            continue
-        naive = next((q for q in results if q["variant"] == "naive" and q["device"] == r["device"]
-                      and (q["N"], q["H"], q["V"]) == (r["N"], r["H"], r["V"]) and "ms" in q), None)
-        speed = f"{naive['ms'] / r['ms']:.2f}x" if naive else "-"
-        lines.append(f"{r['device']:6s} {shape:>20s} {r['variant']:18s} {r['ms']:11.0f} {speed:>9s} "
-                     f"{r['peak_extra_mb']:15.1f} {1 - r['rows_computed_frac']:13.0%}")
+    meta = {"torch": torch.__version__, "triton": _triton_version(), "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "git_sha": _git_sha(),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(time.perf_counter() - t0, 1),
+            "repeats": args.repeats}
+    table, summary = render(results, shapes[0], devices[0], meta)
+    _emit(table, summary, args.out)
 
-    main_shape = shapes[0]
-    main = {r["variant"]: r for r in results if r["device"] == devices[0] and (r["N"], r["H"], r["V"]) == main_shape
-            and "ms" in r}
-    pick = lambda v, k: main[v][k] if v in main else None
-    summary = {
-        "bench": "kernels",
-        "device": devices[0],
-        "shape": dict(zip("NHV", main_shape)),
-        "naive_ms": pick("naive", "ms"), "fused_ms": pick("fused", "ms"),
-        "fused_half_filtered_ms": pick("fused_half", "ms"),
-        "naive_peak_mb": pick("naive", "peak_extra_mb"), "fused_peak_mb": pick("fused", "peak_extra_mb"),
-        "fused_half_filtered_peak_mb": pick("fused_half", "peak_extra_mb"),
-        "trl_ms": pick("trl", "ms"), "trl_peak_mb": pick("trl", "peak_extra_mb"),
-        "torch_lce_ms": pick("torch_lce", "ms"), "torch_lce_peak_mb": pick("torch_lce", "peak_extra_mb"),
-        "torch_lce_chunked_ms": pick("torch_lce_chunked", "ms"),
-        "torch_lce_chunked_peak_mb": pick("torch_lce_chunked", "peak_extra_mb"),
-        "half_filtered_work_skipped": (round(1 - main["fused_half"]["rows_computed_frac"], 4)
-                                       if "fused_half" in main else None),
-        "results": results,
-        "torch": torch.__version__, "triton": _triton_version(), "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(), "git_sha": _git_sha(),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(time.perf_counter() - t0, 1),
-        "repeats": args.repeats,
-    }
-    if summary["naive_ms"] and summary["fused_ms"]:
-        summary["fused_speedup"] = round(summary["naive_ms"] / summary["fused_ms"], 3)
-        summary["half_filtered_time_drop"] = round(1 - summary["fused_half_filtered_ms"] / summary["fused_ms"], 3) \
-            if summary["fused_half_filtered_ms"] else None
-        summary["fused_peak_frac_of_naive"] = round(summary["fused_peak_mb"] / summary["naive_peak_mb"], 4) \
-            if summary["naive_peak_mb"] else None
-    table = "\n".join(lines)
+
+def _emit(table, summary, out):
     print(table)
     print(json.dumps(summary))
-    if args.out:
-        Path(args.out).with_suffix(".md").write_text(
-            "# benchmarks/kernels.py\n\n```\n" + table + "\n```\n\n```json\n" + json.dumps(summary) + "\n```\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    if out:
+        note = ("Shared 2-core box: other jobs stretch wall times unevenly (see each variant's `all_ms` per round), so "
+                "the CPU-time columns are the steadier comparison. Best round per variant.\n")
+        Path(out).with_suffix(".md").write_text("# benchmarks/kernels.py\n\n" + note + "\n```\n" + table +
+                                                "\n```\n\n```json\n" + json.dumps(summary) + "\n```\n")
+        Path(out).with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def _triton_version():

@@ -13,14 +13,18 @@ and, when a gradient is wanted, overwrites the tile with the logits gradient
 before the two GEMMs dH[rows] = dz W and dW += dz^T h (fp32 accumulation). Three GEMMs per chunk in total (6NHV FLOPs,
 as many as the naive path), because the per-row coefficients c, cH are asked for (via `coef_fn`) as soon as the
 chunk's log-probs are known. When they are not known until later (the plain `token_logprobs` op), the backward calls
-`sweep` again with the saved lse/entropy and recomputes the tile (8NHV). Terms that need p and log p at once (the
-entropy and its gradient) go through a smaller scratch tile (_SCRATCH_BYTES).
+`sweep` again with the saved entropy and recomputes the tile (8NHV).
+
+The entropy (a metric of the loss) needs p and log p at once. When the dH GEMM runs anyway it is read off that GEMM's
+output instead (row i of dz W is c (w_y - sum_v p_v w_v), so sum_v p_v z_v = h . sum_v p_v w_v costs an [R, H] dot),
+which keeps the forward+backward sweep at one tile and no extra pass. Otherwise (no gradient, or an entropy gradient)
+it goes through a smaller scratch tile (_SCRATCH_BYTES).
 
 Why whole-chunk torch ops rather than cache-sized row groups: on a shared 2-core machine every parallel torch op pays
 a thread wake-up cost of milliseconds when the cores are busy, so a few large ops beat many small ones; and ATen's
 fused log_softmax kernel (max, sum of exp and the write in one op) is about 3x faster than max / sub / exp / sum.
-Why one tile rather than two (z and log p): the memory budget then buys twice the rows per GEMM, and the dW GEMM
-(inner size R) is noticeably faster at R = 256 than at 128.
+Why one tile rather than two (z and log p): the memory budget then buys twice the rows per GEMM, and all three GEMMs
+are noticeably faster at R = 256 than at 128 (the naive path runs them at M = N).
 
 Rows that carry no gradient are simply not passed in `rows`: they cost nothing, forward or backward. Indexing uses
 per-row slices and `gather`, never a flattened N*V offset, so it is int64-safe by construction.
@@ -28,12 +32,14 @@ per-row slices and `gather`, never a flattened N*V offset, so it is int64-safe b
 
 import torch
 
-_CHUNK_BYTES = 96 * 2**20
-"""Budget for the [R, V] fp32 tile: R = this / (4 V), 208 rows at V = 151936. Bounds peak memory (the naive path
-holds ~4 GiB of N x V buffers at N = 2048 there) while keeping each GEMM at R >= 200 rows, where it is efficient."""
-_SCRATCH_BYTES = 32 * 2**20
-"""Scratch tile for the passes that need p and log p together (entropy): 55 rows at V = 151936. Byte-sized, not
-row-sized, so that a small vocabulary does not turn into hundreds of tiny ops."""
+_CHUNK_BYTES = 128 * 2**20
+"""Budget for the [R, V] fp32 tile: R = this / (4 V), 216 rows at V = 151936, the only large buffer of the
+forward+backward sweep. Bounds peak memory (the naive path holds ~3 GiB of N x V buffers at N = 2048 there) while
+keeping each GEMM at R > 200 rows: at R = 160 the three GEMMs ran 9% slower than at 256 on this CPU, enough to lose
+to the naive path's M = 2048 GEMMs."""
+_SCRATCH_BYTES = 16 * 2**20
+"""Scratch tile for the passes that need p and log p together (entropy without a gradient, entropy gradient):
+27 rows at V = 151936. Byte-sized, not row-sized, so that a small vocabulary does not turn into hundreds of ops."""
 _MIN_ROWS = 16
 """Never fewer rows per GEMM than this: below it the dW GEMM (inner size R) loses most of its efficiency."""
 _WEIGHT_BLOCK = 8192
@@ -41,8 +47,8 @@ _WEIGHT_BLOCK = 8192
 
 
 def chunk_rows(n_rows: int, vocab: int, budget: int = _CHUNK_BYTES) -> int:
-    """Rows per GEMM chunk: one fp32 [R, V] tile fits `budget` bytes; a multiple of 16, at least _MIN_ROWS."""
-    rows = max(_MIN_ROWS, (budget // (4 * max(vocab, 1))) // 16 * 16)
+    """Rows per GEMM chunk: one fp32 [R, V] tile fits `budget` bytes; a multiple of 8, at least _MIN_ROWS."""
+    rows = max(_MIN_ROWS, (budget // (4 * max(vocab, 1))) // 8 * 8)
     return max(1, min(rows, n_rows))
 
 

@@ -124,3 +124,20 @@ def test_empty_inputs(torch_backend):
     assert h.grad.shape == (0, 8) and (w.grad == 0).all()
     assert token_logprobs(torch.randn(2, 0, 8), w, torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0)
     assert token_logprobs_from_logits(torch.randn(0, 20), torch.zeros(0, dtype=torch.long)).shape == (0,)
+
+
+def test_bf16_inputs(torch_backend, monkeypatch):
+    """16-bit hidden/weight: fp32 log-probs (the weight is upcast block by block), gradients back in bf16."""
+    from dash_kernels.ops import _chunked
+    monkeypatch.setattr(_chunked, "_WEIGHT_BLOCK", 700)  # several weight blocks at V = 2000
+    hidden, weight, targets, _ = linear_inputs(40, 32, 2000, seed=4, dtype=torch.bfloat16)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, ent = token_logprobs(h, w, targets, return_entropy=True)
+    (logp.sum() + ent.sum()).backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref, ref_ent = token_logprobs_ref(h64, w64, targets, return_entropy=True, dtype=torch.float64)
+    (ref.sum() + ref_ent.sum()).backward()
+    assert logp.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.bfloat16
+    assert (logp.double() - ref).abs().max() < 1e-5 and (ent.double() - ref_ent).abs().max() < 1e-5
+    for got, want in ((h.grad, h64.grad), (w.grad, w64.grad)):  # one bf16 rounding of an fp32-accumulated value
+        assert ((got.double() - want).abs() <= 2.0**-8 * want.abs() + 1e-3 * want.abs().max()).all()
