@@ -155,3 +155,16 @@ def test_kl_reference_only_built_when_beta_positive_and_tensorboard(model_dir, t
     tr.close()
     assert m["loss/kl"] >= 0
     assert list((tmp_path / "kl" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_cli_eval_sample_and_sft(model_dir, tmp_path, capsys):
+    common = [f"--model.path={model_dir}", "--model.device=cpu", "--data.test_size=8", "--sampling.max_new_tokens=5"]
+    assert cli_main(["eval", *common, f"--log.out_dir={tmp_path / 'ev'}"]) == 0
+    assert "eval/greedy_acc=" in capsys.readouterr().out
+    assert cli_main(["sample", *common, "--prompt", "12+34*56=", "--n", "2"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("'12+34*56='")]
+    assert len(lines) == 2 and all("(stop)" in x or "(length)" in x for x in lines)
+    out = tmp_path / "sft"
+    assert cli_main(["sft", "--sft.steps=3", "--sft.batch_size=8", "--data.test_size=8", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "warmstart.json").is_file()
+    assert "sft: greedy test accuracy" in capsys.readouterr().out
