@@ -206,3 +206,21 @@ def test_grpo_and_dash_give_the_same_update_when_every_group_is_informative(norm
         assert metrics["rollout/sampling_calls"] == (PROMPTS * G // 8 if algorithm == "grpo" else 1)
     assert updates[0].abs().max() > 0
     assert (updates[0] - updates[1]).abs().max() <= GRAD_RTOL * updates[0].abs().max()
+
+
+def test_with_beta_zero_filtering_leaves_the_update_unchanged():
+    """Uniform groups have A = 0 exactly, so dropping them (dash) changes nothing vs training on them (grpo)."""
+    rollout = make_rollout(seed=2)  # 2 of 6 groups uniform: dash trains on 16 of 24 samples
+    updates, kept = [], []
+    for algorithm in ("grpo", "dash"):
+        model = tiny_model()
+        cfg = config("dr_grpo", "global", 0.0, token_budget=30, algorithm=algorithm)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_clip=0.0))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        update = PolicyUpdate(cfg, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0))
+        before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+        metrics, _ = run_step(cfg, FixedSampler(rollout), update, list(range(PROMPTS)), step=0)
+        updates.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before)
+        kept.append(metrics["rollout/kept_frac"])
+    assert kept == [1.0, 16 / 24]
+    assert (updates[0] - updates[1]).abs().max() <= GRAD_RTOL * updates[0].abs().max()
