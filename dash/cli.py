@@ -20,13 +20,11 @@ _SAMPLES_SHOWN = 5  # completions printed by `smoke`
 
 
 def _load_task(cfg: DashConfig):
-    from dash.tasks.arith import ArithTaskConfig, make_splits
+    from dash.rl.task_data import arith_task
 
     if cfg.data.task != "arith":
         raise ConfigError(f"data.task={cfg.data.task!r}: only the built-in `arith` task is wired to this command yet")
-    task = ArithTaskConfig(form=cfg.data.arith_form, digits=cfg.data.arith_digits, seed=cfg.data.seed,
-                           test_size=cfg.data.test_size)
-    return task, *make_splits(task)
+    return arith_task(cfg.data)
 
 
 def cmd_smoke(cfg: DashConfig) -> int:

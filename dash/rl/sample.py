@@ -29,7 +29,6 @@ class RolloutSampler:
         self.cfg = sampling_cfg
         # A reward that raises or times out scores 0 and is counted in reward.stats; it never stops the run.
         self.reward = SafeReward(reward_fn, timeout_s=reward_timeout_s)
-        self.last_stats: dict = {}  # the engine's step / page / preemption counts of the last generate call
 
     @property
     def reward_stats(self):
@@ -40,14 +39,15 @@ class RolloutSampler:
         """Accumulated time spent in reward calls (reported apart from generation)."""
         return self.reward.stats.seconds
 
-    def params(self, seed: int, temperature: float | None = None, max_new_tokens: int | None = None):
+    def params(self, seed: int, temperature: float | None = None):
+        """The config's sampling settings with this seed; a given temperature (evals: 0 = greedy) drops top-k/p."""
         from dash.engine import SamplingParams
 
         return SamplingParams(
             temperature=self.cfg.temperature if temperature is None else temperature,
             top_p=self.cfg.top_p if temperature is None else 1.0,
             top_k=self.cfg.top_k if temperature is None else 0,
-            max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,
+            max_new_tokens=self.cfg.max_new_tokens,
             min_new_tokens=self.cfg.min_new_tokens,
             seed=seed,
         )
@@ -57,9 +57,8 @@ class RolloutSampler:
         from dash.engine import generate
 
         params = [self.params(s, temperature) for s in seeds]
-        self.last_stats = {}
         return generate(self.model, self.tokenizer, prompts, n=n, params=params, page_size=self.cfg.page_size,
-                        num_pages=self.cfg.num_pages or None, stats=self.last_stats)
+                        num_pages=self.cfg.num_pages)
 
     def sample(self, examples: list, group_size: int, run_seed: int, step: int, first_index: int) -> Rollout:
         """One generate call for all `examples` x G; rewards scored per completion."""

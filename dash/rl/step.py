@@ -39,10 +39,10 @@ class StepMicroBatches:
     def __init__(self, cfg: DashConfig, rollout: Rollout, keep: torch.Tensor, counts: tuple[float, float]):
         """counts: (samples, completion tokens) of the whole update, over all ranks: the global normaliser's input."""
         t, loss = cfg.train, cfg.loss
-        lengths = [len(p) + len(c) - 1 for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
         if loss.normalizer == "paper" or t.algorithm == "grpo":
             self.plan = plan_fixed(len(rollout), t.micro_batch_size, keep)  # the paper's micro-batches
         else:
+            lengths = [len(p) + len(c) - 1 for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
             rows = len(rollout) if t.token_budget > 0 else t.micro_batch_size
             self.plan = plan_balanced(lengths, keep, rows, t.token_budget)
         max_new = cfg.sampling.max_new_tokens
@@ -63,13 +63,18 @@ class PolicyUpdate:
         self.temperature = temp if temp > 0 else 1.0  # greedy sampling: score with the plain softmax
         self.non_finite = 0  # micro-batches of the current optimizer step whose loss was NaN / inf
 
+    @staticmethod
+    def completion_hidden(model, mb) -> torch.Tensor:
+        """Packed forward of the micro-batch, gathered at the positions that predict its completion tokens."""
+        hidden = model.forward_packed(mb.input_ids, mb.cu_seqlens, mb.positions)  # [T, H]
+        return hidden[mb.gather_index]  # [B, Lc, H]
+
     def token_logprobs(self, model, mb) -> torch.Tensor:
         """No-grad log-probs of the micro-batch's completion tokens under `model`: [B, Lc]."""
         from dash_kernels import token_logprobs
 
         with torch.no_grad():
-            hidden = model.forward_packed(mb.input_ids, mb.cu_seqlens, mb.positions)  # [T, H]
-            h = hidden[mb.gather_index]  # [B, Lc, H]
+            h = self.completion_hidden(model, mb)  # [B, Lc, H]
             targets = mb.targets.clamp(min=0)
             logp = token_logprobs(h.reshape(-1, h.shape[-1]), model.lm_head_weight, targets.reshape(-1),
                                   temperature=self.temperature)
@@ -81,8 +86,7 @@ class PolicyUpdate:
 
         lc = self.cfg.loss
         ref_logp = self.token_logprobs(self.ref_model, mb) if lc.beta > 0 else None
-        hidden = self.model.forward_packed(mb.input_ids, mb.cu_seqlens, mb.positions)  # [T, H]
-        h = hidden[mb.gather_index]  # [B, Lc, H]
+        h = self.completion_hidden(self.model, mb)  # [B, Lc, H]
         loss, metrics = fused_policy_loss(
             h, self.model.lm_head_weight, mb.targets, mb.advantages, mb.mask, old_logp=old_logp, ref_logp=ref_logp,
             loss_type=lc.loss_type, eps_low=lc.eps_low, eps_high=lc.eps_high, beta=lc.beta,
@@ -172,7 +176,8 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
     metrics_sum: dict[str, float] = {}
     update_metrics: dict = {}
     n_mb = 0
-    # PPO-Mini: interleaved slices of the step's samples (each holds whole groups' members spread evenly).
+    # PPO-Mini: every K-th sample; a mini-batch may split a group, which is fine because the advantages above were
+    # computed on whole groups before the split.
     minibatches = [list(range(len(rollout)))[i::t.ppo_minibatches] for i in range(t.ppo_minibatches)]
     local_counts = [x for mini in minibatches for x in (len(mini), sum(len(rollout.completion_ids[i]) for i in mini))]
     # One collective for all counts: [samples, tokens] per mini-batch, then reward sum and kept samples of the step.

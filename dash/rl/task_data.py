@@ -27,13 +27,18 @@ def _file_examples(cfg: DataConfig, path: str, tokenizer) -> list[Example]:
     return examples
 
 
+def arith_task(cfg: DataConfig):
+    """The built-in task's settings from the data config: -> (ArithTaskConfig, train examples, test examples)."""
+    from dash.tasks.arith import ArithTaskConfig, make_splits
+
+    task = ArithTaskConfig(form=cfg.arith_form, digits=cfg.arith_digits, seed=cfg.seed, test_size=cfg.test_size)
+    return task, *make_splits(task)
+
+
 def load_task(cfg: DataConfig, tokenizer) -> tuple[PromptIterator, list]:
     """-> (training prompt stream, held-out examples); both hold objects with `.prompt` and `.answer`."""
     if cfg.task == "arith":
-        from dash.tasks.arith import ArithTaskConfig, make_splits
-
-        task = ArithTaskConfig(form=cfg.arith_form, digits=cfg.arith_digits, seed=cfg.seed, test_size=cfg.test_size)
-        train, test = make_splits(task)
+        _, train, test = arith_task(cfg)
         return PromptIterator(train, seed=cfg.seed), test
     train = _file_examples(cfg, cfg.train_path, tokenizer)
     if cfg.test_path:

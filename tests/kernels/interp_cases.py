@@ -20,6 +20,7 @@ from kernel_testing import (
     assert_close_to_ref,
     check_loss_against_ref,
     linear_inputs,
+    logprob_runner,
     loss_inputs,
     naive_alt_logprobs,
     run_with_grads,
@@ -55,14 +56,7 @@ def test_token_logprobs_kernels(N, H, V, temperature, bias, entropy):
     hidden, weight, targets, b = linear_inputs(N, H, V, seed=V, bias=bias, ignore_frac=0.2)
     g = torch.Generator().manual_seed(1)
     upstream = [torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)]
-
-    def run(fn, dtype=None):
-        def f(h, w, bb):
-            extra = {} if dtype is None else {"dtype": dtype}
-            cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
-            out = fn(cast(h), cast(w), targets, temperature, cast(bb), entropy, **extra)
-            return out if entropy else (out,)
-        return run_with_grads(f, [hidden, weight, b], upstream)
+    run = logprob_runner(hidden, weight, targets, b, temperature, entropy, upstream)
 
     ours, g_ours = run(token_logprobs)
     naive, g_naive = run(token_logprobs_ref, torch.float32)

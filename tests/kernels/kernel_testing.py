@@ -97,6 +97,19 @@ def run_with_grads(fn, leaves, upstream=None):
     return [o.detach() if isinstance(o, torch.Tensor) else o for o in outs], grads
 
 
+def logprob_runner(hidden, weight, targets, bias, temperature, entropy, upstream):
+    """`run(fn, dtype=None) -> (outputs, grads)` for a token_logprobs-shaped `fn` on these inputs: hidden, weight and
+    bias cast to `dtype` (and `dtype=` passed on) when given, outputs weighted by `upstream` and back-propagated."""
+    def run(fn, dtype=None):
+        def f(h, w, bb):
+            extra = {} if dtype is None else {"dtype": dtype}
+            cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
+            out = fn(cast(h), cast(w), targets, temperature, cast(bb), entropy, **extra)
+            return out if entropy else (out,)
+        return run_with_grads(f, [hidden, weight, bias], upstream)
+    return run
+
+
 def linear_inputs(N, H, V, seed=0, bias=False, ignore_frac=0.0, dtype=torch.float32, logit_scale=3.0):
     """hidden [N, H], weight [V, H], targets [N] (some = -100), bias [V] or None. Logits have std ~logit_scale,
     so the softmax is peaked like a trained LM's, and targets are drawn from it (realistic log-probs)."""

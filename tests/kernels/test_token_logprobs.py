@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_testing import assert_close_to_ref, linear_inputs, naive_alt_logprobs, run_with_grads
+from kernel_testing import assert_close_to_ref, linear_inputs, logprob_runner, naive_alt_logprobs, run_with_grads
 
 from dash_kernels import token_logprobs, token_logprobs_from_logits
 from dash_kernels.ops import _chunked
@@ -13,14 +13,7 @@ def _check_linear(N, H, V, temperature, bias, entropy, ignore_frac, seed=0):
     hidden, weight, targets, b = linear_inputs(N, H, V, seed=seed, bias=bias, ignore_frac=ignore_frac)
     g = torch.Generator().manual_seed(seed + 7)
     upstream = [torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)]
-
-    def run(fn, dtype=None):
-        def f(h, w, bb):
-            extra = {} if dtype is None else {"dtype": dtype}
-            cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
-            out = fn(cast(h), cast(w), targets, temperature, cast(bb), entropy, **extra)
-            return out if entropy else (out,)
-        return run_with_grads(f, [hidden, weight, b], upstream)
+    run = logprob_runner(hidden, weight, targets, b, temperature, entropy, upstream)
 
     (ours, g_ours), (naive, g_naive), (ref, g_ref) = (run(token_logprobs), run(token_logprobs_ref, torch.float32),
                                                        run(token_logprobs_ref, torch.float64))
