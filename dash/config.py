@@ -123,6 +123,8 @@ class LossConfig:
     """k3 KL coefficient to the frozen initial model; 0 does not even load the reference."""
     adv_threshold: float = 0.1
     """Gradient filtering: samples with |advantage| <= this contribute nothing (DASH; 0 keeps A != 0)."""
+    gradient_filtering: bool = True
+    """DASH's filter on (default) or off: off trains on every sample, the paper's No-GF ablation (dash only)."""
     normalizer: Literal["paper", "global"] = "global"
     """`paper`: per micro-batch kept rows x max length; `global`: fixed once per optimizer step."""
 

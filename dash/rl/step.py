@@ -169,7 +169,8 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
     t_gen = time.perf_counter() - t0 - t_reward
 
     adv = group_advantages(rollout.rewards, G)  # [S]
-    keep = keep_mask(adv, cfg.loss.adv_threshold if t.algorithm == "dash" else None)  # [S]
+    filtering = t.algorithm == "dash" and cfg.loss.gradient_filtering
+    keep = keep_mask(adv, cfg.loss.adv_threshold if filtering else None)  # [S]
     keep &= torch.tensor([len(c) > 0 for c in rollout.completion_ids])  # nothing to train on an empty completion
     device = next(update.model.parameters()).device
     t1 = time.perf_counter()
