@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -121,7 +122,7 @@ def run_arm(base: str, arm: str, seed: int, steps: int, eval_every: int, extra: 
     t0 = time.perf_counter()
     out = (run_sft_arm if arm == "sft" else run_rl_arm)(cfg, steps, eval_every)
     return {"arm": arm, "seed": seed, "steps": steps, "eval_every": eval_every, "extra": extra,
-            "wall_s": time.perf_counter() - t0, **out}
+            "wall_s": time.perf_counter() - t0, "loadavg_1m": os.getloadavg()[0], **out}
 
 
 def load_cache(path: Path) -> list[dict]:
@@ -160,7 +161,7 @@ def main() -> int:
     cache_path = out.with_name(out.name + "_runs.jsonl")
     key = lambda r: (r["arm"], r["seed"], r["steps"], r["eval_every"], tuple(r["extra"]))  # noqa: E731
     runs = {} if args.smoke else {key(r): r for r in load_cache(cache_path)}
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # progress messages only
     for seed in range(args.seeds):  # seed-major: an interrupted run still has every arm for the first seeds
         for arm in arms:
             k = (arm, seed, args.steps, args.eval_every, tuple(extra))
@@ -175,7 +176,7 @@ def main() -> int:
     selected = [r for k, r in runs.items() if k[0] in arms and k[2:] == (args.steps, args.eval_every, tuple(extra))
                 and k[1] < args.seeds]
     summary = summarize(selected)
-    record = write_report(summary, selected, out, args, time.perf_counter() - t0)
+    record = write_report(summary, selected, out, args)
     print(json.dumps(record))
     return 0
 

@@ -201,8 +201,14 @@ def plot(s: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(s: dict, runs: list[dict], out: Path, args, wall_s: float) -> dict:
+def write_report(s: dict, runs: list[dict], out: Path, args) -> dict:
     import torch
+
+    wall_s = sum(r["wall_s"] for r in runs)  # every run's own wall time, evals included, cached or not
+    loads = [r["loadavg_1m"] for r in runs if "loadavg_1m" in r]
+    load_note = (f" The machine's 1-minute load average at the end of the runs ranged {min(loads):.1f}-"
+                 f"{max(loads):.1f} on 2 cores: above ~1 other work shared the CPU and inflated seconds per step "
+                 "unevenly (identical runs, e.g. the tau arms below 0.5, show how much)." if loads else "")
 
     lines = [f"# The paper's findings on the tiny task ({max((a['seeds'] for a in s.values()), default=0)} seeds x "
              f"{args.steps} steps, eval every {args.eval_every}, {torch.get_num_threads()} thread(s))", "",
@@ -210,7 +216,7 @@ def write_report(s: dict, runs: list[dict], out: Path, args, wall_s: float) -> d
              f"held-out greedy accuracy {next(iter(s.values()))['start']:.3f} on {runs[0]['eval_prompts']} test prompts (one eval's "
              "standard error ~2 points). Paper numbers: Qwen2.5-0.5B on MATH (hours, MATH %). "
              f"Target for 's to target' = start + {TARGET_GAIN:.2f}; a collapse = an eval below "
-             f"{COLLAPSE_FRAC:.0%} of the start.", ""]
+             f"{COLLAPSE_FRAC:.0%} of the start." + load_note, ""]
     for title, arms, cols, paper in EXPERIMENTS:
         present = [a for a in arms if a in s]
         if not present:
@@ -221,7 +227,9 @@ def write_report(s: dict, runs: list[dict], out: Path, args, wall_s: float) -> d
         verdict = verdicts(s).get(title.split(".")[0])
         if verdict:
             lines += [f"**Ours:** {verdict}", ""]
-    lines += [f"Total wall time of this invocation: {wall_s:.0f} s (cached runs excluded); plot: `{out.name}.png`.", ""]
+    per_arm = {a: sum(r["wall_s"] for r in runs if r["arm"] == a) / v["seeds"] for a, v in s.items()}
+    lines += [f"Wall time of all {len(runs)} runs: {wall_s / 60:.0f} min (evaluations included); per run: "
+              + ", ".join(f"{a} {t:.0f} s" for a, t in per_arm.items()) + f". Plot: `{out.name}.png`.", ""]
     plot(s, out.with_suffix(".png"))
     record = {"bench": "reproduce", "steps": args.steps, "seeds": max(a["seeds"] for a in s.values()),
               "arms": {a: {"final": statistics.fmean(v["final"]), "s_per_step": statistics.fmean(v["s_per_step"]),
