@@ -9,6 +9,15 @@ batch-independent sampling): GRPO with one sampling call per backprop micro-batc
 A third row, `dash-paper-mb`, is DASH restricted to the paper's fixed micro-batches of 8 (normalizer=paper), to
 separate the gain of preemptive sampling + filtering from the gain of packing survivors into larger micro-batches.
 Prints a table, then one JSON line.
+
+    python benchmarks/step_time.py --nproc 2             # DASH on 1 process vs 2 torchrun processes (ddp, fsdp)
+
+`--nproc N` instead times DASH alone, with the same global batch, on one process and on N torchrun processes
+(`torchrun --standalone`, gloo, 1 torch thread each), once with train.parallel=ddp and once with fsdp, and reports the
+scaling and the time lost to imbalance: each rank samples its own prompts, so ranks finish generation, and (after
+filtering, which leaves them different numbers of kept samples) training, at different times, and wait for the
+slowest at the next collective. Lost time per phase = max over ranks - mean over ranks of that phase's busy time,
+i.e. what a perfect rebalancer could save. No evaluation runs in this mode.
 """
 
 from __future__ import annotations
@@ -16,7 +25,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,6 +78,92 @@ def run_variant(cfg, name: str, steps: int, out_dir: Path) -> dict:
     }
 
 
+def run_worker(cfg, steps: int, out: str) -> None:
+    """One torchrun rank (or the lone process) of --nproc: DASH steps, this rank's timed rows to out.rank<r>.json."""
+    trainer = Trainer(cfg, quiet=True)
+    trainer.setup()
+    try:
+        rows = [trainer.train_step() for _ in range(steps + WARMUP_STEPS)]
+    finally:
+        trainer.close()
+    Path(f"{out}.rank{trainer.dist.rank}.json").write_text(json.dumps(rows[WARMUP_STEPS:]))
+
+
+def summarise_ranks(name: str, nproc: int, ranks: list[list[dict]]) -> dict:
+    """Per-step rows of every rank -> step time and the time lost to imbalance (see the module docstring)."""
+    def per_step(fn):  # mean over steps of fn(list of this step's rows, one per rank)
+        return statistics.fmean(fn(rows) for rows in zip(*ranks, strict=True))
+
+    def lost(phase):  # max - mean over ranks of a phase's busy seconds
+        return per_step(lambda rows: max(map(phase, rows)) - statistics.fmean(map(phase, rows)))
+
+    gen = lambda r: r["time/generate_s"] + r["time/reward_s"]  # noqa: E731
+    # the training phase minus the two collectives' waits (counts after generation, gradients after backward)
+    train = lambda r: r["time/train_s"] - r["time/count_sync_s"] - r["time/grad_sync_s"]  # noqa: E731
+    return {
+        "name": name, "nproc": nproc, "s_per_step": per_step(lambda rows: max(r["time/step_s"] for r in rows)),
+        "generate_s": per_step(lambda rows: statistics.fmean(map(gen, rows))),
+        "train_s": per_step(lambda rows: statistics.fmean(map(train, rows))),
+        "lost_gen_s": lost(gen), "lost_train_s": lost(train),
+        "grad_sync_s": per_step(lambda rows: min(r["time/grad_sync_s"] for r in rows)),
+        "rank_kept_min": per_step(lambda rows: min(r["rollout/rank_kept_frac"] for r in rows)),
+        "rank_kept_max": per_step(lambda rows: max(r["rollout/rank_kept_frac"] for r in rows)),
+        "micro_batches": per_step(lambda rows: statistics.fmean(r["train/micro_batches"] for r in rows)),
+        "pad_micro_batches": per_step(lambda rows: sum(r.get("train/pad_micro_batches", 0) for r in rows)),
+    }
+
+
+def run_nproc(args, base, overrides: list[str]) -> int:
+    """--nproc N: DASH on 1 process, then on N torchrun processes with ddp and with fsdp; table + JSON line."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        raise SystemExit("--nproc needs torchrun next to this python")
+    out_root = Path(tempfile.mkdtemp(prefix="dash-step-time-nproc-"))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or 1), "PYTHONPATH": str(ROOT)}
+    load_start = os.getloadavg()[0]
+    t_start = time.perf_counter()
+    results = []
+    for name, nproc, parallel in [("1 process", 1, "ddp"), (f"{args.nproc} x ddp", args.nproc, "ddp"),
+                                  (f"{args.nproc} x fsdp", args.nproc, "fsdp")]:
+        out = out_root / name.replace(" ", "_")
+        launch = [sys.executable] if nproc == 1 else [torchrun, "--standalone", "--nproc_per_node", str(nproc)]
+        cmd = [*launch, __file__, "--worker", str(out), "--config", args.config, "--steps", str(args.steps),
+               "--threads", str(args.threads), *overrides, "--train.algorithm=dash", f"--train.parallel={parallel}",
+               f"--log.out_dir={out}"]
+        print(f"running {name} ({args.steps} timed steps) ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(nproc)]
+        results.append(summarise_ranks(name, nproc, ranks))
+    one = results[0]
+    print(f"\nDASH step time, 1 vs {args.nproc} processes: {base.train.prompts_per_step} prompts x "
+          f"G={base.train.group_size} per step (split over ranks), {args.steps} timed steps, {args.threads} torch "
+          f"thread(s) per process, load average {load_start:.2f} at start")
+    header = f"{'variant':<12}{'s/step':>9}{'speedup':>9}{'gen':>8}{'train':>8}{'lost gen':>10}{'lost train':>11}" \
+             f"{'sync':>8}{'kept/rank':>12}{'mbs':>6}{'pads':>6}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['name']:<12}{r['s_per_step']:>9.3f}{one['s_per_step'] / r['s_per_step']:>9.2f}"
+              f"{r['generate_s']:>8.3f}{r['train_s']:>8.3f}{r['lost_gen_s']:>10.3f}{r['lost_train_s']:>11.3f}"
+              f"{r['grad_sync_s']:>8.4f}{r['rank_kept_min']:>6.2f}-{r['rank_kept_max']:<5.2f}"
+              f"{r['micro_batches']:>6.1f}{r['pad_micro_batches']:>6.1f}")
+    ddp, fsdp = results[1], results[2]
+    record = {
+        "bench": "step_time_nproc", "nproc": args.nproc, "steps": args.steps, "config": Path(args.config).name,
+        "overrides": overrides, "s_per_step_1": one["s_per_step"], "s_per_step_ddp": ddp["s_per_step"],
+        "s_per_step_fsdp": fsdp["s_per_step"], "speedup_ddp": one["s_per_step"] / ddp["s_per_step"],
+        "speedup_fsdp": one["s_per_step"] / fsdp["s_per_step"],
+        "lost_imbalance_s_ddp": ddp["lost_gen_s"] + ddp["lost_train_s"], "variants": results,
+        "threads_per_process": args.threads, "load_start": load_start, "load_end": os.getloadavg()[0],
+        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "git_sha": _git_sha(), "wall_s": time.perf_counter() - t_start,
+    }
+    print(json.dumps(record))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs/tiny.yaml"))
@@ -74,10 +171,20 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=CPU_THREADS_DEFAULT,
                         help="torch threads on CPU (0: torch's default); the same for every variant")
     parser.add_argument("--skip-paper-mb", action="store_true", help="skip the dash-paper-mb row")
+    parser.add_argument("--nproc", type=int, default=0,
+                        help="compare DASH on 1 process with this many torchrun processes (see above)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one process of --nproc, rows to this prefix
     args, overrides = parser.parse_known_args()
     if args.threads and not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
     base = load_config(args.config, overrides)
+    if args.worker:
+        run_worker(base, args.steps, args.worker)
+        return 0
+    if args.nproc:
+        if args.nproc < 2:
+            raise SystemExit("--nproc must be >= 2")
+        return run_nproc(args, base, overrides)
     out_root = Path(tempfile.mkdtemp(prefix="dash-step-time-"))
     variants = [("grpo", "grpo", base.loss.normalizer), ("dash", "dash", base.loss.normalizer)]
     if not args.skip_paper_mb:

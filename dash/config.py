@@ -164,8 +164,14 @@ class TrainConfig:
     """`linear` decays to 0 over `steps` (HF Trainer default, used by the paper)."""
     seed: int = 0
     """Seed for sampling, init and data order."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: `ddp` = a full replica per rank, one gradient all-reduce per optimizer step; `fsdp` = FSDP2,
+    parameters / gradients / optimizer state sharded, full parameters gathered once per generation phase, sharded
+    checkpoints. One process: the same single model either way (fsdp keeps its sharded checkpoint format)."""
 
     def __post_init__(self):
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         for name in ("steps", "prompts_per_step", "group_size", "micro_batch_size", "ppo_epochs", "ppo_minibatches"):
             _positive(f"train.{name}", getattr(self, name))
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.token_budget < 0:

@@ -5,6 +5,13 @@ model.safetensors, tokenizer files, loadable by `dash.model_io.load_model` or tr
 (optimizer, LR scheduler, RNG states, data position, step, config). It is written into a temporary sibling folder and
 renamed into place, and `latest` (a one-line file naming the newest folder) is replaced atomically after that, so a
 run killed at any moment leaves either the previous checkpoint or the new one, never half of one.
+
+Under FSDP (`train.parallel: fsdp`) a checkpoint is sharded: `sharded/` is a torch.distributed.checkpoint (DCP)
+folder where every rank writes its own shards of the weights and AdamW state (one `.distcp` file per rank, plus
+`.metadata`), so no rank ever holds the full optimizer state; `trainer_state.pt` then has no optimizer entry and there
+is no `model/`. The same temporary-folder-and-rename protocol applies, with rank 0 creating and publishing the
+folder (so on several nodes, out_dir must be a shared filesystem). DCP reshards on load, so such a checkpoint resumes with any world size (one process included), and
+`load_sharded(ckpt, model)` fills a plain single-process model from it (e.g. to export it with save_model).
 """
 
 from __future__ import annotations
@@ -13,16 +20,20 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dash.model_io import save_model
+from dash.rl.distributed import DistInfo, broadcast_object
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
+SHARDED_DIR = "sharded"
 
 
 def rng_state() -> dict:
@@ -48,17 +59,80 @@ def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, trainer_st
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}-", dir=root))
     try:
         save_model(model, tmp / MODEL_DIR, tokenizer=tokenizer)
-        torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
-        if final.exists():  # re-saving a step (e.g. after a resume): replace the old folder
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _publish(tmp, final, trainer_state, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer_tmp = root / f".{LATEST}.tmp"
-    pointer_tmp.write_text(final.name + "\n")
-    os.replace(pointer_tmp, root / LATEST)
     return final
+
+
+def save_sharded_checkpoint(out_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
+                            info: DistInfo) -> Path:
+    """FSDP: every rank calls this. Each writes its shards (model + optimizer, DCP) into one temporary folder made by
+    rank 0; rank 0 adds trainer_state.pt and publishes the folder as save_checkpoint does."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(out_dir) / "checkpoints"
+    final = root / f"step-{step}"
+    tmp = None
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".step-{step}-", dir=root)
+    tmp = Path(broadcast_object(tmp, info))
+    try:
+        model_sd, optim_sd = get_state_dict(model, optimizer)  # DTensor shards, keyed by parameter name
+        # dcp.save returns on every rank only after the coordinator (rank 0) has written .metadata, i.e. after every
+        # rank's shard file is complete, so rank 0 may publish right after it.
+        with _single_process_ok():
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp / SHARDED_DIR)
+        if info.is_main:
+            _publish(tmp, final, trainer_state, step)
+    except BaseException:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_sharded(ckpt: Path, model, optimizer=None) -> None:
+    """Loads a sharded checkpoint's weights (and optimizer state) into `model` (FSDP-sharded or plain) in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as sd
+
+    # The targets define what is read and how it is sharded here; the optimizer's is built by a zero-lr step when it
+    # has no state yet, so every AdamW moment has a tensor to load into.
+    state = {"model": sd.get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = sd.get_optimizer_state_dict(model, optimizer)
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=Path(ckpt) / SHARDED_DIR)
+    sd.set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        sd.set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def is_sharded_checkpoint(ckpt: Path) -> bool:
+    return (Path(ckpt) / SHARDED_DIR).is_dir()
+
+
+@contextmanager
+def _single_process_ok():
+    """Silences DCP's warning that, with no process group, it assumes a single process: here that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _publish(tmp: Path, final: Path, trainer_state: dict, step: int) -> None:
+    """Adds trainer_state.pt to the complete temporary folder, renames it into place, then repoints `latest`."""
+    torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
+    if final.exists():  # re-saving a step (e.g. after a resume): replace the old folder
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer_tmp = final.parent / f".{LATEST}.tmp"
+    pointer_tmp.write_text(final.name + "\n")
+    os.replace(pointer_tmp, final.parent / LATEST)
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -68,8 +142,9 @@ def find_checkpoint(path: str | Path) -> Path:
         if (root / LATEST).is_file():
             path = root / (root / LATEST).read_text().strip()
             break
-    if not (path / STATE_FILE).is_file() or not (path / MODEL_DIR).is_dir():
-        raise FileNotFoundError(f"--resume: {path} is not a checkpoint (no {STATE_FILE} and {MODEL_DIR}/ in it)")
+    if not (path / STATE_FILE).is_file() or not ((path / MODEL_DIR).is_dir() or (path / SHARDED_DIR).is_dir()):
+        raise FileNotFoundError(f"--resume: {path} is not a checkpoint (no {STATE_FILE} and {MODEL_DIR}/ or "
+                                f"{SHARDED_DIR}/ in it)")
     return path
 
 

@@ -11,12 +11,18 @@ global batch.
 
 Why one all-reduce per optimizer step instead of torch DDP's per-backward bucketed sync: after filtering, ranks hold
 different numbers of micro-batches (possibly zero). Per-micro-batch collectives would force every rank to run as
-many micro-batches as the busiest one (zero-weight padding micro-batches cost a full forward/backward each); a single
-sync after local accumulation costs nothing extra and cannot deadlock, because every rank makes the same number of
-collective calls per step (counts, gradients, metrics), whatever its share of work. What it gives up is overlapping
-the all-reduce with the last backward, which matters on fast GPU interconnect only for large models.
+many micro-batches as the busiest one (padding with zero-weight micro-batches) and in lockstep; a single sync after
+local accumulation needs no padding and cannot deadlock, because every rank makes the same number of collective calls
+per step (counts, gradients, metrics), whatever its share of work. What it gives up is overlapping the all-reduce
+with the last backward, which matters on fast GPU interconnect only for large models. Measured on 2 CPU processes
+(benchmarks/dp_sync.py, benchmarks/results/dp_sync.md), with the paper's 8-row micro-batches (10-39 per rank): a
+synced, padded micro-batch loop (flat all-reduce or torch DDP) makes the training phase 1.56-1.64x slower; DDP with
+no_sync is within noise of this design (0.87-1.04x). With DASH's packing (one micro-batch per rank) all are equal.
+Imbalance is left as is: ranks wait for the slowest at the counts and gradient collectives, ~7% of the step
+(benchmarks/step_time.py --nproc 2). Rebalancing the kept samples across ranks (an all_gather of them, then a
+token-balanced split) cut that wait by 2-4x but paid about as much for the exchange: 0.94-1.04x of the training phase.
 Checkpoints are written by rank 0 (replicas are identical), so a run can resume with any world size.
-FSDP2 sharding is not implemented yet (see README status).
+`train.parallel: fsdp` shards the model instead (dash/rl/fsdp.py); the helpers here serve both modes.
 """
 
 from __future__ import annotations
@@ -72,6 +78,15 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(values: list[float], info: DistInfo) -> list[float]:
+    """Element-wise max of a list of floats over ranks (FSDP: the micro-batch count every rank must run)."""
+    if not info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def all_reduce_grads(model: torch.nn.Module, info: DistInfo, extras: list[float], average: bool) -> list[float]:
     """Sums (or averages) every gradient over ranks in one flat all-reduce (a missing grad counts as zero); `extras`
     (e.g. non-finite loss counts) ride along in the same call and come back summed."""
@@ -88,6 +103,15 @@ def all_reduce_grads(model: torch.nn.Module, info: DistInfo, extras: list[float]
         p.grad = (flat[offset:offset + n] * scale).view_as(p).to(p.dtype)
         offset += n
     return flat[offset:].tolist()
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's `obj` (any picklable value) on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def close_distributed(info: DistInfo) -> None:

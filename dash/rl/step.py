@@ -28,6 +28,7 @@ import torch
 
 from dash.config import DashConfig
 from dash.rl.distributed import DistInfo, all_reduce_grads, all_reduce_sum, shard_range
+from dash.rl.fsdp import full_value, gathered, is_sharded, pad_plans, reshard_all, zero_weight_backward
 from dash.rl.loss_norm import global_normalizer, paper_normalizer
 from dash.rl.packing import collate, plan_balanced, plan_fixed
 from dash.rl.rollout import Rollout, group_advantages, keep_mask
@@ -80,10 +81,14 @@ class PolicyUpdate:
                                   temperature=self.temperature)
             return logp.view_as(mb.old_logp) * mb.mask
 
-    def backward(self, mb, normalizer: float, old_logp: torch.Tensor | None) -> dict:
-        """Loss of one micro-batch, backward, and its metrics (detached floats)."""
+    def backward(self, mb, normalizer: float | None, old_logp: torch.Tensor | None) -> dict:
+        """Loss of one micro-batch, backward, and its metrics (detached floats). normalizer None: an FSDP padding
+        micro-batch (dash/rl/fsdp.py), zero weight and no metrics."""
         from dash_kernels import fused_policy_loss
 
+        if normalizer is None:
+            zero_weight_backward(self.model, mb)
+            return {}
         lc = self.cfg.loss
         ref_logp = self.token_logprobs(self.ref_model, mb) if lc.beta > 0 else None
         h = self.completion_hidden(self.model, mb)  # [B, Lc, H]
@@ -96,6 +101,8 @@ class PolicyUpdate:
             loss.backward()
         else:  # the whole optimizer step is skipped (see step()); no NaN reaches the gradients
             self.non_finite += 1
+            if is_sharded(self.model):  # FSDP's per-layer collectives still need this rank's backward
+                zero_weight_backward(self.model, mb)
         out = {k: float(v) for k, v in metrics.items()}
         out["loss/value"] = float(loss.detach())
         return out
@@ -105,13 +112,17 @@ class PolicyUpdate:
         every rank (and is reported); it never reaches the weights."""
         info = info or DistInfo()
         t0 = time.perf_counter()
-        if info.enabled:
+        if is_sharded(self.model):  # FSDP already reduce-scattered the gradients during backward
+            reshard_all(self.model)
+            self.non_finite = int(all_reduce_sum([float(self.non_finite)], info)[0])
+        elif info.enabled:
             average = self.cfg.loss.normalizer == "paper"  # paper: per-rank means, averaged like DDP
             self.non_finite = int(all_reduce_grads(self.model, info, [float(self.non_finite)], average)[0])
         wait_s = time.perf_counter() - t0
         clip = self.cfg.train.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf) if params else torch.tensor(0.0)
+        norm = full_value(norm)  # FSDP: a replicated DTensor
         skipped = bool(self.non_finite) or not torch.isfinite(norm)
         if not skipped:
             self.optimizer.step()
@@ -158,13 +169,15 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
     lo, hi = shard_range(len(examples), info)
     t0 = time.perf_counter()
     reward_s0 = sampler.reward_seconds
-    if t.algorithm == "dash":
-        rollout = sampler.sample(examples[lo:hi], G, t.seed, step, lo)
-        calls = 1
-    else:  # grpo: one sampling call per backprop micro-batch of micro_batch_size completions
-        per_call = t.micro_batch_size // G
-        parts = [sampler.sample(examples[i:min(i + per_call, hi)], G, t.seed, step, i) for i in range(lo, hi, per_call)]
-        rollout, calls = Rollout.concat(parts), len(parts)
+    with gathered(update.model):  # FSDP: one all-gather for the whole generation phase
+        if t.algorithm == "dash":
+            rollout = sampler.sample(examples[lo:hi], G, t.seed, step, lo)
+            calls = 1
+        else:  # grpo: one sampling call per backprop micro-batch of micro_batch_size completions
+            per_call = t.micro_batch_size // G
+            parts = [sampler.sample(examples[i:min(i + per_call, hi)], G, t.seed, step, i)
+                     for i in range(lo, hi, per_call)]
+            rollout, calls = Rollout.concat(parts), len(parts)
     t_reward = sampler.reward_seconds - reward_s0
     t_gen = time.perf_counter() - t0 - t_reward
 
@@ -182,7 +195,9 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
     minibatches = [list(range(len(rollout)))[i::t.ppo_minibatches] for i in range(t.ppo_minibatches)]
     local_counts = [x for mini in minibatches for x in (len(mini), sum(len(rollout.completion_ids[i]) for i in mini))]
     # One collective for all counts: [samples, tokens] per mini-batch, then reward sum and kept samples of the step.
+    # Under torchrun it is also where a rank that generated faster waits for the slowest one (time/count_sync_s).
     counts = all_reduce_sum(local_counts + [float(rollout.rewards.sum()), float(keep.sum())], info)
+    count_sync_s = time.perf_counter() - t1
     reward_sum, kept_all = counts[-2], counts[-1]
     plans = []  # per mini-batch: [(micro-batch, normaliser), ...]
     for j, mini in enumerate(minibatches):
@@ -190,13 +205,16 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
         mini_keep[mini] = keep[mini]
         sub = StepMicroBatches(cfg, rollout, mini_keep, (counts[2 * j], counts[2 * j + 1]))
         plans.append([(collate(rollout, idx, adv, device), norm) for idx, norm in zip(sub.plan, sub.norms)])
+    pads = 0
+    if is_sharded(update.model):  # FSDP's collectives are per micro-batch: every rank runs the same count
+        plans, pads = pad_plans(plans, info, device)
     olds = _old_logps(cfg, update, plans, reuse=t.ppo_epochs * t.ppo_minibatches > 1)
     for epoch in range(t.ppo_epochs):
         for plan, plan_olds in zip(plans, olds):
             for (mb, norm), old in zip(plan, plan_olds):
                 for k, v in update.backward(mb, norm, old).items():
                     metrics_sum[k] = metrics_sum.get(k, 0.0) + v
-                n_mb += 1
+                n_mb += int(norm is not None)
             update_metrics = update.step(info)
     t_train = time.perf_counter() - t1
     S, kept = len(rollout), int(keep.sum())
@@ -207,8 +225,8 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
         "rollout/reward_mean": reward_sum / S_all, "rollout/kept_frac": kept_all / S_all,
         "rollout/rank_kept_frac": kept / S,
         "rollout/completion_len": rollout.completion_tokens() / S, "rollout/sampling_calls": calls,
-        "train/micro_batches": n_mb, "train/skipped_samples": S - kept,
-        "time/generate_s": t_gen, "time/reward_s": t_reward, "time/train_s": t_train,
+        "train/micro_batches": n_mb, "train/pad_micro_batches": pads * t.ppo_epochs, "train/skipped_samples": S - kept,
+        "time/generate_s": t_gen, "time/reward_s": t_reward, "time/train_s": t_train, "time/count_sync_s": count_sync_s,
         "time/gen_tok_s": rollout.completion_tokens() / max(t_gen, 1e-9),
         "reward/failed_calls": sampler.reward_stats.failures,
     })

@@ -4,7 +4,9 @@
 
 One process, one copy of the weights: the sampler (dash.engine) generates from `self.model`, the very module the
 optimizer updates, so the next step's sampling sees the new weights with no copy, reload or sync. The step itself
-(sampling schedule, filtering, packing, loss) is dash/rl/step.py.
+(sampling schedule, filtering, packing, loss) is dash/rl/step.py. Under torchrun every rank runs this loop: rank 0
+alone logs, evaluates and (DDP) checkpoints; with `train.parallel: fsdp` every rank joins the parameter gather of an
+evaluation and writes its shards of a checkpoint (dash/rl/distributed.py, dash/rl/fsdp.py).
 """
 
 from __future__ import annotations
@@ -16,10 +18,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dash.config import DashConfig, config_to_dict
-from dash.rl.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, set_rng_state, MODEL_DIR
+from dash.config import ConfigError, DashConfig, config_to_dict
+from dash.rl.checkpoint import (
+    MODEL_DIR,
+    find_checkpoint,
+    is_sharded_checkpoint,
+    load_sharded,
+    load_trainer_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    set_rng_state,
+)
 from dash.rl.distributed import close_distributed, init_distributed
 from dash.rl.evaluate import evaluate
+from dash.rl.fsdp import gathered, shard_model
 from dash.rl.metrics import MetricsLogger
 from dash.rl.sample import RolloutSampler
 from dash.rl.step import PolicyUpdate, build_optimizer, frozen_copy, run_step
@@ -35,20 +47,27 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def setup(self, resume: str | None = None) -> None:
-        from dash.rl.task_data import load_task
         from dash.model_io import load_model, load_tokenizer
         from dash.rewards import get_reward
+        from dash.rl.task_data import load_task
 
         cfg = self.cfg
         seed_everything(cfg.train.seed)
         ckpt = find_checkpoint(resume) if resume else None
-        folder = ckpt / MODEL_DIR if ckpt else resolve_model_path(cfg.model.path)
+        fsdp = cfg.train.parallel == "fsdp"
+        if ckpt and is_sharded_checkpoint(ckpt) != fsdp:
+            raise ConfigError(f"--resume: {ckpt} was written with train.parallel={'ddp' if fsdp else 'fsdp'}; "
+                              f"resume it with the same train.parallel")
+        # A sharded checkpoint has no full model folder: build the architecture from the run's model, then load.
+        folder = ckpt / MODEL_DIR if ckpt and not fsdp else resolve_model_path(cfg.model.path)
         device = resolve_device(cfg.model.device)
         self.dist = init_distributed(device)
         if device.type == "cuda" and self.dist.enabled:  # one GPU per rank
             device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(device)
         self.model = load_model(folder, dtype=resolve_dtype(cfg.model.dtype), device=device).train()
+        if fsdp and self.dist.enabled:  # one process: nothing to shard, only the checkpoint format differs
+            shard_model(self.model, average_grads=cfg.loss.normalizer == "paper")
         self.tokenizer = load_tokenizer(folder)
         # The KL reference is the initial policy; it is not even built when beta == 0.
         ref_folder = resolve_model_path(cfg.model.path)
@@ -64,7 +83,10 @@ class Trainer:
         self.logger = MetricsLogger(cfg.log.out_dir, tensorboard=cfg.log.tensorboard) if self.dist.is_main else None
         if ckpt:
             state = load_trainer_state(ckpt)
-            self.optimizer.load_state_dict(state["optimizer"])
+            if fsdp:
+                load_sharded(ckpt, self.model, self.optimizer)
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.train_data.load_state_dict(state["data"])
             set_rng_state(state["rng"])
@@ -81,9 +103,9 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}", kept=f"{metrics['rollout/kept_frac']:.2f}")
             done = self.step == cfg.train.steps
-            if self.dist.is_main and ((cfg.log.eval_every and self.step % cfg.log.eval_every == 0) or done):
+            if (cfg.log.eval_every and self.step % cfg.log.eval_every == 0) or done:
                 self.evaluate()
-            if self.dist.is_main and ((cfg.log.ckpt_every and self.step % cfg.log.ckpt_every == 0) or done):
+            if (cfg.log.ckpt_every and self.step % cfg.log.ckpt_every == 0) or done:
                 self.save_checkpoint()
         bar.close()
         return self.history
@@ -103,11 +125,15 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> dict:
+        """Every rank calls it (FSDP: the parameter gather is collective); rank 0 alone evaluates, others get {}."""
         self.model.eval()
-        with torch.no_grad():
-            metrics, shown = evaluate(self.sampler, self.test_examples, self.cfg.train.seed,
-                                      pass_k=self.cfg.log.eval_pass_k, samples_shown=self.cfg.log.samples_shown)
+        with torch.no_grad(), gathered(self.model):
+            if self.dist.is_main:
+                metrics, shown = evaluate(self.sampler, self.test_examples, self.cfg.train.seed,
+                                          pass_k=self.cfg.log.eval_pass_k, samples_shown=self.cfg.log.samples_shown)
         self.model.train()
+        if not self.dist.is_main:
+            return {}
         if self.logger:
             self.logger.log(self.step, metrics)
             self.logger.log_samples(self.step, shown)
@@ -116,10 +142,18 @@ class Trainer:
         return metrics
 
     # -- checkpoints -------------------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "data": self.train_data.state_dict(), "config": config_to_dict(self.cfg)}
-        path = save_checkpoint(self.cfg.log.out_dir, self.step, self.model, self.tokenizer, state)
+    def save_checkpoint(self) -> Path | None:
+        """Every rank calls it: DDP writes on rank 0 only (replicas are identical), FSDP on all ranks (shards)."""
+        state = {"scheduler": self.scheduler.state_dict(), "data": self.train_data.state_dict(),
+                 "config": config_to_dict(self.cfg)}
+        if self.cfg.train.parallel == "fsdp":
+            path = save_sharded_checkpoint(self.cfg.log.out_dir, self.step, self.model, self.optimizer, state,
+                                           self.dist)
+        elif self.dist.is_main:
+            state["optimizer"] = self.optimizer.state_dict()
+            path = save_checkpoint(self.cfg.log.out_dir, self.step, self.model, self.tokenizer, state)
+        else:
+            return None
         self._say(f"checkpoint {path}")
         return path
 

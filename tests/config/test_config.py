@@ -72,3 +72,14 @@ def test_round_trip_through_dict(tmp_path):
 
 def test_parse_overrides_nesting():
     assert parse_overrides(["--a.b=1", "--a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+def test_train_parallel_is_checked():
+    from dash.config import TrainConfig
+
+    assert load_config(None, []).train.parallel == "ddp"
+    assert load_config(None, ["--train.parallel=fsdp"]).train.parallel == "fsdp"
+    with pytest.raises(ConfigError, match=r"train\.parallel"):
+        load_config(None, ["--train.parallel=zero3"])
+    with pytest.raises(ConfigError, match=r"train\.parallel"):
+        TrainConfig(parallel="zero3")  # built directly, past the loader's type check

@@ -1,7 +1,7 @@
 """Worker for tests/rl/test_distributed.py, launched by torchrun (2 processes, gloo on CPU).
 
-    torchrun --nproc_per_node 2 tests/rl/ddp_worker.py update OUT.pt
-    torchrun --nproc_per_node 2 tests/rl/ddp_worker.py train MODEL_DIR OUT_DIR STEPS [--resume]
+    torchrun --nproc_per_node 2 tests/rl/ddp_worker.py update OUT.pt [--fsdp] [--both-ranks-train]
+    torchrun --nproc_per_node 2 tests/rl/ddp_worker.py train MODEL_DIR OUT_DIR STEPS [--resume] [--fsdp]
 """
 
 import sys
@@ -11,21 +11,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
 
-
-def run_update(out_path: str) -> None:
+def run_update(out_path: str, fsdp: bool, skew: bool) -> None:
     from dash.rl.distributed import close_distributed, init_distributed
+    from dash.rl.fsdp import gathered, shard_model
     from dash.rl.step import PolicyUpdate, run_step
     from tests.rl.test_distributed import FIXED_ROLLOUT_SEED, PROMPTS, make_cfg, one_update_setup
     from tests.rl.test_update_equivalence import FixedSampler, make_rollout
 
     info = init_distributed(torch.device("cpu"))
-    cfg, model, opt, sched = one_update_setup()
-    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
-    sampler = FixedSampler(make_rollout(seed=FIXED_ROLLOUT_SEED, rank_skew=True))
+    shard = (lambda m: shard_model(m, average_grads=False)) if fsdp else None
+    cfg, model, opt, sched = one_update_setup(shard)
+    with gathered(model):  # FSDP: the full parameters, to diff against
+        before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    sampler = FixedSampler(make_rollout(seed=FIXED_ROLLOUT_SEED, rank_skew=skew))
     metrics, _ = run_step(cfg, sampler, PolicyUpdate(cfg, model, opt, sched), list(range(PROMPTS)), 0, info)
-    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    with gathered(model):
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     if info.is_main:
         torch.save({"update": after - before, "metrics": metrics}, out_path)
     else:
@@ -34,8 +36,7 @@ def run_update(out_path: str) -> None:
     assert make_cfg  # imported for the shared settings
 
 
-def run_train(model_dir: str, out_dir: str, steps: str, resume: bool) -> None:
-    from dash.cli import main
+def train_args(model_dir: str, out_dir: str, steps: str, resume: bool, fsdp: bool) -> list[str]:
     from tests.rl.test_trainer_e2e import _even_length  # noqa: F401  (registers the test reward)
 
     args = ["train", f"--model.path={model_dir}", "--model.device=cpu", "--data.test_size=8",
@@ -43,11 +44,20 @@ def run_train(model_dir: str, out_dir: str, steps: str, resume: bool) -> None:
             "--train.micro_batch_size=4", f"--train.steps={steps}", f"--log.out_dir={out_dir}", "--log.eval_every=0"]
     if resume:
         args.append(f"--resume={out_dir}")
-    raise SystemExit(main(args))
+    if fsdp:
+        args.append("--train.parallel=fsdp")
+    return args
+
+
+def run_train(model_dir: str, out_dir: str, steps: str, resume: bool, fsdp: bool) -> None:
+    from dash.cli import main
+
+    raise SystemExit(main(train_args(model_dir, out_dir, steps, resume, fsdp)))
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
     if sys.argv[1] == "update":
-        run_update(sys.argv[2])
+        run_update(sys.argv[2], "--fsdp" in sys.argv, "--both-ranks-train" not in sys.argv)
     else:
-        run_train(sys.argv[2], sys.argv[3], sys.argv[4], "--resume" in sys.argv)
+        run_train(sys.argv[2], sys.argv[3], sys.argv[4], "--resume" in sys.argv, "--fsdp" in sys.argv)
