@@ -223,6 +223,13 @@ class DashConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def __post_init__(self):
+        # DDP steps fp32 master weights for a 16-bit model (dash/rl/optim.py); FSDP2 would step the bf16 shards
+        # themselves, where updates at small lr round away. Refuse rather than train silently without effect.
+        if self.train.parallel == "fsdp" and self.model.dtype != "float32":
+            raise ConfigError(f"train.parallel=fsdp needs model.dtype=float32 (got {self.model.dtype!r}): FSDP2 here "
+                              "keeps no fp32 master weights, so 16-bit AdamW updates at small lr would round away")
+
 
 def _positive(name: str, value: int) -> None:
     if value < 1:

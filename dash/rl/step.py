@@ -30,6 +30,7 @@ from dash.config import DashConfig
 from dash.rl.distributed import DistInfo, all_reduce_grads, all_reduce_sum, shard_range
 from dash.rl.fsdp import full_value, gathered, is_sharded, pad_plans, reshard_all, zero_weight_backward
 from dash.rl.loss_norm import global_normalizer, paper_normalizer
+from dash.rl.optim import make_adamw
 from dash.rl.packing import collate, plan_balanced, plan_fixed
 from dash.rl.rollout import Rollout, group_advantages, keep_mask
 
@@ -139,7 +140,7 @@ class PolicyUpdate:
 
 def build_optimizer(cfg: DashConfig, model):
     t = cfg.train
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    opt = make_adamw(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)  # fp32 masters for 16-bit models
     total = t.steps * t.ppo_epochs * t.ppo_minibatches
     if t.lr_schedule == "linear":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / total))

@@ -83,3 +83,9 @@ def test_train_parallel_is_checked():
         load_config(None, ["--train.parallel=zero3"])
     with pytest.raises(ConfigError, match=r"train\.parallel"):
         TrainConfig(parallel="zero3")  # built directly, past the loader's type check
+
+
+def test_fsdp_with_a_16_bit_model_is_refused():
+    with pytest.raises(ConfigError, match="train.parallel=fsdp needs model.dtype=float32"):
+        load_config(None, ["--train.parallel=fsdp", "--model.dtype=bfloat16"])
+    assert load_config(None, ["--train.parallel=fsdp"]).train.parallel == "fsdp"

@@ -54,14 +54,14 @@ PAPER_SAMPLES_PER_STEP = 256  # M = 64 prompts x G
 PAPER_ACCUM_STEPS = 32  # K_acc = M / micro-batch
 PAPER_MAX_PROMPT, PAPER_MAX_COMPLETION = 256, 2048
 
-# The memory plan docs/paper-setting.md quotes, in GiB (2**30 bytes), per preset: bf16 policy + gradients + 2 AdamW
-# moments + KL reference copy; the worst-case KV pool of one DASH sampling call (256 sequences) and of one GRPO call
-# (8 sequences); the fused loss's fp32 lm_head gradient buffer of one backward.
+# The memory plan docs/paper-setting.md quotes, in GiB (2**30 bytes), per preset: bf16 policy + bf16 gradients + KL
+# reference copy, plus fp32 master weights and 2 fp32 AdamW moments (dash/rl/optim.py); the worst-case KV pool of one
+# DASH sampling call (256 sequences) and of one GRPO call (8 sequences); the fused loss's fp32 lm_head gradient buffer.
 EXPECTED_GIB = {
-    "qwen2.5-0.5b-math.yaml": (4.60, 6.75, 0.21, 0.51),
-    "qwen2.5-1.5b-math.yaml": (14.38, 15.75, 0.49, 0.87),
+    "qwen2.5-0.5b-math.yaml": (8.28, 6.75, 0.21, 0.51),
+    "qwen2.5-1.5b-math.yaml": (25.88, 15.75, 0.49, 0.87),
 }
-_ADAMW_MOMENTS = 2  # torch AdamW keeps exp_avg and exp_avg_sq in the parameter dtype
+_ADAMW_FP32_COPIES = 3  # MasterWeightAdamW: master weights, exp_avg, exp_avg_sq, all fp32
 _FP32_BYTES = 4
 
 
@@ -216,7 +216,9 @@ def test_memory_plan_quoted_in_docs(name, tmp_path):
     cfg, model = load_preset(name, tmp_path)
     gib = 2**30
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    copies = 1 + 1 + _ADAMW_MOMENTS + (1 if cfg.loss.beta > 0 else 0)  # policy, gradients, moments, KL reference
+    numel = sum(p.numel() for p in model.parameters())
+    model_copies = 1 + 1 + (1 if cfg.loss.beta > 0 else 0)  # policy, gradients, KL reference (model dtype)
+    state_bytes = model_copies * param_bytes + _ADAMW_FP32_COPIES * numel * _FP32_BYTES
     # The engine sizes its KV pool (sampling.num_pages 0) so every sequence of a call fits at its longest:
     # G x prompts x ceil((prompt + max_new_tokens) / page_size) pages (dash/engine/sampler.py).
     pages_per_seq = math.ceil((cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens) / cfg.sampling.page_size)
@@ -226,7 +228,7 @@ def test_memory_plan_quoted_in_docs(name, tmp_path):
     # The Triton backward of the fused loss accumulates the [V, H] lm_head gradient in fp32 (token_logprobs_bwd);
     # the [N, V] logits never exist (8 x 2048 x V fp32 would be 9.3 GiB).
     loss_dw = model.lm_head_weight.numel() * _FP32_BYTES
-    plan = (copies * param_bytes, dash_kv, grpo_kv, loss_dw)
+    plan = (state_bytes, dash_kv, grpo_kv, loss_dw)
     assert tuple(round(b / gib, 2) for b in plan) == EXPECTED_GIB[name]
 
 

@@ -9,6 +9,7 @@ from dash.cli import main as cli_main
 from dash.config import load_config
 from dash.model_io import save_model
 from dash.rewards import register_reward
+from dash.rl.optim import MasterWeightAdamW
 from dash.rl.trainer import Trainer
 from dash.tasks.warmstart import build_tiny_model
 from dash.tokenizer import build_arith_tokenizer
@@ -48,27 +49,31 @@ def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_resume_continues_bitwise(model_dir, tmp_path):
-    straight = Trainer(_cfg(model_dir, tmp_path / "a"), quiet=True)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_continues_bitwise(model_dir, tmp_path, dtype):
+    """bfloat16: AdamW steps fp32 master weights (dash/rl/optim.py) and the checkpoint carries them."""
+    straight = Trainer(_cfg(model_dir, tmp_path / "a", f"--model.dtype={dtype}"), quiet=True)
     straight.setup()
+    assert isinstance(straight.optimizer, MasterWeightAdamW) == (dtype == "bfloat16")
     for _ in range(4):
         straight.train_step()
     expected = _weights(straight.model)
     straight.close()
 
-    first = Trainer(_cfg(model_dir, tmp_path / "b"), quiet=True)
+    first = Trainer(_cfg(model_dir, tmp_path / "b", f"--model.dtype={dtype}"), quiet=True)
     first.setup()
     first.train_step()
     first.train_step()
     first.save_checkpoint()
     first.close()
-    second = Trainer(_cfg(model_dir, tmp_path / "b"), quiet=True)
+    second = Trainer(_cfg(model_dir, tmp_path / "b", f"--model.dtype={dtype}"), quiet=True)
     second.setup(resume=str(tmp_path / "b"))
     assert second.step == 2
     second.train()  # runs steps 3 and 4, then evaluates and saves
     got = _weights(second.model)
     second.close()
-    assert any(not torch.equal(expected[k], _weights(build_tiny_model(seed=1))[k]) for k in expected), "no update"
+    start = {k: v.to(expected[k].dtype) for k, v in _weights(build_tiny_model(seed=1)).items()}
+    assert any(not torch.equal(expected[k], start[k]) for k in expected), "no update"
     for k in expected:
         assert torch.equal(expected[k], got[k]), f"{k} differs after resume"
     latest = (tmp_path / "b" / "checkpoints" / "latest").read_text().strip()
