@@ -8,7 +8,7 @@ batch-independent sampling): GRPO with one sampling call per backprop micro-batc
 (the paper's baseline), DASH with one call per step and |A| <= adv_threshold filtered before the training forward.
 A third row, `dash-paper-mb`, is DASH restricted to the paper's fixed micro-batches of 8 (normalizer=paper), to
 separate the gain of preemptive sampling + filtering from the gain of packing survivors into larger micro-batches.
-Prints a table, then one JSON line.
+Prints a table, a one-line summary, then one JSON line; saves a bar chart of the step split to `--plot`.
 
     python benchmarks/step_time.py --nproc 2             # DASH on 1 process vs 2 torchrun processes (ddp, fsdp)
 
@@ -164,6 +164,31 @@ def run_nproc(args, base, overrides: list[str]) -> int:
     return 0
 
 
+def plot_step_split(results: list[dict], path: Path, subtitle: str) -> None:
+    """Stacked bars: where each variant's optimizer step goes (generate / reward / train)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in results]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    bottom = [0.0] * len(results)
+    for key, label in (("generate_s", "generate"), ("reward_s", "reward"), ("train_s", "train")):
+        vals = [r[key] for r in results]
+        ax.bar(names, vals, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, r in enumerate(results):
+        ax.text(i, bottom[i], f"{r['s_per_step'] / results[0]['s_per_step']:.2f}x", ha="center", va="bottom")
+    ax.set_ylabel("seconds per optimizer step")
+    ax.set_title(f"GRPO vs DASH step time ({subtitle})", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs/tiny.yaml"))
@@ -171,6 +196,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=CPU_THREADS_DEFAULT,
                         help="torch threads on CPU (0: torch's default); the same for every variant")
     parser.add_argument("--skip-paper-mb", action="store_true", help="skip the dash-paper-mb row")
+    parser.add_argument("--plot", default="runs/step_time.png", help="bar chart of the step split ('' to skip)")
     parser.add_argument("--nproc", type=int, default=0,
                         help="compare DASH on 1 process with this many torchrun processes (see above)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one process of --nproc, rows to this prefix
@@ -220,6 +246,13 @@ def main() -> int:
         "cpu": platform.processor() or platform.machine(), "git_sha": _git_sha(),
         "wall_s": time.perf_counter() - t_start,
     }
+    if args.plot:
+        plot_step_split(results, Path(args.plot), f"{base.train.prompts_per_step} prompts x G={base.train.group_size}, "
+                        f"{args.steps} steps, {torch.get_num_threads()} thread(s)")
+        record["png"] = args.plot
+    print(f"summary: DASH {dash['s_per_step']:.3f} s/step vs GRPO {grpo['s_per_step']:.3f} "
+          f"({record['ratio']:.2f}x the time), held-out accuracy {grpo['acc_before']:.3f} -> GRPO "
+          f"{grpo['acc_after']:.3f} / DASH {dash['acc_after']:.3f}" + (f"; plot {args.plot}" if args.plot else ""))
     print(json.dumps(record))
     return 0
 
