@@ -13,6 +13,7 @@ would download a fresh, multi-GB CUDA torch just to build).
 
 import glob
 import os
+import sys
 import warnings
 
 from setuptools import find_packages, setup
@@ -39,11 +40,18 @@ def _want_cuda() -> bool:
 def _extension():
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17"]
+    # -fno-trapping-math (torch builds with it too): a float compare may not raise FP exceptions, so the compiler can
+    # turn `x < c ? c : x` into a SIMD select (csrc/paged_attention_cpu.cpp's exp and max loops). No -ffast-math.
+    cxx = opt + ["-std=c++17", "-fno-trapping-math"]
+    # at::parallel_for is a header template: without -fopenmp it compiles to a serial loop, whatever
+    # torch.set_num_threads says. libgomp.so.1 then resolves to the copy torch has already loaded (same soname).
+    omp = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
+    cxx += omp
     sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_only = [s for s in sources if s.endswith("_cuda.cpp")]
     if not _want_cuda():
-        return CppExtension("dash_kernels._C", [s for s in sources if s not in cuda_only], extra_compile_args={"cxx": cxx})
+        return CppExtension("dash_kernels._C", [s for s in sources if s not in cuda_only],
+                            extra_compile_args={"cxx": cxx}, extra_link_args=omp)
     nvcc = opt + ["-std=c++17", "--expt-relaxed-constexpr"]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         for arch in DEFAULT_CUDA_ARCHS:
@@ -54,6 +62,7 @@ def _extension():
         sources + sorted(glob.glob("csrc/*.cu")),
         define_macros=[("DASH_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx + ["-DDASH_WITH_CUDA"], "nvcc": nvcc},
+        extra_link_args=omp,
     )
 
 

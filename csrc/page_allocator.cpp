@@ -12,13 +12,10 @@
 // Python never sees a reference count it could decrement: pages are released only through free(seq_id), which forgets
 // the sequence, so a second free (or any use of a freed id) is a ValueError, never an underflow.
 // Every mutating call validates all of its inputs before changing anything, so a ValueError leaves the state intact.
-// Also here: `paged_decode_attention`, the CPU fp32 decode attention that reads these pages in place (bottom).
+// The CPU decode attention that reads these pages in place is csrc/paged_attention_cpu.cpp.
 #include <torch/extension.h>
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
-#include <cmath>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
@@ -250,85 +247,6 @@ class PageAllocator {
   std::unordered_map<int64_t, Sequence> seqs_;
 };
 
-// Dot product with 8 independent partial sums: without -ffast-math the compiler may not reorder one running sum, but
-// it does turn 8 independent lanes into SIMD (the difference was ~3x on a head_dim 32 decode step).
-inline float dot8(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8) {
-    for (int j = 0; j < 8; ++j) acc[j] += a[d + j] * b[d + j];
-  }
-  float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-  for (; d < n; ++d) sum += a[d] * b[d];
-  return sum;
-}
-
-// CPU decode attention straight from the pages (fp32): one query per sequence, GQA, any page size.
-// Why here and not SDPA over gathered pages: for a decode step the attention maths is tiny (B * Hq * ctx * D * 2),
-// but the gather copies every page and ATen's CPU flash kernel pays per-(batch, head) setup; together they were ~40%
-// of a tiny model's decode step at batch 256. This reads each key/value row in place, once per KV head.
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& page_table, const at::Tensor& context_lens, double scale) {
-  auto fp32_cpu = [](const at::Tensor& t) {
-    return t.device().type() == at::kCPU && t.scalar_type() == at::kFloat && t.is_contiguous();
-  };
-  if (!fp32_cpu(q) || !fp32_cpu(k_cache) || !fp32_cpu(v_cache) || q.dim() != 3 || k_cache.dim() != 4 ||
-      v_cache.sizes() != k_cache.sizes()) {
-    value_error("paged_decode_attention: q [B, Hq, D] and caches [P, page, Hkv, D] must be contiguous fp32 CPU");
-  }
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t P = k_cache.size(0), ps = k_cache.size(1), Hkv = k_cache.size(2);
-  if (k_cache.size(3) != D || Hq % Hkv != 0) value_error("paged_decode_attention: head shapes do not match");
-  if (page_table.scalar_type() != at::kInt || !page_table.is_contiguous() || page_table.dim() != 2 ||
-      page_table.size(0) != B || context_lens.scalar_type() != at::kInt || context_lens.numel() != B) {
-    value_error("paged_decode_attention: page_table [B, W] and context_lens [B] must be contiguous int32");
-  }
-  const int64_t W = page_table.size(1), G = Hq / Hkv;
-  const int32_t* pt = page_table.data_ptr<int32_t>();
-  const int32_t* lens = context_lens.data_ptr<int32_t>();
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < B; ++b) {  // every page a sequence reads must exist: no out-of-bounds read
-    if (lens[b] < 1 || lens[b] > W * ps) value_error("paged_decode_attention: context length out of range");
-    for (int64_t j = 0; j < (lens[b] + ps - 1) / ps; ++j) {
-      if (pt[b * W + j] < 0 || pt[b * W + j] >= P) value_error("paged_decode_attention: page id out of range");
-    }
-    max_len = std::max<int64_t>(max_len, lens[b]);
-  }
-  at::Tensor out = at::empty_like(q);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, B * Hkv, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(G * max_len), acc(D);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / Hkv, h = i % Hkv, n = lens[b];
-      const float* qh = qp + (b * Hq + h * G) * D;  // the G query heads of this KV head are adjacent
-      for (int64_t t = 0; t < n; ++t) {
-        const float* k = kp + ((static_cast<int64_t>(pt[b * W + t / ps]) * ps + t % ps) * Hkv + h) * D;
-        for (int64_t g = 0; g < G; ++g) s[g * n + t] = dot8(qh + g * D, k, D) * sc;
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = s.data() + g * n;
-        const float mx = *std::max_element(sg, sg + n);
-        float sum = 0.f;
-        for (int64_t t = 0; t < n; ++t) sum += (sg[t] = std::exp(sg[t] - mx));
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t t = 0; t < n; ++t) {
-          const float* v = vp + ((static_cast<int64_t>(pt[b * W + t / ps]) * ps + t % ps) * Hkv + h) * D;
-          const float w = sg[t];
-          float* __restrict a = acc.data();
-          for (int64_t d = 0; d < D; ++d) a[d] += w * v[d];
-        }
-        float* o = op + (b * Hq + h * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = acc[d] / sum;
-      }
-    }
-  });
-  return out;
-}
-
 }  // namespace
 
 void bind_page_allocator(pybind11::module_& m) {
@@ -353,9 +271,6 @@ void bind_page_allocator(pybind11::module_& m) {
       .def("page_tables", &PageAllocator::page_tables, py::arg("seq_ids"), py::arg("min_width") = 0,
            py::arg("pad") = 0)
       .def("free", &PageAllocator::free, py::arg("seq_ids"));
-  m.def("paged_decode_attention", &paged_decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
-        py::arg("page_table"), py::arg("context_lens"), py::arg("scale"),
-        "CPU fp32 decode attention read in place from the KV pages (see csrc/page_allocator.cpp).");
 }
 
 }  // namespace dash

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from dash.engine.kv_cache import KVCache
 from dash.engine.runner import ModelRunner
-from dash.engine.sampling import mask_stop_tokens, process_logits, sample, uniforms
+from dash.engine.sampling import mask_stop_tokens, process_logits, sample, stream_keys, uniforms_at
 from dash.engine.scheduler import Scheduler
 from dash.engine.sequence import RequestOutput, SamplingParams, SequenceTable
 
@@ -73,12 +75,17 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
     runner = ModelRunner(model, cache, max_len)
     show = sys.stderr.isatty() if progress is None else progress
     steps = prefills = peak = 0
+    batch = None  # sampling parameters of the current batch: unchanged while the running set is
     with tqdm(total=table.num_seqs, desc="generate", unit="seq", disable=not show) as bar:
         while not sched.is_finished():
             ctx, seq_ids, rows = sched.schedule()
             peak = max(peak, num_pages - cache.allocator.num_free_pages)
-            logits = runner.run(ctx)[rows.to(runner.device)]  # [R, V] fp32
-            tokens, logprobs = _sample(table, seq_ids, logits)
+            logits = runner.run(ctx)  # [R, V] fp32 (R = T for a prefill, B for a decode step)
+            if rows is not None:
+                logits = logits[rows.to(runner.device)]
+            if batch is None or batch.seq_ids is not seq_ids:
+                batch = _BatchParams.gather(table, seq_ids, logits.device)
+            tokens, logprobs = _sample(table, batch, logits)
             bar.update(sched.postprocess(seq_ids, tokens.cpu(), logprobs.cpu()))
             steps += 1
             prefills += ctx.is_prefill
@@ -89,16 +96,47 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
     return table.outputs(tokenizer)
 
 
-def _sample(table: SequenceTable, seq_ids: torch.Tensor, logits: torch.Tensor):
-    """Process and sample one token per row; params and RNG keys come from each row's sequence."""
-    dev = logits.device
-    on = (lambda t: t) if dev.type == "cpu" else (lambda t: t.to(dev, non_blocking=True))  # no-op calls cost too
-    step = table.num_gen[seq_ids]  # [R] index of the token being sampled
-    temp = on(table.temperature[seq_ids])
-    logits = mask_stop_tokens(logits, on(table.stop_ids[seq_ids]), on(step < table.min_new[seq_ids]))
-    logp = process_logits(logits, temp, on(table.top_k[seq_ids]), on(table.top_p[seq_ids]), table.any_filter)
-    u = on(uniforms(table.seed[seq_ids], table.sample[seq_ids], step))
-    return sample(logp, temp == 0, u)
+@dataclass(slots=True)
+class _BatchParams:
+    """Per-row sampling parameters of one batch, gathered once: the scheduler hands out the same seq_ids tensor for
+    every decode step in which no sequence joins or leaves, so a step reuses them instead of ~8 gathers (and device
+    copies) of its own.
+
+    Attributes:
+        seq_ids: (R,) long, the batch these rows belong to (compared by identity).
+        temperature, top_p: (R,) fp32; top_k: (R,) long; stop_ids: (R, S) long, -1 padded; all on the logits' device.
+        min_new: (R,) long on the CPU, or None when no row has min_new_tokens (no stop-token mask to apply).
+        keys: (R,) uint64 sampling-stream keys (`sampling.stream_keys`).
+        greedy: (R,) bool on the device, or None when no row has temperature 0.
+    """
+
+    seq_ids: torch.Tensor
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    stop_ids: torch.Tensor
+    min_new: torch.Tensor | None
+    keys: np.ndarray
+    greedy: torch.Tensor | None
+
+    @staticmethod
+    def gather(table: SequenceTable, seq_ids: torch.Tensor, device: torch.device) -> _BatchParams:
+        temp = table.temperature[seq_ids].to(device)
+        min_new = table.min_new[seq_ids]
+        greedy = temp == 0
+        return _BatchParams(seq_ids, temp, table.top_k[seq_ids].to(device), table.top_p[seq_ids].to(device),
+                            table.stop_ids[seq_ids].to(device), min_new if bool(min_new.any()) else None,
+                            stream_keys(table.seed[seq_ids], table.sample[seq_ids]),
+                            greedy if bool(greedy.any()) else None)
+
+
+def _sample(table: SequenceTable, batch: _BatchParams, logits: torch.Tensor):
+    """Process and sample one token per row of `batch`; the RNG key of a row is (its stream, its step)."""
+    step = table.num_gen[batch.seq_ids]  # [R] index of the token being sampled
+    if batch.min_new is not None:
+        logits = mask_stop_tokens(logits, batch.stop_ids, (step < batch.min_new).to(logits.device, non_blocking=True))
+    logp = process_logits(logits, batch.temperature, batch.top_k, batch.top_p, table.any_filter)
+    return sample(logp, batch.greedy, uniforms_at(batch.keys, step).to(logits.device, non_blocking=True))
 
 
 def _default_stop_ids(model, tokenizer) -> list[int]:

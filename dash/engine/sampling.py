@@ -19,7 +19,8 @@ import torch
 from dash.engine.sequence import SamplingParams  # noqa: F401  (re-exported: callers import it from here too)
 from dash_kernels import token_logprobs
 
-__all__ = ["SamplingParams", "uniforms", "mask_stop_tokens", "process_logits", "sample", "completion_logprobs"]
+__all__ = ["SamplingParams", "stream_keys", "uniforms_at", "uniforms", "mask_stop_tokens", "process_logits", "sample",
+           "completion_logprobs"]
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 _MIX_MUL = np.uint64(0x45D9F3B)  # < 2**27: a 32-bit lane times this stays far below 2**64 (no wraparound)
@@ -35,17 +36,29 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return (x >> _SHIFT16) ^ x
 
 
+def stream_keys(seed: torch.Tensor, sample: torch.Tensor) -> np.ndarray:
+    """[B] uint64 key of each row's sampling stream, a pure function of its (seed, sample index) int64 pair.
+
+    The part of `uniforms` that does not change from step to step: the sampler computes it once per batch.
+    """
+    seed_u = seed.numpy().astype(np.uint64)  # two's complement for negative seeds: still a fixed function
+    h = _mix(seed_u & _MASK32)
+    h = _mix(h ^ ((seed_u >> np.uint64(32)) & _MASK32))
+    return _mix(h ^ (sample.numpy().astype(np.uint64) & _MASK32))
+
+
+def uniforms_at(keys: np.ndarray, step: torch.Tensor) -> torch.Tensor:
+    """[B] float64 in (0, 1) for stream keys [B] (from `stream_keys`) at step [B] int64."""
+    h = _mix(keys ^ ((step.numpy().astype(np.uint64) + _STEP_SALT) & _MASK32))
+    return torch.from_numpy((h.astype(np.float64) + 0.5) * _INV_2_32)
+
+
 def uniforms(seed: torch.Tensor, sample: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """[B] float64 in (0, 1), a pure function of each row's (seed, sample index, step) int64 triple.
 
     In numpy: ~30 elementwise ops on a few hundred values cost microseconds there, ~10x less than torch dispatch.
     """
-    seed_u = seed.numpy().astype(np.uint64)  # two's complement for negative seeds: still a fixed function
-    h = _mix(seed_u & _MASK32)
-    h = _mix(h ^ ((seed_u >> np.uint64(32)) & _MASK32))
-    h = _mix(h ^ (sample.numpy().astype(np.uint64) & _MASK32))
-    h = _mix(h ^ ((step.numpy().astype(np.uint64) + _STEP_SALT) & _MASK32))
-    return torch.from_numpy((h.astype(np.float64) + 0.5) * _INV_2_32)
+    return uniforms_at(stream_keys(seed, sample), step)
 
 
 def mask_stop_tokens(logits: torch.Tensor, stop_ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -88,14 +101,18 @@ def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     return x.log_softmax(dim=1)
 
 
-def sample(logp: torch.Tensor, greedy: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row by inverse CDF at u (argmax where greedy). Returns (tokens [B] long, logp [B] fp32)."""
+def sample(logp: torch.Tensor, greedy: torch.Tensor | None, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row by inverse CDF at u (argmax where greedy [B] bool; None: no greedy row).
+
+    Returns (tokens [B] long, logp [B] fp32).
+    """
     cdf = logp.exp().cumsum(dim=1)  # [B, V]
     total = cdf[:, -1:]
     # Keep the target strictly below the last cdf value: then the first bin with cdf > target has positive mass.
     target = torch.minimum((u[:, None] * total.double()).float(), torch.nextafter(total, torch.zeros_like(total)))
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [B]
-    tokens = torch.where(greedy, logp.argmax(dim=1), tokens)
+    if greedy is not None:
+        tokens = torch.where(greedy, logp.argmax(dim=1), tokens)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 

@@ -47,8 +47,11 @@ class Scheduler:
             self._running_ids = torch.tensor(self.running, dtype=torch.long)
         return self._running_ids
 
-    def schedule(self) -> tuple[Context, torch.Tensor, torch.Tensor]:
-        """Plan the next step. Returns (context, seq_ids [R] that sample, logits row [R] each samples from)."""
+    def schedule(self) -> tuple[Context, torch.Tensor, torch.Tensor | None]:
+        """Plan the next step. Returns (context, seq_ids [R] that sample, logits row [R] each samples from).
+
+        The rows are None for a decode step: there sequence i samples from row i (no gather needed).
+        """
         if self.waiting:
             planned = self._schedule_prefill()
             if planned is not None:
@@ -81,15 +84,16 @@ class Scheduler:
         for entry, _ in entries:
             if len(entry) > 1:  # group fork: the other samples share the prompt's pages
                 self.alloc.fork(entry[0], torch.tensor(entry[1:], dtype=torch.long))
-        cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)  # [E+1]
+        ends = lens.cumsum(0)  # [E]
+        starts = ends - lens  # [E]
         ctx = Context(
             is_prefill=True,
             input_ids=torch.tensor([t for _, toks in entries for t in toks], dtype=torch.long),  # [T]
-            positions=torch.cat([torch.arange(n) for n in lens.tolist()]),  # [T]
+            positions=torch.arange(int(ends[-1])) - starts.repeat_interleave(lens),  # [T] offset in its entry
             slot_mapping=slots,
-            cu_seqlens=cu,
+            cu_seqlens=F.pad(ends, (1, 0)).to(torch.int32),  # [E+1]
             max_seqlen=int(lens.max()),
-            logits_index=cu[1:].long() - 1,  # [E] last token of each entry
+            logits_index=ends - 1,  # [E] last token of each entry
         )
         row_of = torch.repeat_interleave(torch.arange(len(entries)), torch.tensor([len(e) for e, _ in entries]))
         self.running += seqs
@@ -113,7 +117,7 @@ class Scheduler:
             cow_src=src,
             cow_dst=dst,
         )
-        return ctx, ids, torch.arange(ids.numel())
+        return ctx, ids, None
 
     def _preempt_newest(self) -> None:
         victim = self.running.pop()

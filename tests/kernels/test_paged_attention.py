@@ -58,13 +58,43 @@ def dense_ref(q, k_cache, v_cache, table, ctx_lens, cu, scale):
 
 
 @pytest.mark.parametrize("impl", ["torch", "reference"])  # torch: the C++ in-place loop for fp32 CPU decode
-@pytest.mark.parametrize("page_size,Hq,Hkv,D", [(1, 4, 2, 16), (3, 6, 3, 13), (16, 4, 1, 64)])
+# D 32 / 64 / 128 take the C++ loop's compile-time head-dim paths, 13 and 16 the generic one.
+@pytest.mark.parametrize("page_size,Hq,Hkv,D", [(1, 4, 2, 16), (3, 6, 3, 13), (16, 4, 1, 64), (16, 4, 2, 32),
+                                                (5, 8, 2, 128)])
 def test_decode_matches_dense(page_size, Hq, Hkv, D, impl):
-    ctx = [1, 7, 16, 33, 5]
+    ctx = [1, 7, 16, 33, 5, 8, 70]  # 70: several row blocks and pages, a partial last page
     q, k, v, table, lens, cu = make_case([1] * len(ctx), ctx, page_size, Hq=Hq, Hkv=Hkv, D=D)
     with backend.use_backend(impl):
         out = paged_attention(q, k, v, table, lens, scale=0.3)
     assert (out - dense_ref(q, k, v, table, lens, cu, 0.3)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("D", [13, 32])
+def test_cpu_decode_extreme_scores(D):
+    """Score gaps beyond fp32 exp's range (weights that underflow to 0) and one dominant key, as the reference."""
+    ctx = [40, 3, 17]
+    q, k, v, table, lens, cu = make_case([1] * len(ctx), ctx, 4, D=D)
+    q = q * 60.0  # scores spread over hundreds: most exp(s - max) underflow
+    out = paged_attention(q, k, v, table, lens, scale=1.0)
+    ref = dense_ref(q, k, v, table, lens, cu, 1.0)
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_cpu_decode_same_result_on_any_thread_count():
+    """Each (sequence, KV head) is computed whole by one thread: splitting the batch cannot change a bit."""
+    ctx = [5 + (7 * i) % 40 for i in range(96)]
+    q, k, v, table, lens, _ = make_case([1] * len(ctx), ctx, 16, D=32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = paged_attention(q, k, v, table, lens)
+        torch.set_num_threads(2)
+        two = paged_attention(q, k, v, table, lens)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.equal(one[:10], paged_attention(q[:10], k, v, table[:10], lens[:10]))  # nor the batch around a row
 
 
 def test_cpu_decode_rejects_out_of_range_pages():
