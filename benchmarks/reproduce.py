@@ -1,7 +1,7 @@
 """Re-measure the paper's findings on the built-in tiny task: six experiments, each arm over several seeds.
 
     python benchmarks/reproduce.py                 # 3 seeds x 150 steps x 11 arms, ~30 min on 1 core of this CPU
-    python benchmarks/reproduce.py --smoke         # 1 seed, 3 steps, 64 eval prompts: checks the pipeline (CI)
+    python benchmarks/reproduce.py --smoke         # 1 seed, 3 steps, 64 eval prompts, to runs/: checks the pipeline
 
 Every arm starts from the shipped SFT warm start (builtin:tiny-sft) and changes one thing of `configs/tiny.yaml`
 (see ARMS). Runs are sequential on one thread so their seconds per step compare; a seed changes the sampling seeds
@@ -141,12 +141,15 @@ def main() -> int:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     parser.add_argument("--threads", type=int, default=CPU_THREADS_DEFAULT)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/reproduce"))
+    parser.add_argument("--out", default=None, help="output prefix (default: benchmarks/results/reproduce; with "
+                        "--smoke: runs/reproduce_smoke, so a smoke run never overwrites the committed results)")
     parser.add_argument("--smoke", action="store_true", help="1 seed, 3 steps, 64 eval prompts, no cache reuse")
     args, extra = parser.parse_known_args()
     if args.smoke:
         args.seeds, args.steps, args.eval_every = 1, 3, 3
         extra = extra + ["--data.test_size=64"]
+    if args.out is None:
+        args.out = str(ROOT / ("runs/reproduce_smoke" if args.smoke else "benchmarks/results/reproduce"))
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
