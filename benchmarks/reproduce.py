@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+from trainer_runs import eval_point, quiet_trainer, train_with_evals  # noqa: E402
 
 from dash.config import load_config  # noqa: E402
-from dash.rl.trainer import Trainer  # noqa: E402
 
 WARMUP_STEPS = 1  # excluded from seconds per step (allocator growth, lazy init), as in step_time.py
 CPU_THREADS_DEFAULT = 1  # as benchmarks/step_time.py: the tiny model is overhead-bound, one thread is repeatable
@@ -59,32 +58,21 @@ def arm_config(base_path: str, arm: str, seed: int, steps: int, extra: list[str]
     if arm == "ppo_mini":
         rows = cfg.train.prompts_per_step * cfg.train.group_size
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ppo_minibatches=rows // PPO_MINI_ROWS))
-    return dataclasses.replace(cfg, log=dataclasses.replace(
-        cfg.log, out_dir=tempfile.mkdtemp(prefix=f"dash-repro-{arm}-"), eval_every=0, ckpt_every=0, tensorboard=False))
+    return cfg
 
 
 def run_rl_arm(cfg, steps: int, eval_every: int) -> dict:
     """Train `steps` optimizer steps; held-out greedy accuracy every `eval_every` steps (evals not timed)."""
-    trainer = Trainer(cfg, quiet=True)
-    trainer.setup()
-    curve, rows, train_s = [], [], 0.0
+    trainer = quiet_trainer(cfg, "dash-repro-")
     try:
-        first = trainer.evaluate()
-        curve.append({"step": 0, "train_s": 0.0, "acc": first["eval/greedy_acc"], "len": first["eval/answer_len"]})
-        for step in range(1, steps + 1):
-            m = trainer.train_step()
-            rows.append(m)
-            train_s += m["time/step_s"]
-            if step % eval_every == 0 or step == steps:
-                ev = trainer.evaluate()
-                curve.append({"step": step, "train_s": train_s, "acc": ev["eval/greedy_acc"],
-                              "len": ev["eval/answer_len"], "reward": m["rollout/reward_mean"]})
+        curve, rows = train_with_evals(trainer, steps, eval_every)
+        eval_prompts = len(trainer.test_examples)
     finally:
         trainer.close()
     timed = rows[WARMUP_STEPS:] or rows  # the first step pays one-time costs (as in step_time.py)
     mean = lambda key: statistics.fmean(r[key] for r in timed)  # noqa: E731
     return {"curve": curve, "s_per_step": mean("time/step_s"), "kept_frac": mean("rollout/kept_frac"),
-            "eval_prompts": int(first["eval/prompts"]),
+            "eval_prompts": eval_prompts,
             "generate_s": mean("time/generate_s"), "train_s": mean("time/train_s"),
             "reward": [r["rollout/reward_mean"] for r in rows], "completion_len": mean("rollout/completion_len")}
 
@@ -93,28 +81,24 @@ def run_sft_arm(cfg, steps: int, eval_every: int) -> dict:
     """Continued SFT from the same warm start: `steps` AdamW steps on `prompts_per_step` reference answers each."""
     from dash.rl.sft import run_sft
 
-    trainer = Trainer(cfg, quiet=True)
-    trainer.setup()  # the same model, tokenizer, splits and evaluator as the RL arms
-    train = trainer.train_data.examples
-    curve, clock = [], {"train_s": 0.0, "since": 0.0}
+    trainer = quiet_trainer(cfg, "dash-repro-sft-")  # the same model, tokenizer, splits and evaluator as the RL arms
+    clock = {"train_s": 0.0, "since": 0.0}
     try:
-        first = trainer.evaluate()
-        curve.append({"step": 0, "train_s": 0.0, "acc": first["eval/greedy_acc"], "len": first["eval/answer_len"]})
+        curve = [eval_point(trainer, 0, 0.0)]
 
         def on_log(step: int, _metrics: dict) -> None:
             clock["train_s"] += time.perf_counter() - clock["since"]
-            ev = trainer.evaluate()
-            curve.append({"step": step, "train_s": clock["train_s"], "acc": ev["eval/greedy_acc"],
-                          "len": ev["eval/answer_len"]})
-            trainer.model.train()
+            curve.append(eval_point(trainer, step, clock["train_s"]))  # evaluate() puts the model back in train mode
             clock["since"] = time.perf_counter()
 
         clock["since"] = time.perf_counter()
-        run_sft(trainer.model, trainer.tokenizer, train, steps=steps, batch_size=cfg.train.prompts_per_step,
-                lr=SFT_LR, seed=cfg.train.seed, log_every=eval_every, on_log=on_log)
+        run_sft(trainer.model, trainer.tokenizer, trainer.train_data.examples, steps=steps,
+                batch_size=cfg.train.prompts_per_step, lr=SFT_LR, seed=cfg.train.seed, log_every=eval_every,
+                on_log=on_log)
+        eval_prompts = len(trainer.test_examples)
     finally:
         trainer.close()
-    return {"curve": curve, "s_per_step": clock["train_s"] / steps, "eval_prompts": int(first["eval/prompts"])}
+    return {"curve": curve, "s_per_step": clock["train_s"] / steps, "eval_prompts": eval_prompts}
 
 
 def run_arm(base: str, arm: str, seed: int, steps: int, eval_every: int, extra: list[str]) -> dict:

@@ -15,33 +15,26 @@ problems: the limit is the task / model, not the gradient. Prints a table, then 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from trainer_runs import quiet_trainer  # noqa: E402
 
 from dash.config import load_config  # noqa: E402
 from dash.rl.evaluate import evaluate  # noqa: E402
-from dash.rl.trainer import Trainer  # noqa: E402
 
 PASS_K = 16
 WINDOW = 10  # steps averaged at the start and the end of a run (one step's reward has SE ~0.03 at 256 samples)
 
 
-def make_trainer(config: str, overrides: list[str]) -> Trainer:
-    cfg = load_config(config, overrides)
-    cfg = dataclasses.replace(cfg, log=dataclasses.replace(
-        cfg.log, out_dir=tempfile.mkdtemp(prefix="dash-transfer-"), eval_every=0, ckpt_every=0, tensorboard=False))
-    trainer = Trainer(cfg, quiet=True)
-    trainer.setup()
-    return trainer
+def make_trainer(config: str, overrides: list[str]):
+    return quiet_trainer(load_config(config, overrides), "dash-transfer-")
 
 
 def reward_curve(config: str, overrides: list[str], steps: int, fixed: bool) -> list[float]:

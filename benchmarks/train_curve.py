@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from trainer_runs import quiet_trainer, train_with_evals  # noqa: E402
 
 from dash.config import load_config  # noqa: E402
-from dash.rl.trainer import Trainer  # noqa: E402
 
 CPU_THREADS_DEFAULT = 1  # see benchmarks/step_time.py: the tiny model is overhead-bound
 
@@ -57,22 +56,20 @@ def main() -> int:
     if args.threads and not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
     base = load_config(args.config, overrides)
-    cfg = dataclasses.replace(
-        base, train=dataclasses.replace(base.train, steps=args.steps),
-        log=dataclasses.replace(base.log, out_dir=tempfile.mkdtemp(prefix="dash-curve-"), eval_every=0, ckpt_every=0))
-    trainer = Trainer(cfg, quiet=True)
-    trainer.setup()
-    points, train_s, t0 = [], 0.0, time.perf_counter()
+    cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, steps=args.steps))
+    trainer = quiet_trainer(cfg, "dash-curve-")
+    t0 = time.perf_counter()  # wall time of training + evaluations, set-up excluded
+
+    def report(p: dict) -> None:
+        print(f"step {p['step']:4d}  train {p['train_s']:7.1f} s  held-out greedy accuracy {p['acc']:.3f}",
+              file=sys.stderr, flush=True)
+
     try:
-        points.append({"step": 0, "train_s": 0.0, "acc": trainer.evaluate()["eval/greedy_acc"]})
-        for step in range(1, args.steps + 1):
-            train_s += trainer.train_step()["time/step_s"]
-            if step % args.eval_every == 0 or step == args.steps:
-                points.append({"step": step, "train_s": train_s, "acc": trainer.evaluate()["eval/greedy_acc"]})
-                print(f"step {step:4d}  train {train_s:7.1f} s  held-out greedy accuracy {points[-1]['acc']:.3f}",
-                      file=sys.stderr, flush=True)
+        curve, _ = train_with_evals(trainer, args.steps, args.eval_every, on_eval=report)
     finally:
         trainer.close()
+    points = [{k: p[k] for k in ("step", "train_s", "acc")} for p in curve]
+    train_s = points[-1]["train_s"]
     wall = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
