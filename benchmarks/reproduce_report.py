@@ -217,6 +217,7 @@ def write_report(s: dict, runs: list[dict], out: Path, args) -> dict:
              "standard error ~2 points). Paper numbers: Qwen2.5-0.5B on MATH (hours, MATH %). "
              f"Target for 's to target' = start + {TARGET_GAIN:.2f}; a collapse = an eval below "
              f"{COLLAPSE_FRAC:.0%} of the start." + load_note, ""]
+    computed = verdicts(s)
     for title, arms, cols, paper in EXPERIMENTS:
         present = [a for a in arms if a in s]
         if not present:
@@ -224,7 +225,7 @@ def write_report(s: dict, runs: list[dict], out: Path, args) -> dict:
         lines += [f"## {title}", "", f"Paper: {paper}", "",
                   "| arm | " + " | ".join(HEADERS[c] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         lines += [_row(s, a, cols) for a in present] + [""]
-        verdict = verdicts(s).get(title.split(".")[0])
+        verdict = computed.get(title.split(".")[0])
         if verdict:
             lines += [f"**Ours:** {verdict}", ""]
     per_arm = {a: sum(r["wall_s"] for r in runs if r["arm"] == a) / v["seeds"] for a, v in s.items()}
