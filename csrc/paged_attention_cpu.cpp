@@ -32,44 +32,17 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define DASH_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define DASH_CPU_CLONES
-#endif
+#include "cpu_math.h"
 
 namespace dash {
 namespace {
 
-constexpr int kLanes = 8;  // independent partial sums per reduction (SIMD lanes for the auto-vectoriser)
 // A parallel_for chunk should be at least this many multiply-adds (~10 us): a small batch then stays on one thread
 // instead of paying the pool's wake-up for a few microseconds of work.
 constexpr int64_t kMinMacsPerChunk = 1 << 15;
 
-// exp(x) for x <= 0 (the scores minus their row max), Cephes' expf: x = k ln2 + r with |r| <= ln2 / 2, e^r from a
-// degree-6 polynomial (relative error ~2e-7, about 1.5 ulp), 2^k written straight into the exponent bits.
-constexpr float kExpMin = -87.33654f;  // ln(2^-126): below it 2^k would not be a normal float; e^x is ~0 there anyway
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f;     // ln 2 split in two so k * kLn2Hi is exact (Cody-Waite reduction)
-constexpr float kLn2Lo = -2.12194440e-4f;
-constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23: (y + M) - M rounds y to the nearest integer in fp32
-
-inline float exp_nonpositive(float x) {
-  x = std::max(x, kExpMin);  // a NaN stays NaN (std::max returns its first argument when unordered)
-  const float k = (x * kLog2e + kRoundMagic) - kRoundMagic;
-  const float r = (x - k * kLn2Hi) - k * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-126, 0]
-  float two_k;
-  std::memcpy(&two_k, &bits, sizeof(two_k));
-  return p * two_k;
-}
+using cpu::exp_nonpositive;
+using cpu::kLanes;
 
 // a . b over n floats with kLanes independent partial sums (SIMD lanes), then a fixed-order tree. Any n.
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {

@@ -14,8 +14,8 @@ Entry points:
 - `forward_packed(input_ids[T], cu_seqlens[B+1], positions[T]) -> hidden[T, H]`: training. Sequences are packed end
   to end; the lm_head is NOT applied (dash_kernels fuses it with the log-prob so [T, V] logits never exist).
 - `forward(input_ids[B, L], attention_mask[B, L]) -> logits[B, L, V]`: padded convenience for evals and tests.
-- `Attention.project_qkv` is separate from the attention call so the paged-KV sampler can reuse the projections,
-  q/k norm and RoPE and bring its own attention.
+- `Attention.project` (projections + q/k norm) is separate from RoPE and the attention call so the paged-KV sampler
+  can reuse the projections and bring its own in-place RoPE and attention.
 
 Departures from HF: padded `forward` takes positions from the mask (so left padding is handled like HF `generate`
 does), and logits at pad positions are the lm_head of a zero vector (meaningless, as in HF).
@@ -34,6 +34,8 @@ from torch import nn
 
 from dash.attention import varlen_attention
 from dash.model_config import ModelConfig
+from dash_kernels.rms_norm import rms_norm_ref
+from dash_kernels.rotary import rotary_ref
 
 __all__ = ["ModelConfig", "CausalLM", "Attention", "RMSNorm", "RotaryEmbedding", "apply_rope"]
 
@@ -46,9 +48,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm_ref(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -67,13 +67,9 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: (T, H, D) by cos / sin: (T, D) in x's dtype (HF casts the tables to the activation dtype too)."""
-    cos = cos.to(x.dtype)[:, None, :]  # [T, 1, D]
-    sin = sin.to(x.dtype)[:, None, :]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [T, H, D]
-    return x * cos + rotated * sin
+# HF's "rotate half" RoPE, out of place; dash_kernels keeps the one definition (its C++ in-place kernel for the
+# sampler is tested against it).
+apply_rope = rotary_ref
 
 
 class Attention(nn.Module):
@@ -100,13 +96,18 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (T, H) normed hidden; cos/sin: (T, D) -> q (T, Hq, D), k (T, Hkv, D) with RoPE, v (T, Hkv, D)."""
+        q, k, v = self.project(x)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (T, H) normed hidden -> q (T, Hq, D), k (T, Hkv, D) before RoPE (q/k norm applied), v (T, Hkv, D)."""
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return q, k, v
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int

@@ -1,10 +1,13 @@
 """Runs one scheduled step of the live model against the paged KV cache: the only engine file that touches the
 model's parameters and device memory.
 
-The model is `dash.model.CausalLM`, used as-is: its embedding, per-layer norms, `project_qkv` (projections, q/k norm,
-RoPE), `o_proj`, MLP, final norm and lm_head are called piece by piece here, and only the attention in between is
-replaced. The parameters are read at every step, so a `generate` call after an optimizer step sees the new weights
-with no copy, reload or sync (the trainer and the sampler share one `nn.Module`).
+The model is `dash.model.CausalLM`, used as-is: its embedding, `Attention.project` (projections, q/k norm), `o_proj`,
+MLP projections and lm_head are called piece by piece here with the layers' own parameters. What is replaced is the
+glue between them, by inference kernels from dash_kernels (C++ for fp32 CPU, the same torch code as the model
+elsewhere): RMSNorm fused with the residual add (`add_rms_norm_`, the residual stream x is updated in place), RoPE in
+place on q and k (`rotary_`), SiLU * up in place, and the attention. The parameters are read at every step, so a
+`generate` call after an optimizer step sees the new weights with no copy, reload or sync (the trainer and the sampler
+share one `nn.Module`).
 
 Attention per step:
 - prefill: every sequence is fresh (no prefix cache), so its K/V are exactly the projections just computed; causal
@@ -18,11 +21,14 @@ Logits are computed for the sampled rows only (last prefill token / every decode
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dash.attention import varlen_attention
 from dash.engine.kv_cache import Context, KVCache
 from dash_kernels import kv
 from dash_kernels.paged_attention import paged_attention
+from dash_kernels.rms_norm import add_rms_norm_, rms_norm
+from dash_kernels.rotary import rotary_
 
 try:  # optional, CUDA only; its paged KV needs page_size % 256 == 0 (FA2's block-table constraint)
     from flash_attn import flash_attn_with_kvcache
@@ -50,12 +56,16 @@ class ModelRunner:
         if not ctx.is_prefill:
             self.cache.copy_on_write(ctx.cow_src, ctx.cow_dst)
         inner = self.model.model
+        layers = inner.layers
         cos, sin = self.cos[ctx.positions], self.sin[ctx.positions]  # [T, D] each
-        x = inner.embed_tokens(ctx.input_ids)  # [T, H]
+        x = inner.embed_tokens(ctx.input_ids)  # [T, H]: the residual stream, a fresh tensor updated in place below
         T = x.shape[0]
-        for layer, k_cache, v_cache in zip(inner.layers, self.cache.k, self.cache.v):
-            attn = layer.self_attn
-            q, k, v = attn.project_qkv(layer.input_layernorm(x), cos, sin)  # [T, Hq, D], [T, Hkv, D] x2
+        norm = layers[0].input_layernorm
+        h = rms_norm(x, norm.weight, norm.eps)  # [T, H]: the current sub-block's normed input
+        for i, (layer, k_cache, v_cache) in enumerate(zip(layers, self.cache.k, self.cache.v)):
+            attn, mlp = layer.self_attn, layer.mlp
+            q, k, v = attn.project(h)  # [T, Hq, D], [T, Hkv, D] x2
+            rotary_(q, k, cos, sin)
             kv.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
             if ctx.is_prefill:
                 o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, attn.scale)  # [T, Hq, D]
@@ -64,8 +74,15 @@ class ModelRunner:
                                             block_table=ctx.page_table, softmax_scale=attn.scale, causal=True)[:, 0]
             else:
                 o = paged_attention(q, k_cache, v_cache, ctx.page_table, ctx.context_lens, scale=attn.scale)
-            x = x + attn.o_proj(o.reshape(T, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            norm = layer.post_attention_layernorm
+            h = add_rms_norm_(x, attn.o_proj(o.reshape(T, -1)), norm.weight, norm.eps)  # x += attn
+            gate = mlp.gate_proj(h)  # [T, I]
+            mlp_out = mlp.down_proj(F.silu(gate, inplace=True).mul_(mlp.up_proj(h)))  # [T, H]
+            if i + 1 < len(layers):
+                norm = layers[i + 1].input_layernorm
+                h = add_rms_norm_(x, mlp_out, norm.weight, norm.eps)  # x += mlp
+            else:
+                x.add_(mlp_out)
         if ctx.logits_index is not None:
             x = x[ctx.logits_index]  # [E, H]: only the last token of each prefill is sampled
-        return self.model.compute_logits(inner.norm(x)).float()  # [R, V]
+        return self.model.compute_logits(rms_norm(x, inner.norm.weight, inner.norm.eps)).float()  # [R, V]

@@ -8,7 +8,7 @@ rank keeps 1/W of every parameter (a DTensor, Shard(0)), the gradient of that sh
 optimizer steps on the shards. Runs on CPU with gloo in torch 2.13 (FSDP2's all_gather_single / reduce_scatter_single
 work there; only its PREMUL_SUM reduction does not, see shard_model) and on CUDA with nccl (not run here).
 
-Generation: the sampler (dash.engine) calls the layers' pieces (embed_tokens, project_qkv, o_proj, mlp) rather than
+Generation: the sampler (dash.engine) calls the layers' pieces (embed_tokens, project, o_proj, MLP) rather than
 the layers' forward, so FSDP's per-forward hooks never fire for it, and an all-gather per layer per decode step would
 be far too slow anyway. `gathered(model)` all-gathers every sharded module once, turns reshard-after-forward off for
 the duration (the engine's log-prob recompute runs `forward_packed`, whose hooks would otherwise free the layers

@@ -1,0 +1,76 @@
+// Small CPU helpers shared by the fp32 kernels in csrc/*_cpu.cpp: the per-CPU code clones, a branch-free exp and
+// lane-split reductions. Everything is written so GCC/clang vectorise it WITHOUT -ffast-math (a float sum may not be
+// reordered, so reductions keep kLanes independent partial sums, combined in a fixed order: results do not depend
+// on the thread count).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+// On x86-64 Linux the hot loops are compiled twice, for x86-64-v3 (AVX2 + FMA) and for the SSE2 baseline, and the
+// loader picks one (target_clones): the wheel still runs on any x86-64.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define DASH_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DASH_CPU_CLONES
+#endif
+
+namespace dash {
+namespace cpu {
+
+constexpr int kLanes = 8;  // independent partial sums per reduction (SIMD lanes for the auto-vectoriser)
+
+// Cephes' expf: x = k ln2 + r with |r| <= ln2 / 2, e^r from a degree-6 polynomial (relative error ~2e-7, about
+// 1.5 ulp), 2^k written straight into the exponent bits. Valid for x in [kExpMin, kExpMax]; callers clamp.
+constexpr float kExpMin = -87.33654f;  // ln(2^-126): below it 2^k would not be a normal float (e^x ~ 0 there)
+constexpr float kExpMax = 88.0f;       // keeps k <= 127 (2^128 is not a float); e^88 = 1.65e38
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;  // ln 2 split in two so k * kLn2Hi is exact (Cody-Waite reduction)
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23: (y + M) - M rounds y to the nearest integer in fp32
+
+// e^x for x already in [kExpMin, kExpMax].
+inline float exp_in_range(float x) {
+  const float k = (x * kLog2e + kRoundMagic) - kRoundMagic;
+  const float r = (x - k * kLn2Hi) - k * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-126, 127]
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(two_k));
+  return p * two_k;
+}
+
+// e^x for x <= 0 (scores minus their row max). A NaN stays NaN (std::max returns its first argument when unordered).
+inline float exp_nonpositive(float x) { return exp_in_range(std::max(x, kExpMin)); }
+
+// e^x clamped to [e^kExpMin, e^kExpMax]: exact enough wherever the caller divides by 1 + e^x (sigmoid).
+inline float exp_clamped(float x) { return exp_in_range(std::min(std::max(x, kExpMin), kExpMax)); }
+
+// sum of x[i]^2 over n floats (any n), kLanes partial sums then a fixed-order tree.
+inline float sum_squares(const float* __restrict x, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j] * x[i + j];
+  }
+  float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i < n; ++i) sum += x[i] * x[i];
+  return sum;
+}
+
+// Rows per at::parallel_for chunk so a chunk holds at least ~kMinFloatsPerChunk floats (a few microseconds): a small
+// decode batch then stays on one thread instead of paying the pool's wake-up.
+constexpr int64_t kMinFloatsPerChunk = 1 << 14;
+inline int64_t row_grain(int64_t row_len) {
+  return std::max<int64_t>(1, kMinFloatsPerChunk / std::max<int64_t>(1, row_len));
+}
+
+}  // namespace cpu
+}  // namespace dash
