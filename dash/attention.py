@@ -23,6 +23,8 @@ Run the tests: `.venv/bin/python -m pytest tests/model -q -k "varlen or flash"`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +34,28 @@ except ImportError:  # pragma: no cover - depends on the environment
     _flash_varlen = None
 
 HAS_FLASH_ATTN: bool = _flash_varlen is not None
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPrompts:
+    """Packed rows in which the samples of one prompt share the prompt's rows (each prompt appears once).
+
+    Everything but attention is per token, so the shared rows cost one prompt's worth of projections and MLP however
+    many completions follow it. Attention alone needs each sample's full sequence: it runs on the "attention layout"
+    (every sample's prompt + completion end to end, delimited by the forward's cu_seqlens), built by a row gather.
+
+    Attributes:
+        expand: [T_att] long, the packed row of each attention-layout token (a prompt row repeats once per sample).
+        select: [T] long, the attention-layout row whose output each packed row takes (a prompt row: its first copy;
+            the other copies' outputs are dropped, their keys / values still feed the completions).
+    Gradients are exact: the gather's backward sums the keys' / values' contributions of every copy.
+    """
+
+    expand: torch.Tensor
+    select: torch.Tensor
+
+    def to(self, device: torch.device) -> "SharedPrompts":
+        return SharedPrompts(self.expand.to(device), self.select.to(device))
 
 
 def _on_cuda(t: torch.Tensor) -> bool:

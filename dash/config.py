@@ -147,6 +147,9 @@ class TrainConfig:
     """Completions per backprop micro-batch (the paper: 8); grpo also samples this many per call."""
     token_budget: int = 0
     """dash: pack kept samples into micro-batches of at most this many tokens; 0 uses micro_batch_size rows."""
+    share_prompts: bool = True
+    """Pack each prompt once per micro-batch for all its samples (both algorithms): the prompt's forward is shared,
+    the loss and update are unchanged. false: one copy per sample, as the paper's code does."""
     lr: float = 3e-5
     """AdamW learning rate."""
     weight_decay: float = 0.0

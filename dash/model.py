@@ -11,8 +11,9 @@ also what HF writes to disk. The RoPE inverse frequencies are a plain fp32 attri
 appear in the state dict and `model.to(torch.bfloat16)` cannot round them.
 
 Entry points:
-- `forward_packed(input_ids[T], cu_seqlens[B+1], positions[T]) -> hidden[T, H]`: training. Sequences are packed end
-  to end; the lm_head is NOT applied (dash_kernels fuses it with the log-prob so [T, V] logits never exist).
+- `forward_packed(input_ids[T], cu_seqlens[B+1], positions[T], shared=None) -> hidden[T, H]`: training. Sequences
+  are packed end to end (with `shared`, the samples of one prompt share its rows: dash.attention.SharedPrompts); the
+  lm_head is NOT applied (dash_kernels fuses it with the log-prob so [T, V] logits never exist).
 - `forward(input_ids[B, L], attention_mask[B, L]) -> logits[B, L, V]`: padded convenience for evals and tests.
 - `Attention.project` (projections + q/k norm) is separate from RoPE and the attention call so the paged-KV sampler
   can reuse the projections and bring its own in-place RoPE and attention.
@@ -20,8 +21,9 @@ Entry points:
 Departures from HF: padded `forward` takes positions from the mask (so left padding is handled like HF `generate`
 does), and logits at pad positions are the lm_head of a zero vector (meaningless, as in HF).
 
-`ModelConfig` (dash/model_config.py) parses and validates an HF `config.json` (both the transformers 4.x `rope_theta` / `rope_scaling` keys
-and the 5.x `rope_parameters` dict) and writes both spellings (only 5.24 is installed and tested here). Tests:
+`ModelConfig` (dash/model_config.py) parses and validates an HF `config.json` (both the transformers 4.x
+`rope_theta` / `rope_scaling` keys and the 5.x `rope_parameters` dict) and writes both spellings (only 5.24 is
+installed and tested here). Tests:
 `.venv/bin/python -m pytest tests/model -q`.
 """
 
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dash.attention import varlen_attention
+from dash.attention import SharedPrompts, varlen_attention
 from dash.model_config import ModelConfig
 from dash_kernels.rms_norm import rms_norm_ref
 from dash_kernels.rotary import rotary_ref
@@ -110,11 +112,16 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+        shared: SharedPrompts | None = None,
     ) -> torch.Tensor:
-        """Packed path. x: (T, H) -> (T, H)."""
+        """Packed path. x: (T, H) -> (T, H). With `shared`, attention runs on its layout (see SharedPrompts)."""
         q, k, v = self.project_qkv(x, cos, sin)
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.scale)  # [T, Hq, D]
+        if shared is None:
+            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.scale)  # [T, Hq, D]
+        else:
+            e = shared.expand
+            out = varlen_attention(q[e], k[e], v[e], cu_seqlens, max_seqlen, self.scale)[shared.select]  # [T, Hq, D]
         return self.o_proj(out.reshape(x.shape[0], -1))
 
 
@@ -143,9 +150,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+        shared: SharedPrompts | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, shared)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -185,14 +193,17 @@ class CausalLM(nn.Module):
         cu_seqlens: torch.Tensor,
         positions: torch.Tensor,
         max_seqlen: int | None = None,
+        shared: SharedPrompts | None = None,
     ) -> torch.Tensor:
         """Run packed sequences, return the final-normed hidden states (no lm_head).
 
         Args:
             input_ids: (T,) long, all sequences concatenated.
-            cu_seqlens: (B+1,) int32 cumulative lengths starting at 0 and ending at T.
+            cu_seqlens: (B+1,) int32 cumulative lengths starting at 0 and ending at T (with `shared`: of the
+                attention layout, ending at T_att).
             positions: (T,) long RoPE position of each token (usually 0..len-1 within each sequence).
             max_seqlen: longest sequence; computed from cu_seqlens (one host sync) when None.
+            shared: prompt rows shared by several samples (dash.attention.SharedPrompts); None: plain packing.
 
         Returns:
             (T, H) hidden states in the model dtype.
@@ -205,7 +216,7 @@ class CausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(positions)  # [T, D] each, fp32
         x = self.model.embed_tokens(input_ids)  # [T, H]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cu_seqlens, max_seqlen)
+            x = layer(x, cos, sin, cu_seqlens, max_seqlen, shared)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,7 +9,8 @@ Two plans, matching the two loss normalisers (dash/rl/loss_norm.py):
     budget allows, each new sample going to the least-loaded micro-batch, so micro-batches have near-equal tokens.
 
 `collate` turns a list of sample indices into the packed, padding-free input of `CausalLM.forward_packed` plus the
-[B, Lc] completion-token layout the fused loss takes.
+[B, Lc] completion-token layout the fused loss takes. With `share_prompts` (train.share_prompts, on by default) the
+samples of one prompt share its rows: a group of G completions costs one prompt's projections and MLP, not G.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dash.attention import SharedPrompts
 from dash.rl.rollout import Rollout
 
 IGNORE_INDEX = -100  # target id of padded completion slots (dash_kernels' ignore_index)
@@ -78,8 +80,10 @@ class MicroBatch:
     """Packed model input and the completion-token layout of the loss.
 
     Attributes:
-        input_ids: [T] prompt + completion tokens of each sample, minus the last token, end to end.
-        cu_seqlens: [B+1] int32 offsets of the samples in input_ids.
+        input_ids: [T] packed tokens: each distinct prompt once (shared) or once per sample, then each sample's
+            completion minus its last token.
+        cu_seqlens: [B+1] int32 offsets of the samples' full sequences in the attention layout (= the packed rows
+            when `shared` is None).
         positions: [T] position of each token within its sample.
         gather_index: [B, Lc] index into T of the hidden state that predicts completion token j (0 at padding).
         targets: [B, Lc] completion token ids, IGNORE_INDEX at padding.
@@ -87,6 +91,7 @@ class MicroBatch:
         old_logp: [B, Lc] fp32 sampler log-probs (0 at padding).
         advantages: [B] fp32.
         indices: the rollout rows, in order.
+        shared: the prompt-sharing row maps (dash.attention.SharedPrompts), None when every sample has its own rows.
     """
 
     input_ids: torch.Tensor
@@ -98,33 +103,59 @@ class MicroBatch:
     old_logp: torch.Tensor
     advantages: torch.Tensor
     indices: list[int]
+    shared: SharedPrompts | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
 
 
-def collate(rollout: Rollout, indices: list[int], advantages: torch.Tensor, device: torch.device) -> MicroBatch:
-    """Packs rollout rows `indices` (each a prompt + completion with at least one completion token)."""
-    inputs, positions, cu = [], [], [0]
-    lc = max(len(rollout.completion_ids[i]) for i in indices)
+def collate(rollout: Rollout, indices: list[int], advantages: torch.Tensor, device: torch.device,
+            share_prompts: bool = False) -> MicroBatch:
+    """Packs rollout rows `indices` (each a prompt + completion with at least one completion token).
+
+    share_prompts: samples with the same prompt (a group's) share one copy of its rows; the forward then computes
+    the prompt once for all of them and the loss is unchanged (see dash.attention.SharedPrompts).
+    """
     B = len(indices)
+    lc = max(len(rollout.completion_ids[i]) for i in indices)
     gather = torch.zeros(B, lc, dtype=torch.long)  # [B, Lc]
     targets = torch.full((B, lc), IGNORE_INDEX, dtype=torch.long)  # [B, Lc]
     old = torch.zeros(B, lc, dtype=torch.float32)  # [B, Lc]
+    # Samples in groups of one prompt (first-seen order); without sharing every sample is its own group.
+    groups: dict[object, list[int]] = {}
     for b, i in enumerate(indices):
-        prompt, comp = rollout.prompt_ids[i], rollout.completion_ids[i]
-        if not comp:
+        if not rollout.completion_ids[i]:
             raise ValueError(f"rollout row {i} has an empty completion; drop it before packing")
-        seq = prompt + comp[:-1]  # the last token predicts nothing we train on
-        start = cu[-1]
-        inputs.extend(seq)
-        positions.extend(range(len(seq)))
-        cu.append(start + len(seq))
-        # hidden at position len(prompt) - 1 + j predicts completion token j
-        gather[b, : len(comp)] = torch.arange(start + len(prompt) - 1, start + len(prompt) - 1 + len(comp))
-        targets[b, : len(comp)] = torch.tensor(comp)
-        old[b, : len(comp)] = rollout.old_logp[i].float()
+        groups.setdefault(tuple(rollout.prompt_ids[i]) if share_prompts else b, []).append(b)
+    inputs, positions = [], []  # the packed rows
+    expand, cu = [], [0]  # the attention layout: packed row of each token, per-sample offsets
+    select = []  # packed row -> attention-layout row of its output
+    for members in groups.values():
+        prompt = rollout.prompt_ids[indices[members[0]]]
+        p_rows = range(len(inputs), len(inputs) + len(prompt))
+        inputs.extend(prompt)
+        positions.extend(range(len(prompt)))
+        select.extend(range(len(expand), len(expand) + len(prompt)))  # the prompt's first copy
+        for b in members:
+            comp = rollout.completion_ids[indices[b]]
+            tail = comp[:-1]  # the last token predicts nothing we train on
+            c_start = len(inputs)
+            inputs.extend(tail)
+            positions.extend(range(len(prompt), len(prompt) + len(tail)))
+            expand.extend(p_rows)
+            select.extend(range(len(expand), len(expand) + len(tail)))
+            expand.extend(range(c_start, c_start + len(tail)))
+            cu.append(len(expand))
+            # completion token 0 is predicted by the prompt's last row, token j >= 1 by completion row j - 1
+            gather[b, 0] = p_rows[-1]
+            gather[b, 1: len(comp)] = torch.arange(c_start, c_start + len(tail))
+            targets[b, : len(comp)] = torch.tensor(comp)
+            old[b, : len(comp)] = rollout.old_logp[indices[b]].float()
+    shared = None
+    if len(expand) != len(inputs):  # some prompt rows are shared (else the two layouts coincide)
+        shared = SharedPrompts(torch.tensor(expand, dtype=torch.long, device=device),
+                               torch.tensor(select, dtype=torch.long, device=device))
     return MicroBatch(
         input_ids=torch.tensor(inputs, dtype=torch.long, device=device),
         cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
@@ -135,4 +166,5 @@ def collate(rollout: Rollout, indices: list[int], advantages: torch.Tensor, devi
         old_logp=old.to(device),
         advantages=advantages[indices].float().to(device),
         indices=list(indices),
+        shared=shared,
     )

@@ -68,7 +68,7 @@ class PolicyUpdate:
     @staticmethod
     def completion_hidden(model, mb) -> torch.Tensor:
         """Packed forward of the micro-batch, gathered at the positions that predict its completion tokens."""
-        hidden = model.forward_packed(mb.input_ids, mb.cu_seqlens, mb.positions)  # [T, H]
+        hidden = model.forward_packed(mb.input_ids, mb.cu_seqlens, mb.positions, shared=mb.shared)  # [T, H]
         return hidden[mb.gather_index]  # [B, Lc, H]
 
     def token_logprobs(self, model, mb) -> torch.Tensor:
@@ -205,7 +205,8 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
         mini_keep = torch.zeros_like(keep)
         mini_keep[mini] = keep[mini]
         sub = StepMicroBatches(cfg, rollout, mini_keep, (counts[2 * j], counts[2 * j + 1]))
-        plans.append([(collate(rollout, idx, adv, device), norm) for idx, norm in zip(sub.plan, sub.norms)])
+        plans.append([(collate(rollout, idx, adv, device, cfg.train.share_prompts), norm)
+                      for idx, norm in zip(sub.plan, sub.norms)])
     pads = 0
     if is_sharded(update.model):  # FSDP's collectives are per micro-batch: every rank runs the same count
         plans, pads = pad_plans(plans, info, device)

@@ -59,12 +59,12 @@ def make_rollout(seed=0, all_informative=False, rank_skew=False) -> Rollout:
     return Rollout(prompt_ids, comps, old, rewards, G)
 
 
-def config(loss_type, normalizer, beta, token_budget=0, micro=8, algorithm="dash"):
+def config(loss_type, normalizer, beta, token_budget=0, micro=8, algorithm="dash", share_prompts=True):
     return DashConfig(
         sampling=SamplingConfig(temperature=0.9, max_new_tokens=MAX_NEW),
         loss=LossConfig(loss_type=loss_type, normalizer=normalizer, beta=beta, adv_threshold=0.1),
         train=TrainConfig(algorithm=algorithm, micro_batch_size=micro, group_size=G, token_budget=token_budget,
-                          prompts_per_step=PROMPTS, old_logp="sampler"),
+                          prompts_per_step=PROMPTS, old_logp="sampler", share_prompts=share_prompts),
     )
 
 
@@ -79,7 +79,9 @@ def trainer_grads(cfg, model, ref_model, rollout):
     keep = keep_mask(adv, cfg.loss.adv_threshold)
     plan = StepMicroBatches(cfg, rollout, keep, (len(rollout), rollout.completion_tokens()))
     for idx, norm in zip(plan.plan, plan.norms):
-        mb = collate(rollout, idx, adv, torch.device("cpu"))
+        mb = collate(rollout, idx, adv, torch.device("cpu"), cfg.train.share_prompts)
+        assert mb.shared is None or cfg.train.share_prompts
+        plan.shared_rows = getattr(plan, "shared_rows", 0) + (0 if mb.shared is None else mb.num_tokens)
         update.backward(mb, norm, mb.old_logp)
     return grads_of(model), plan
 
@@ -147,17 +149,19 @@ def perturbed_reference(model):
     return ref
 
 
+@pytest.mark.parametrize("share_prompts", [True, False])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("normalizer", ["global", "paper"])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_packed_filtered_update_equals_big_batch_reference(loss_type, normalizer, beta):
+def test_packed_filtered_update_equals_big_batch_reference(loss_type, normalizer, beta, share_prompts):
     model = tiny_model()
     ref_model = perturbed_reference(model) if beta else None
     rollout = make_rollout()
-    cfg = config(loss_type, normalizer, beta, token_budget=40)
+    cfg = config(loss_type, normalizer, beta, token_budget=40, share_prompts=share_prompts)
     ours, plan = trainer_grads(cfg, model, ref_model, rollout)
     theirs = reference_grads(cfg, model, ref_model, rollout)
     assert sum(len(mb) for mb in plan.plan) == 16  # 2 of 6 groups filtered: 16 of 24 samples trained on
+    assert (plan.shared_rows > 0) == share_prompts  # the shared-prompt path really ran
     scale = theirs.abs().max()
     assert scale > 0
     assert (ours - theirs).abs().max() <= GRAD_RTOL * scale, float((ours - theirs).abs().max() / scale)
