@@ -8,6 +8,8 @@ batch-independent sampling): GRPO with one sampling call per backprop micro-batc
 (the paper's baseline), DASH with one call per step and |A| <= adv_threshold filtered before the training forward.
 A third row, `dash-paper-mb`, is DASH restricted to the paper's fixed micro-batches of 8 (normalizer=paper), to
 separate the gain of preemptive sampling + filtering from the gain of packing survivors into larger micro-batches.
+Every row packs a group's prompt once per micro-batch (train.share_prompts); `--share-ablation` adds grpo and dash
+rows without it. `tokens` is the packed rows forwarded and back-propagated per step.
 Prints a table, a one-line summary, then one JSON line; saves a bar chart of the step split to `--plot`.
 
     python benchmarks/step_time.py --nproc 2             # DASH on 1 process vs 2 torchrun processes (ddp, fsdp)
@@ -74,7 +76,8 @@ def run_variant(cfg, name: str, steps: int, out_dir: Path) -> dict:
         "name": name, "s_per_step": statistics.fmean(step_s), "p50_s": statistics.median(step_s),
         "generate_s": mean("time/generate_s"), "reward_s": mean("time/reward_s"), "train_s": mean("time/train_s"),
         "kept_frac": mean("rollout/kept_frac"), "sampling_calls": mean("rollout/sampling_calls"),
-        "micro_batches": mean("train/micro_batches"), "acc_before": before, "acc_after": after,
+        "micro_batches": mean("train/micro_batches"), "train_tokens": mean("train/tokens"), "acc_before": before,
+        "acc_after": after,
     }
 
 
@@ -196,6 +199,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=CPU_THREADS_DEFAULT,
                         help="torch threads on CPU (0: torch's default); the same for every variant")
     parser.add_argument("--skip-paper-mb", action="store_true", help="skip the dash-paper-mb row")
+    parser.add_argument("--share-ablation", action="store_true",
+                        help="also run grpo and dash with train.share_prompts=false (one prompt copy per sample)")
     parser.add_argument("--plot", default="runs/step_time.png", help="bar chart of the step split ('' to skip)")
     parser.add_argument("--nproc", type=int, default=0,
                         help="compare DASH on 1 process with this many torchrun processes (see above)")
@@ -212,14 +217,18 @@ def main() -> int:
             raise SystemExit("--nproc must be >= 2")
         return run_nproc(args, base, overrides)
     out_root = Path(tempfile.mkdtemp(prefix="dash-step-time-"))
-    variants = [("grpo", "grpo", base.loss.normalizer), ("dash", "dash", base.loss.normalizer)]
+    share = base.train.share_prompts
+    variants = [("grpo", "grpo", base.loss.normalizer, share), ("dash", "dash", base.loss.normalizer, share)]
     if not args.skip_paper_mb:
-        variants.append(("dash-paper-mb", "dash", "paper"))
+        variants.append(("dash-paper-mb", "dash", "paper", share))
+    if args.share_ablation:
+        variants += [("grpo-no-share", "grpo", base.loss.normalizer, False),
+                     ("dash-no-share", "dash", base.loss.normalizer, False)]
     results = []
     t_start = time.perf_counter()
-    for name, algo, norm in variants:
+    for name, algo, norm, share_prompts in variants:
         cfg = dataclasses.replace(
-            base, train=dataclasses.replace(base.train, algorithm=algo),
+            base, train=dataclasses.replace(base.train, algorithm=algo, share_prompts=share_prompts),
             loss=dataclasses.replace(base.loss, normalizer=norm),
             log=dataclasses.replace(base.log, out_dir=str(out_root / name), eval_every=0, ckpt_every=0))
         print(f"running {name} ({args.steps} timed steps) ...", file=sys.stderr, flush=True)
@@ -229,12 +238,13 @@ def main() -> int:
           f"{base.train.micro_batch_size}, {args.steps} timed steps, {torch.get_num_threads()} threads, "
           f"device {base.model.device}")
     header = f"{'variant':<15}{'s/step':>9}{'p50':>8}{'gen':>8}{'reward':>8}{'train':>8}{'kept':>7}" \
-             f"{'calls':>7}{'mbs':>6}{'acc0':>7}{'acc':>7}{'ratio':>7}"
+             f"{'calls':>7}{'mbs':>6}{'tokens':>8}{'acc0':>7}{'acc':>7}{'ratio':>7}"
     print(header)
     print("-" * len(header))
     for r in results:
         print(f"{r['name']:<15}{r['s_per_step']:>9.3f}{r['p50_s']:>8.3f}{r['generate_s']:>8.3f}{r['reward_s']:>8.3f}"
               f"{r['train_s']:>8.3f}{r['kept_frac']:>7.2f}{r['sampling_calls']:>7.0f}{r['micro_batches']:>6.1f}"
+              f"{r['train_tokens']:>8.0f}"
               f"{r['acc_before']:>7.3f}{r['acc_after']:>7.3f}{r['s_per_step'] / grpo['s_per_step']:>7.3f}")
     dash = results[1]
     record = {

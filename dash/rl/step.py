@@ -211,12 +211,14 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
     if is_sharded(update.model):  # FSDP's collectives are per micro-batch: every rank runs the same count
         plans, pads = pad_plans(plans, info, device)
     olds = _old_logps(cfg, update, plans, reuse=t.ppo_epochs * t.ppo_minibatches > 1)
+    train_tokens = 0  # packed rows forwarded and back-propagated (shared prompt rows count once)
     for epoch in range(t.ppo_epochs):
         for plan, plan_olds in zip(plans, olds):
             for (mb, norm), old in zip(plan, plan_olds):
                 for k, v in update.backward(mb, norm, old).items():
                     metrics_sum[k] = metrics_sum.get(k, 0.0) + v
                 n_mb += int(norm is not None)
+                train_tokens += mb.num_tokens if norm is not None else 0
             update_metrics = update.step(info)
     t_train = time.perf_counter() - t1
     S, kept = len(rollout), int(keep.sum())
@@ -227,7 +229,7 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
         "rollout/reward_mean": reward_sum / S_all, "rollout/kept_frac": kept_all / S_all,
         "rollout/rank_kept_frac": kept / S,
         "rollout/completion_len": rollout.completion_tokens() / S, "rollout/sampling_calls": calls,
-        "train/micro_batches": n_mb, "train/pad_micro_batches": pads * t.ppo_epochs, "train/skipped_samples": S - kept,
+        "train/micro_batches": n_mb, "train/tokens": train_tokens, "train/pad_micro_batches": pads * t.ppo_epochs, "train/skipped_samples": S - kept,
         "time/generate_s": t_gen, "time/reward_s": t_reward, "time/train_s": t_train, "time/count_sync_s": count_sync_s,
         "time/gen_tok_s": rollout.completion_tokens() / max(t_gen, 1e-9),
         "reward/failed_calls": sampler.reward_stats.failures,
