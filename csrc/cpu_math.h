@@ -50,18 +50,15 @@ inline float exp_in_range(float x) {
 // e^x for x <= 0 (scores minus their row max). A NaN stays NaN (std::max returns its first argument when unordered).
 inline float exp_nonpositive(float x) { return exp_in_range(std::max(x, kExpMin)); }
 
-// e^x clamped to [e^kExpMin, e^kExpMax]: exact enough wherever the caller divides by 1 + e^x (sigmoid).
-inline float exp_clamped(float x) { return exp_in_range(std::min(std::max(x, kExpMin), kExpMax)); }
-
-// sum of x[i]^2 over n floats (any n), kLanes partial sums then a fixed-order tree.
-inline float sum_squares(const float* __restrict x, int64_t n) {
+// a . b over n floats (any n; a == b is fine, both are only read), kLanes partial sums then a fixed-order tree.
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j] * x[i + j];
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] += a[d + j] * b[d + j];
   }
   float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-  for (; i < n; ++i) sum += x[i] * x[i];
+  for (; d < n; ++d) sum += a[d] * b[d];
   return sum;
 }
 

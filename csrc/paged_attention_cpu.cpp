@@ -41,20 +41,9 @@ namespace {
 // instead of paying the pool's wake-up for a few microseconds of work.
 constexpr int64_t kMinMacsPerChunk = 1 << 15;
 
+using cpu::dot;
 using cpu::exp_nonpositive;
 using cpu::kLanes;
-
-// a . b over n floats with kLanes independent partial sums (SIMD lanes), then a fixed-order tree. Any n.
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) {
-    for (int j = 0; j < kLanes; ++j) acc[j] += a[d + j] * b[d + j];
-  }
-  float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-  for (; d < n; ++d) sum += a[d] * b[d];
-  return sum;
-}
 
 // max and sum of x[0:n], n a multiple of kLanes, with kLanes independent lanes (vectorisable without -ffast-math).
 inline float max_lanes(const float* __restrict x, int64_t n) {

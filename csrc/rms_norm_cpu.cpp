@@ -30,7 +30,7 @@ DASH_CPU_CLONES void rms_rows(int64_t begin, int64_t end, int64_t H, float eps, 
       const float* dr = delta + r * H;
       for (int64_t d = 0; d < H; ++d) xr[d] += dr[d];
     }
-    const float inv = 1.f / std::sqrt(cpu::sum_squares(xr, H) / static_cast<float>(H) + eps);
+    const float inv = 1.f / std::sqrt(cpu::dot(xr, xr, H) / static_cast<float>(H) + eps);
     for (int64_t d = 0; d < H; ++d) orow[d] = w[d] * (xr[d] * inv);
   }
 }
