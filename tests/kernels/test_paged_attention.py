@@ -170,6 +170,7 @@ def test_triton_kernel_aot_compiles_without_spills(cap, ptxas_name, arch, tmp_pa
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    import dash_kernels.aot  # noqa: F401  (pins Triton's FP-fusion default, as every AOT build here does)
     from dash_kernels.paged_attention import AOT_SIGNATURE, _paged_attention_kernel
 
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / ptxas_name
