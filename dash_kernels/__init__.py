@@ -9,6 +9,10 @@ Log-prob / policy-loss API (tensors and plain scalars only; see each docstring f
     fused_policy_loss(hidden, weight, targets, advantages, mask, old_logp=None, ref_logp=None, *, loss_type=...)
     policy_loss(logp, old_logp, advantages, mask, ref_logp=None, entropy=None, *, loss_type=...)   (reference math)
 Backend: dash_kernels.backend (DASH_KERNELS_BACKEND=triton|torch|reference).
+
+Sampler (inference-only) ops, one module each: dash_kernels.kv (store_kv, copy_pages), dash_kernels.paged_attention,
+dash_kernels.rms_norm (rms_norm, add_rms_norm_), dash_kernels.rotary (rotary_): C++ for fp32 CPU, a Triton kernel
+for paged attention on CUDA, the torch references elsewhere.
 """
 
 from dash_kernels._ext import HAS_C, require_c
