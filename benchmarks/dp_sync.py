@@ -65,8 +65,8 @@ class DDPView:
     def __init__(self, ddp, model):
         self.ddp, self.model = ddp, model
 
-    def forward_packed(self, input_ids, cu_seqlens, positions):
-        return self.ddp(input_ids, cu_seqlens, positions)
+    def forward_packed(self, input_ids, cu_seqlens, positions, shared=None):
+        return self.ddp(input_ids, cu_seqlens, positions, shared)
 
     @property
     def lm_head_weight(self):
@@ -80,8 +80,8 @@ class PackedForward(torch.nn.Module):
         super().__init__()
         self.inner = model
 
-    def forward(self, input_ids, cu_seqlens, positions):
-        return self.inner.forward_packed(input_ids, cu_seqlens, positions)
+    def forward(self, input_ids, cu_seqlens, positions, shared=None):
+        return self.inner.forward_packed(input_ids, cu_seqlens, positions, shared=shared)
 
 
 def plan_rows(cfg, rollout: Rollout, keep: torch.Tensor, plan: str) -> list[list[int]]:
@@ -124,7 +124,7 @@ def train_phase(strategy: str, plan: str, cfg, update, ddp_update, rollout, keep
                                                                plan)
     else:
         plan_idx = plan_rows(cfg, rollout, keep, plan)
-    mbs = [collate(rollout, idx, adv, device) for idx in plan_idx]
+    mbs = [collate(rollout, idx, adv, device, cfg.train.share_prompts) for idx in plan_idx]  # as the trainer packs
     n_real = len(mbs)
     if strategy in ("per-mb-sync", "ddp"):
         most = int(all_reduce_max([float(len(mbs))], info)[0])
