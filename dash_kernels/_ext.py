@@ -1,10 +1,13 @@
 """Loads the compiled extension dash_kernels._C once, at import.
 
-`HAS_C` says whether it is there; `require_c()` raises with the exact reinstall command when it is not. Importing
-_C registers the `torch.ops.dash.*` ops (store_kv, copy_pages) as a side effect.
+`HAS_C` says whether it is there; `require_c()` raises with the exact reinstall command when it is not;
+`use_cpu_kernel(...)` says whether the fp32 CPU kernels apply to some tensors. Importing _C registers the
+`torch.ops.dash.*` ops (store_kv, copy_pages, rms_norm, add_rms_norm_, rotary_) as a side effect.
 """
 
-import torch  # noqa: F401  (libtorch must be loaded before the extension's shared library)
+import torch  # libtorch must be loaded before the extension's shared library
+
+from dash_kernels import backend
 
 try:
     from dash_kernels import _C  # type: ignore[attr-defined]
@@ -26,3 +29,12 @@ def require_c():
             f"dash_kernels._C is not built or does not load ({_IMPORT_ERROR}). Rebuild it with: {REINSTALL_HINT}"
         )
     return _C
+
+
+def use_cpu_kernel(*tensors) -> bool:
+    """Whether an fp32 CPU C++ inference kernel (no backward) applies to `tensors`: _C is built, the backend for CPU
+    resolves to "torch" (DASH_KERNELS_BACKEND / backend.override = "reference" forces the torch references), and
+    every tensor is fp32 on CPU and needs no gradient."""
+    return (HAS_C and all(t.device.type == "cpu" and t.dtype == torch.float32
+                          and not (t.requires_grad and torch.is_grad_enabled()) for t in tensors)
+            and backend.resolve(tensors[0].device) == "torch")

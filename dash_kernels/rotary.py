@@ -10,8 +10,7 @@ Tests: `.venv/bin/python -m pytest tests/kernels/test_decode_ops.py -q`.
 
 import torch
 
-from dash_kernels.rms_norm import _use_c
-from dash_kernels._ext import HAS_C
+from dash_kernels._ext import HAS_C, use_cpu_kernel
 
 __all__ = ["rotary_", "rotary_ref"]
 
@@ -27,7 +26,7 @@ def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Applies RoPE to q: [T, Hq, D] and k: [T, Hkv, D] in place; cos, sin: [T, D] fp32 tables of their positions."""
-    if _use_c(q, k, cos, sin) and q.is_contiguous() and k.is_contiguous():
+    if use_cpu_kernel(q, k, cos, sin) and q.is_contiguous() and k.is_contiguous():
         torch.ops.dash.rotary_(q, k, cos.contiguous(), sin.contiguous())
         return
     q.copy_(rotary_ref(q, cos, sin))

@@ -82,6 +82,21 @@ def test_fallbacks_use_the_reference_exactly():
     assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
 
 
+def test_reference_backend_forces_the_torch_references():
+    """DASH_KERNELS_BACKEND=reference (here: the test override) routes fp32 CPU inputs to the references, bitwise."""
+    from dash_kernels.backend import use_backend
+
+    x, d, w = _randn(9, 41, scale=3.0), _randn(9, 41, seed=2), _randn(41, seed=1)
+    q, k, cos, sin = _randn(7, 4, 32), _randn(7, 2, 32, seed=1), _randn(7, 32, seed=2), _randn(7, 32, seed=3)
+    q_ref, k_ref = rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
+    with use_backend("reference"):
+        assert torch.equal(rms_norm(x, w, EPS), rms_norm_ref(x, w, EPS))
+        xr = x.clone()
+        assert torch.equal(add_rms_norm_(xr, d, w, EPS), rms_norm_ref(x + d, w, EPS))
+        rotary_(q, k, cos, sin)
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+
+
 def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="weight must be"):
         torch.ops.dash.rms_norm(_randn(4, 8), _randn(7), EPS)
