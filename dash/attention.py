@@ -54,9 +54,6 @@ class SharedPrompts:
     expand: torch.Tensor
     select: torch.Tensor
 
-    def to(self, device: torch.device) -> "SharedPrompts":
-        return SharedPrompts(self.expand.to(device), self.select.to(device))
-
 
 def _on_cuda(t: torch.Tensor) -> bool:
     """Whether `t` lives on a CUDA device (a function so tests can pretend CPU tensors are CUDA)."""
