@@ -111,7 +111,8 @@ def verdicts(s: dict) -> dict[str, str]:
     out = {}
     noise = lambda d: "within" if abs(d) <= EVAL_SE else "outside"  # noqa: E731
     if {"grpo", "dash"} <= s.keys():
-        r, d = _m(s, "dash", "s_per_step") / _m(s, "grpo", "s_per_step"), _m(s, "dash", "final") - _m(s, "grpo", "final")
+        r = _m(s, "dash", "s_per_step") / _m(s, "grpo", "s_per_step")
+        d = _m(s, "dash", "final") - _m(s, "grpo", "final")
         out["1"] = (f"DASH takes {r:.0%} of GRPO's time per step ({1 - r:.0%} less; paper: 17%, -83%); final "
                     f"accuracy DASH - GRPO = {d:+.3f}, {noise(d)} one eval's standard error ({EVAL_SE}).")
     if {"grpo", "no_gf", "dash"} <= s.keys():
@@ -213,7 +214,8 @@ def write_report(s: dict, runs: list[dict], out: Path, args) -> dict:
     lines = [f"# The paper's findings on the tiny task ({max((a['seeds'] for a in s.values()), default=0)} seeds x "
              f"{args.steps} steps, eval every {args.eval_every}, {torch.get_num_threads()} thread(s))", "",
              "Produced by `python benchmarks/reproduce.py`; mean ± std over seeds. Start: the shipped SFT warm start, "
-             f"held-out greedy accuracy {next(iter(s.values()))['start']:.3f} on {runs[0]['eval_prompts']} test prompts (one eval's "
+             f"held-out greedy accuracy {next(iter(s.values()))['start']:.3f} on {runs[0]['eval_prompts']} test "
+             "prompts (one eval's "
              "standard error ~2 points). Paper numbers: Qwen2.5-0.5B on MATH (hours, MATH %). "
              f"Target for 's to target' = start + {TARGET_GAIN:.2f}; a collapse = an eval below "
              f"{COLLAPSE_FRAC:.0%} of the start." + load_note, ""]

@@ -10,8 +10,9 @@ Under FSDP (`train.parallel: fsdp`) a checkpoint is sharded: `sharded/` is a tor
 folder where every rank writes its own shards of the weights and AdamW state (one `.distcp` file per rank, plus
 `.metadata`), so no rank ever holds the full optimizer state; `trainer_state.pt` then has no optimizer entry and there
 is no `model/`. The same temporary-folder-and-rename protocol applies, with rank 0 creating and publishing the
-folder (so on several nodes, out_dir must be a shared filesystem). DCP reshards on load, so such a checkpoint resumes with any world size (one process included), and
-`load_sharded(ckpt, model)` fills a plain single-process model from it (e.g. to export it with save_model).
+folder (so on several nodes, out_dir must be a shared filesystem). DCP reshards on load, so such a checkpoint
+resumes with any world size (one process included), and `load_sharded(ckpt, model)` fills a plain single-process
+model from it (e.g. to export it with save_model).
 """
 
 from __future__ import annotations

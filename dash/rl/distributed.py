@@ -18,7 +18,7 @@ with the last backward, which matters on fast GPU interconnect only for large mo
 (benchmarks/dp_sync.py, benchmarks/results/dp_sync.md), with the paper's 8-row micro-batches (10-39 per rank): a
 synced, padded micro-batch loop (flat all-reduce or torch DDP) makes the training phase 1.56-1.64x slower; DDP with
 no_sync is within noise of this design (0.87-1.04x). With DASH's packing (one micro-batch per rank) all are equal.
-Imbalance is left as is: ranks wait for the slowest at the counts and gradient collectives, ~7% of the step
+Imbalance is left as is: ranks wait for the slowest at the counts and gradient collectives, 5-7% of the step
 (benchmarks/step_time.py --nproc 2). Rebalancing the kept samples across ranks (an all_gather of them, then a
 token-balanced split) cut that wait by 2-4x but paid about as much for the exchange: 0.94-1.04x of the training phase.
 Checkpoints are written by rank 0 (replicas are identical), so a run can resume with any world size.

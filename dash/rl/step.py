@@ -60,7 +60,8 @@ class PolicyUpdate:
     """Forward/backward of micro-batches through the fused loss, and the optimizer step."""
 
     def __init__(self, cfg: DashConfig, model, optimizer, scheduler, ref_model=None):
-        self.cfg, self.model, self.optimizer, self.scheduler, self.ref_model = cfg, model, optimizer, scheduler, ref_model
+        self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
+        self.ref_model = ref_model
         temp = cfg.sampling.temperature
         self.temperature = temp if temp > 0 else 1.0  # greedy sampling: score with the plain softmax
         self.non_finite = 0  # micro-batches of the current optimizer step whose loss was NaN / inf
@@ -229,7 +230,8 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
         "rollout/reward_mean": reward_sum / S_all, "rollout/kept_frac": kept_all / S_all,
         "rollout/rank_kept_frac": kept / S,
         "rollout/completion_len": rollout.completion_tokens() / S, "rollout/sampling_calls": calls,
-        "train/micro_batches": n_mb, "train/tokens": train_tokens, "train/pad_micro_batches": pads * t.ppo_epochs, "train/skipped_samples": S - kept,
+        "train/micro_batches": n_mb, "train/tokens": train_tokens, "train/pad_micro_batches": pads * t.ppo_epochs,
+        "train/skipped_samples": S - kept,
         "time/generate_s": t_gen, "time/reward_s": t_reward, "time/train_s": t_train, "time/count_sync_s": count_sync_s,
         "time/gen_tok_s": rollout.completion_tokens() / max(t_gen, 1e-9),
         "reward/failed_calls": sampler.reward_stats.failures,
