@@ -1,5 +1,6 @@
 // KV page allocator of the paged sampler: free list, per-page reference counts, per-sequence page tables, group fork
-// with copy-on-write of a shared partial page. Bound as dash_kernels._C.PageAllocator (pybind11).
+// with copy-on-write of a shared partial page, and prefix caching of full prompt pages (allocate_cached).
+// Bound as dash_kernels._C.PageAllocator (pybind11).
 //
 // Why C++: the scheduler touches every live sequence on every decode step (one new slot each, sometimes a new page,
 // sometimes a copy-on-write). In Python that is ~1 us per sequence; here it is a few ns, and the results come back as
@@ -9,6 +10,9 @@
 //   * ref_[p] == number of page tables that contain p; a page is on the free list iff ref_[p] == 0.
 //   * A sequence's page table has exactly ceil(num_tokens / page_size) pages.
 //   * A page written by append() belongs to that sequence alone (ref 1): a shared last page is copied first.
+//   * A page named by the prefix index (csrc/prefix_index.h) holds exactly the tokens it is named by: the name is
+//     dropped whenever the page is handed out again. A freed named page stays on the free list with its K/V, so a
+//     later prompt with the same prefix revives it instead of recomputing it.
 // Python never sees a reference count it could decrement: pages are released only through free(seq_id), which forgets
 // the sequence, so a second free (or any use of a freed id) is a ValueError, never an underflow.
 // Every mutating call validates all of its inputs before changing anything, so a ValueError leaves the state intact.
@@ -16,10 +20,14 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <deque>
+#include <numeric>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
+
+#include "prefix_index.h"
 
 namespace dash {
 namespace {
@@ -43,18 +51,20 @@ struct Sequence {
 
 class PageAllocator {
  public:
-  PageAllocator(int64_t num_pages, int64_t page_size) : num_pages_(num_pages), page_size_(page_size) {
-    if (num_pages <= 0 || page_size <= 0) value_error("num_pages and page_size must be positive");
-    if (num_pages > INT32_MAX / page_size) value_error("num_pages * page_size must fit in int32 (slot ids are int32)");
+  PageAllocator(int64_t num_pages, int64_t page_size)
+      : num_pages_(checked(num_pages, page_size)), page_size_(page_size), index_(num_pages, page_size) {
     ref_.assign(num_pages, 0);
-    free_.reserve(num_pages);
-    // A stack popped from the back: page 0 is handed out first, which keeps small tests readable.
-    for (int64_t p = num_pages - 1; p >= 0; --p) free_.push_back(static_cast<int32_t>(p));
+    stamp_.assign(num_pages, 0);
+    // FIFO: a freed page goes to the back, so a named (cached) page survives as long as possible before reuse,
+    // which is least-recently-freed eviction. Page 0 is handed out first, which keeps small tests readable.
+    for (int64_t p = 0; p < num_pages; ++p) free_.push_back({static_cast<int32_t>(p), 0});
+    num_free_ = num_pages;
   }
 
   int64_t num_pages() const { return num_pages_; }
   int64_t page_size() const { return page_size_; }
-  int64_t num_free_pages() const { return static_cast<int64_t>(free_.size()); }
+  int64_t num_free_pages() const { return num_free_; }
+  int64_t num_cached_pages() const { return index_.size(); }
   int64_t num_seqs() const { return static_cast<int64_t>(seqs_.size()); }
   bool has_seq(int64_t seq_id) const { return seqs_.count(seq_id) != 0; }
   int64_t pages_for(int64_t num_tokens) const { return (num_tokens + page_size_ - 1) / page_size_; }
@@ -96,6 +106,108 @@ class PageAllocator {
       for (int64_t t = 0; t < n[i]; ++t) *out++ = slot(s, t);
     }
     return slots;
+  }
+
+  // allocate() with prefix caching. tokens: [sum(lens)] int64, the sequences' tokens packed. Full pages whose chained
+  // hash and tokens match a named page (from an earlier call, or an earlier sequence of this call) are shared instead
+  // of recomputed; every full page this call writes is named for later ones. At least the last token of each sequence
+  // is always computed (its logits are sampled). Returns (slots [sum(lens - cached)] int32 of the tokens to compute,
+  // packed; cached [B] int64 tokens taken from the cache per sequence, a multiple of page_size).
+  std::vector<at::Tensor> allocate_cached(const at::Tensor& seq_ids, const at::Tensor& tokens, const at::Tensor& lens) {
+    const int64_t* ids = ids_ptr(seq_ids, "seq_ids");
+    const int64_t* n = ids_ptr(lens, "lens");
+    const int64_t* tok = ids_ptr(tokens, "tokens");
+    const int64_t B = seq_ids.size(0);
+    if (lens.size(0) != B) value_error("seq_ids and lens must have the same length");
+    int64_t total = 0;
+    std::unordered_set<int64_t> seen;
+    for (int64_t i = 0; i < B; ++i) {
+      if (n[i] <= 0) value_error("sequence " + std::to_string(ids[i]) + " has length " + std::to_string(n[i]));
+      if (has_seq(ids[i]) || !seen.insert(ids[i]).second) {
+        value_error("sequence " + std::to_string(ids[i]) + " is already allocated");
+      }
+      total += n[i];
+    }
+    if (tokens.size(0) != total) {
+      value_error("tokens has " + std::to_string(tokens.size(0)) + " entries, lens sum to " + std::to_string(total));
+    }
+    // Plan without touching any state: each logical page is an existing page (a hit) or a new page, numbered in
+    // order of first use; a new full page may be shared by later sequences of this call (same chain and tokens).
+    struct NewPage { uint64_t hash; const int64_t* tokens; bool full; int64_t parent; };  // parent: plan entry
+    std::vector<NewPage> fresh;
+    std::unordered_map<uint64_t, int32_t> fresh_by_hash;  // chained hash -> index into fresh
+    std::vector<std::vector<int64_t>> plan(B);            // >= 0: existing page, < 0: ~index into fresh
+    std::vector<int64_t> cached(B, 0);
+    std::unordered_set<int32_t> revived;                  // existing free pages this call takes back
+    const int64_t* t = tok;
+    for (int64_t i = 0; i < B; t += n[i], ++i) {
+      const int64_t full = n[i] / page_size_, reusable = (n[i] - 1) / page_size_;
+      uint64_t h = PrefixIndex::kRoot;
+      bool hitting = true;
+      for (int64_t j = 0; j < pages_for(n[i]); ++j) {
+        const int64_t* page_tokens = t + j * page_size_;
+        const int64_t parent = j ? plan[i][j - 1] : kRootEntry;
+        if (j < full) h = PrefixIndex::chain(h, page_tokens, page_size_);
+        if (hitting && j < reusable) {
+          // An indexed page can only follow an indexed page (or start a sequence).
+          const int32_t p = parent >= 0 || parent == kRootEntry
+                                ? index_.lookup(h, page_tokens, parent >= 0 ? static_cast<int32_t>(parent)
+                                                                            : PrefixIndex::kNoPage)
+                                : -1;
+          if (p >= 0) {
+            if (ref_[p] == 0) revived.insert(p);
+            plan[i].push_back(p);
+            cached[i] += page_size_;
+            continue;
+          }
+          auto f = fresh_by_hash.find(h);
+          if (f != fresh_by_hash.end() && fresh[f->second].parent == parent &&
+              std::equal(page_tokens, page_tokens + page_size_, fresh[f->second].tokens)) {
+            plan[i].push_back(~static_cast<int64_t>(f->second));
+            cached[i] += page_size_;
+            continue;
+          }
+          hitting = false;
+        }
+        if (j < full && !fresh_by_hash.count(h)) fresh_by_hash[h] = static_cast<int32_t>(fresh.size());
+        plan[i].push_back(~static_cast<int64_t>(fresh.size()));
+        fresh.push_back({h, page_tokens, j < full, parent});
+      }
+    }
+    const int64_t need = static_cast<int64_t>(fresh.size() + revived.size());
+    if (need > num_free_pages()) {
+      value_error("out of pages: need " + std::to_string(need) + ", " + std::to_string(num_free_pages()) + " free");
+    }
+    // Commit: revive first, so taking new pages cannot evict a page this call is about to reuse.
+    for (int32_t p : revived) revive(p);
+    std::vector<int32_t> fresh_page(fresh.size());
+    for (size_t k = 0; k < fresh.size(); ++k) {
+      fresh_page[k] = take_page();
+      ref_[fresh_page[k]] = 0;  // counted per holder below
+    }
+    for (size_t k = 0; k < fresh.size(); ++k) {  // a parent always comes before its child in `fresh`
+      if (!fresh[k].full) continue;
+      const int64_t e = fresh[k].parent;
+      const int32_t parent = e == kRootEntry ? PrefixIndex::kNoPage : e >= 0 ? static_cast<int32_t>(e) : fresh_page[~e];
+      index_.insert(fresh[k].hash, fresh_page[k], fresh[k].tokens, parent);
+    }
+    for (int32_t p : revived) ref_[p] = 0;
+    at::Tensor slots = int32_tensor({total - std::accumulate(cached.begin(), cached.end(), int64_t{0})});
+    at::Tensor cached_out = at::empty({B}, at::TensorOptions().dtype(at::kLong));
+    int32_t* out = slots.data_ptr<int32_t>();
+    for (int64_t i = 0; i < B; ++i) {
+      Sequence& s = seqs_[ids[i]];
+      s.num_tokens = n[i];
+      s.pages.reserve(plan[i].size() + 1);
+      for (int64_t e : plan[i]) {
+        const int32_t p = e >= 0 ? static_cast<int32_t>(e) : fresh_page[~e];
+        ++ref_[p];
+        s.pages.push_back(p);
+      }
+      for (int64_t k = cached[i]; k < n[i]; ++k) *out++ = slot(s, k);
+      cached_out.data_ptr<int64_t>()[i] = cached[i];
+    }
+    return {slots, cached_out};
   }
 
   // Children share every page of the parent (full prompt pages and the partial last one) by reference count; the
@@ -211,7 +323,7 @@ class PageAllocator {
     for (int64_t i = 0; i < seq_ids.size(0); ++i) {
       auto it = seqs_.find(ids[i]);
       for (int32_t page : it->second.pages) {
-        if (--ref_[page] == 0) free_.push_back(page);
+        if (--ref_[page] == 0) release(page);
       }
       seqs_.erase(it);
     }
@@ -224,11 +336,36 @@ class PageAllocator {
     return it->second;
   }
 
-  int32_t take_page() {  // callers have checked there are enough free pages
-    const int32_t p = free_.back();
-    free_.pop_back();
+  static constexpr int64_t kRootEntry = INT64_MIN;  // plan entry "before the first page" (see allocate_cached)
+
+  static int64_t checked(int64_t num_pages, int64_t page_size) {
+    if (num_pages <= 0 || page_size <= 0) value_error("num_pages and page_size must be positive");
+    if (num_pages > INT32_MAX / page_size) value_error("num_pages * page_size must fit in int32 (slot ids are int32)");
+    return num_pages;
+  }
+
+  // A free-list entry is live while its page is still free and was not freed again since (the stamp): revive() takes
+  // a named page off the free list in O(1) by leaving its entry behind, and take_page() skips such stale entries.
+  void release(int32_t p) {
+    free_.push_back({p, ++stamp_[p]});
+    ++num_free_;
+  }
+
+  void revive(int32_t p) {  // a free page named by the prefix index is wanted again, with its K/V
     ref_[p] = 1;
-    return p;
+    --num_free_;
+  }
+
+  int32_t take_page() {  // callers have checked there are enough free pages
+    for (;;) {
+      const auto [p, stamp] = free_.front();
+      free_.pop_front();
+      if (ref_[p] != 0 || stamp != stamp_[p]) continue;  // revived, or freed again later (a newer entry exists)
+      index_.forget(p);  // new content: the page's old name would now lie
+      ref_[p] = 1;
+      --num_free_;
+      return p;
+    }
   }
 
   int32_t slot(const Sequence& s, int64_t t) const {
@@ -243,7 +380,10 @@ class PageAllocator {
 
   int64_t num_pages_, page_size_;
   std::vector<int32_t> ref_;   // [num_pages] reference count of each page
-  std::vector<int32_t> free_;  // free pages, used as a stack
+  std::vector<uint32_t> stamp_;  // [num_pages] times the page was freed (validates free-list entries)
+  std::deque<std::pair<int32_t, uint32_t>> free_;  // (page, stamp) FIFO; may hold stale entries, see release()
+  int64_t num_free_ = 0;          // pages with ref 0 (the live entries of free_)
+  PrefixIndex index_;
   std::unordered_map<int64_t, Sequence> seqs_;
 };
 
@@ -258,6 +398,7 @@ void bind_page_allocator(pybind11::module_& m) {
       .def_property_readonly("page_size", &PageAllocator::page_size)
       .def_property_readonly("num_free_pages", &PageAllocator::num_free_pages)
       .def_property_readonly("num_seqs", &PageAllocator::num_seqs)
+      .def_property_readonly("num_cached_pages", &PageAllocator::num_cached_pages)
       .def("has_seq", &PageAllocator::has_seq, py::arg("seq_id"))
       .def("pages_for", &PageAllocator::pages_for, py::arg("num_tokens"))
       .def("can_allocate", &PageAllocator::can_allocate, py::arg("num_tokens"))
@@ -265,6 +406,7 @@ void bind_page_allocator(pybind11::module_& m) {
       .def("page_table", &PageAllocator::page_table, py::arg("seq_id"))
       .def("ref_count", &PageAllocator::ref_count, py::arg("page"))
       .def("allocate", &PageAllocator::allocate, py::arg("seq_ids"), py::arg("lens"))
+      .def("allocate_cached", &PageAllocator::allocate_cached, py::arg("seq_ids"), py::arg("tokens"), py::arg("lens"))
       .def("fork", &PageAllocator::fork, py::arg("parent"), py::arg("child_ids"))
       .def("pages_needed_for_append", &PageAllocator::pages_needed_for_append, py::arg("seq_ids"))
       .def("append", &PageAllocator::append, py::arg("seq_ids"), py::arg("min_width") = 0, py::arg("pad") = 0)

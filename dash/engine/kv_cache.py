@@ -26,9 +26,11 @@ class Context:
         is_prefill: prefill packs whole sequences (fresh K/V, varlen attention); decode feeds one token each.
         input_ids: (T,) long tokens to run; positions: (T,) long RoPE positions.
         slot_mapping: (T,) int32 cache slot of each token's K/V.
-        cu_seqlens: (E+1,) int32 prefill sequence offsets; max_seqlen: longest prefill sequence (host int).
+        cu_seqlens: (E+1,) int32 prefill offsets of the computed tokens; max_seqlen: longest such run (host int).
         logits_index: (E,) long rows of the hidden states whose logits are sampled (last token of each prefill).
-        page_table: (B, W) int32 decode page tables (padded with page 0); context_lens: (B,) int32, new token included.
+        page_table: (B, W) int32 page tables (padded with page 0) of a decode step, or of a prefill that reuses cached
+            prefix pages (None for a prefill that computes every token); context_lens: (B,) int32 tokens in the cache
+            per sequence once the step's tokens are stored.
         cow_src, cow_dst: (n,) int32 pages to copy before the step (copy-on-write of shared partial pages).
     """
 

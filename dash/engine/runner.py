@@ -10,8 +10,11 @@ place on q and k (`rotary_`), SiLU * up in place, and the attention. The paramet
 share one `nn.Module`).
 
 Attention per step:
-- prefill: every sequence is fresh (no prefix cache), so its K/V are exactly the projections just computed; causal
-  varlen attention over them (`dash.attention.varlen_attention`), then `store_kv` writes them to their pages.
+- prefill: `store_kv` writes the new K/V to their pages. With no prefix-cache hit in the step, the K/V are exactly the
+  projections just computed: causal varlen attention over them (`dash.attention.varlen_attention`). With a hit
+  (`ctx.page_table` set), the prefix lives only in the pages: `dash_kernels.paged_attention` with per-sequence query
+  runs reads it. Pages another entry of the same step shares are written by that entry in the same layer before any
+  attention of the layer runs, so in-step sharing needs no ordering between entries.
 - decode: `store_kv` writes the new token first, then the pages are read by flash-attn's `flash_attn_with_kvcache`
   (CUDA, flash-attn installed, page_size a multiple of 256; untested here, no GPU), else `dash_kernels.paged_attention`
   (its Triton kernel on CUDA, gather + SDPA on CPU).
@@ -67,7 +70,10 @@ class ModelRunner:
             q, k, v = attn.project(h)  # [T, Hq, D], [T, Hkv, D] x2
             rotary_(q, k, cos, sin)
             kv.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
-            if ctx.is_prefill:
+            if ctx.is_prefill and ctx.page_table is not None:
+                o = paged_attention(q, k_cache, v_cache, ctx.page_table, ctx.context_lens, ctx.cu_seqlens,
+                                    scale=attn.scale, max_q_len=ctx.max_seqlen)
+            elif ctx.is_prefill:
                 o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, attn.scale)  # [T, Hq, D]
             elif self.use_flash:  # not exercised on this CPU-only box
                 o = flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=ctx.context_lens,

@@ -40,7 +40,7 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
              params: SamplingParams | Sequence[SamplingParams] | None = None, *, page_size: int = DEFAULT_PAGE_SIZE,
              num_pages: int | None = 0, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
              max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS, group_fork: bool = True,
-             progress: bool | None = None, stats: dict | None = None) -> list[RequestOutput]:
+             prefix_caching: bool = True, progress: bool | None = None, stats: dict | None = None) -> list[RequestOutput]:
     """Sample n completions for each prompt.
 
     Args:
@@ -52,6 +52,8 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
         page_size, num_pages: KV pool geometry; num_pages 0 / None sizes the pool so nothing is ever preempted.
         max_num_seqs, max_batched_tokens: per-step limits on running sequences and prefill tokens.
         group_fork: False prefills each of the n samples separately (for benchmarks and tests).
+        prefix_caching: reuse the K/V of full prompt pages that an earlier prefill of this call computed for the same
+            tokens (shared system prompts, repeated prompts); only within the call, whose weights cannot change.
         progress: tqdm bar; None -> only when stderr is a TTY.
         stats: if a dict is given, filled with step / page / preemption counts.
 
@@ -71,7 +73,8 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
         raise ValueError(f"num_pages={num_pages} is too small: prompt {r} needs {pages_per_seq[r]} pages of "
                          f"{page_size} tokens for prompt + max_new_tokens = {len(ids[r]) + int(table.max_new[r * n])}")
     cache = KVCache(model, num_pages, page_size)
-    sched = Scheduler(table, cache, max_num_seqs, max_batched_tokens, tokenizer, group_fork=group_fork)
+    sched = Scheduler(table, cache, max_num_seqs, max_batched_tokens, tokenizer, group_fork=group_fork,
+                      prefix_caching=prefix_caching)
     runner = ModelRunner(model, cache, max_len)
     show = sys.stderr.isatty() if progress is None else progress
     steps = prefills = peak = 0
@@ -92,7 +95,8 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
     if stats is not None:
         stats.update(steps=steps, prefill_steps=prefills, decode_steps=steps - prefills, num_pages=num_pages,
                      peak_pages=peak, preemptions=sched.num_preemptions,
-                     generated_tokens=int(table.num_gen.sum()), prompt_tokens=sum(len(p) for p in ids) * n)
+                     generated_tokens=int(table.num_gen.sum()), prompt_tokens=sum(len(p) for p in ids) * n,
+                     cached_prompt_tokens=sched.num_cached_tokens)
     return table.outputs(tokenizer)
 
 

@@ -6,6 +6,11 @@ Policy (nano-vllm's prefill-first, plus group fork and preemption by recompute):
   and the allocator forks it into n sequences sharing the prompt's pages; each sample then draws its own first token
   from the shared last-position logits. A preempted sequence comes back alone, in front, and recomputes prompt +
   generated tokens (its sampling keys do not change, so neither do its tokens).
+- Prefix caching (`prefix_caching`): the allocator names every full page a prefill writes by its chained token hash,
+  so a later entry whose prompt starts with the same full pages (a shared system prompt or template, a repeated
+  prompt, a preempted sample's own prompt while its siblings still hold it) reuses them and prefills only the rest;
+  that step's attention then reads the prefix from the pages (`Context.page_table` set on a prefill). The cache lives
+  as long as the call's KV pool: the next call may run on updated weights, so nothing is reused across calls.
 - Admission needs the entry's pages plus one page of headroom per sequence when anything else is running, so a step
   that admits is not immediately undone by preemption.
 - Decode: if the step's new pages (page boundaries + copy-on-write) exceed the free pages, the newest running
@@ -26,10 +31,11 @@ from dash.engine.sequence import SequenceTable
 
 class Scheduler:
     def __init__(self, table: SequenceTable, cache: KVCache, max_num_seqs: int, max_batched_tokens: int,
-                 tokenizer=None, group_fork: bool = True) -> None:
+                 tokenizer=None, group_fork: bool = True, prefix_caching: bool = True) -> None:
         self.table, self.cache, self.alloc = table, cache, cache.allocator
         self.max_num_seqs, self.max_batched_tokens = max_num_seqs, max_batched_tokens
         self.tokenizer = tokenizer
+        self.prefix_caching = prefix_caching
         n = table.n
         groups = [list(range(r * n, (r + 1) * n)) for r in range(len(table.prompts))]
         # Without group fork every sample is its own entry and prefills the prompt again (the baseline to beat).
@@ -38,6 +44,7 @@ class Scheduler:
         self._running_ids: torch.Tensor | None = None  # cached tensor of `running`, rebuilt when it changes
         self.num_preemptions = 0
         self.num_finished = 0
+        self.num_cached_tokens = 0  # prefill tokens served from the prefix cache
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
@@ -79,14 +86,31 @@ class Scheduler:
             free -= need
         if not entries:
             return None
-        lens = torch.tensor([len(t) for _, t in entries], dtype=torch.long)
-        slots = self.alloc.allocate(torch.tensor([e[0] for e, _ in entries], dtype=torch.long), lens)
+        lens = torch.tensor([len(t) for _, t in entries], dtype=torch.long)  # [E]
+        firsts = torch.tensor([e[0] for e, _ in entries], dtype=torch.long)  # [E] the sequence that is prefilled
+        if self.prefix_caching:
+            tokens = torch.tensor([t for _, toks in entries for t in toks], dtype=torch.long)  # [sum(lens)]
+            slots, cached = self.alloc.allocate_cached(firsts, tokens, lens)
+        else:
+            slots, cached = self.alloc.allocate(firsts, lens), None
         for entry, _ in entries:
             if len(entry) > 1:  # group fork: the other samples share the prompt's pages
                 self.alloc.fork(entry[0], torch.tensor(entry[1:], dtype=torch.long))
+        if cached is None or not bool(cached.any()):
+            ctx = self._fresh_prefill(entries, lens, slots)
+        else:
+            ctx = self._cached_prefill(entries, lens, slots, cached, firsts)
+        row_of = torch.repeat_interleave(torch.arange(len(entries)), torch.tensor([len(e) for e, _ in entries]))
+        self.running += seqs
+        self._running_ids = None
+        return ctx, torch.tensor(seqs, dtype=torch.long), row_of
+
+    @staticmethod
+    def _fresh_prefill(entries, lens: torch.Tensor, slots: torch.Tensor) -> Context:
+        """Every token is computed: causal varlen attention over the fresh K/V, no page reads."""
         ends = lens.cumsum(0)  # [E]
         starts = ends - lens  # [E]
-        ctx = Context(
+        return Context(
             is_prefill=True,
             input_ids=torch.tensor([t for _, toks in entries for t in toks], dtype=torch.long),  # [T]
             positions=torch.arange(int(ends[-1])) - starts.repeat_interleave(lens),  # [T] offset in its entry
@@ -95,10 +119,26 @@ class Scheduler:
             max_seqlen=int(lens.max()),
             logits_index=ends - 1,  # [E] last token of each entry
         )
-        row_of = torch.repeat_interleave(torch.arange(len(entries)), torch.tensor([len(e) for e, _ in entries]))
-        self.running += seqs
-        self._running_ids = None
-        return ctx, torch.tensor(seqs, dtype=torch.long), row_of
+
+    def _cached_prefill(self, entries, lens, slots, cached, firsts) -> Context:
+        """Entry e computes tokens [cached[e], lens[e]) and attends to its first cached[e] tokens in the pages."""
+        self.num_cached_tokens += int(cached.sum())
+        q_lens = lens - cached  # [E] >= 1: the allocator always leaves the last token to compute
+        ends = q_lens.cumsum(0)  # [E]
+        starts = ends - q_lens
+        return Context(
+            is_prefill=True,
+            input_ids=torch.tensor([t for (_, toks), c in zip(entries, cached.tolist()) for t in toks[c:]],
+                                   dtype=torch.long),  # [T]
+            positions=torch.arange(int(ends[-1])) - starts.repeat_interleave(q_lens)
+            + cached.repeat_interleave(q_lens),  # [T] absolute position in its entry
+            slot_mapping=slots,
+            cu_seqlens=F.pad(ends, (1, 0)).to(torch.int32),  # [E+1] query offsets
+            max_seqlen=int(q_lens.max()),
+            logits_index=ends - 1,  # [E]
+            page_table=self.alloc.page_tables(firsts),  # [E, W]
+            context_lens=lens.to(torch.int32),  # [E] cached + computed
+        )
 
     def _schedule_decode(self):
         ids = self.running_ids()

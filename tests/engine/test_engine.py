@@ -49,16 +49,53 @@ def test_group_fork_same_tokens_fewer_pages(model_pair, make_prompts):
     G, page = 4, 4
     forked, copies = {}, {}
     a = generate(model, None, prompts, n=G, params=SAMPLED, page_size=page, stats=forked)
-    b = generate(model, None, prompts, n=G, params=SAMPLED, page_size=page, group_fork=False, stats=copies)
+    b = generate(model, None, prompts, n=G, params=SAMPLED, page_size=page, group_fork=False, prefix_caching=False,
+                 stats=copies)
     assert [[o.token_ids for o in g] for g in a] == [[o.token_ids for o in g] for g in b]
     assert forked["prefill_steps"] == 1 and forked["prompt_tokens"] == copies["prompt_tokens"]
     # Pages right after the prefill (max_new_tokens=1 finishes every sequence in that step): 1x the prompt, not Gx.
     one = SamplingParams(temperature=1.0, max_new_tokens=1, seed=0)
     prompt_pages = sum(-(-len(p) // page) for p in prompts)
     generate(model, None, prompts, n=G, params=one, page_size=page, num_pages=200, stats=forked)
-    generate(model, None, prompts, n=G, params=one, page_size=page, num_pages=200, group_fork=False, stats=copies)
+    generate(model, None, prompts, n=G, params=one, page_size=page, num_pages=200, group_fork=False,
+             prefix_caching=False, stats=copies)
     assert forked["prefill_steps"] == copies["prefill_steps"] == 1
     assert forked["peak_pages"] == prompt_pages and copies["peak_pages"] == G * prompt_pages
+
+
+def test_prefix_cache_shares_full_pages_within_a_step(model_pair, make_prompts):
+    """G unforked copies in one prefill step: the first computes the prompt, the others reuse its full pages (all but
+    the page of the last token, which every copy computes) while reading them in the same forward."""
+    _, model = model_pair("llama")
+    prompts = make_prompts([9, 16, 23], seed=1)
+    G, page = 4, 4
+    ref = generate(model, None, prompts, n=G, params=SAMPLED, page_size=page, group_fork=False, prefix_caching=False)
+    stats = {}
+    out = generate(model, None, prompts, n=G, params=SAMPLED, page_size=page, group_fork=False, stats=stats)
+    assert [[o.token_ids for o in g] for g in out] == [[o.token_ids for o in g] for g in ref]
+    for g_out, g_ref in zip(out, ref):
+        for o, r in zip(g_out, g_ref):
+            torch.testing.assert_close(torch.tensor(o.logprobs), torch.tensor(r.logprobs), rtol=0, atol=1e-5)
+    reused = [(n - 1) // page for n in (9, 16, 23)]  # full pages before each prompt's last token
+    assert stats["prefill_steps"] == 1 and stats["cached_prompt_tokens"] == (G - 1) * page * sum(reused)
+    one = SamplingParams(temperature=1.0, max_new_tokens=1, seed=0)
+    generate(model, None, prompts, n=G, params=one, page_size=page, num_pages=200, group_fork=False, stats=stats)
+    prompt_pages = sum(-(-n // page) for n in (9, 16, 23))
+    assert stats["peak_pages"] == G * prompt_pages - (G - 1) * sum(reused)
+
+
+def test_prefix_cache_reuses_a_shared_system_prompt_across_steps(model_pair, make_prompts):
+    """Prompts sharing a 2-page prefix, admitted over several prefill steps (max_batched_tokens) and a pool small
+    enough to preempt: tokens equal the uncached run and HF greedy, and later steps reuse (or revive) the prefix."""
+    hf, model = model_pair("qwen2")
+    system = make_prompts([8], seed=11)[0]
+    prompts = [system + tail for tail in make_prompts([3, 6, 1, 9, 4, 7], seed=12)]
+    stats = {}
+    outs = generate(model, None, prompts, params=GREEDY, page_size=4, max_batched_tokens=24, num_pages=16,
+                    stats=stats)
+    assert stats["prefill_steps"] > 2 and stats["preemptions"] > 0 and stats["cached_prompt_tokens"] > 0
+    for prompt, out in zip(prompts, outs):
+        assert out[0].token_ids == hf_greedy(hf, prompt, GREEDY.max_new_tokens)
 
 
 def test_seeded_results_do_not_depend_on_the_batch(model_pair, make_prompts):

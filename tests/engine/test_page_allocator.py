@@ -123,18 +123,24 @@ def test_free_releases_only_unshared_pages():
     lambda a: a.allocate(ids(5), ids(1000)),       # more pages than free
     lambda a: a.allocate(ids(5, 5), ids(1, 1)),
     lambda a: a.allocate(ids(5), torch.tensor([3], dtype=torch.int32)),  # wrong dtype
+    lambda a: a.allocate_cached(ids(5), ids(1, 2), ids(3)),  # tokens do not match lens
+    lambda a: a.allocate_cached(ids(1), ids(1, 2, 3), ids(3)),  # id already live
+    lambda a: a.allocate_cached(ids(5), ids(*range(100)), ids(100)),  # more pages than free
     lambda a: a.ref_count(99),
     lambda a: a.num_tokens(0),
 ], ids=["double_free", "free_dup", "free_unknown", "append_freed", "append_dup", "fork_freed", "fork_live_child",
-        "allocate_live", "allocate_empty", "allocate_oom", "allocate_dup", "wrong_dtype", "bad_page", "freed_query"])
+        "allocate_live", "allocate_empty", "allocate_oom", "allocate_dup", "wrong_dtype", "cached_tokens_len",
+        "cached_live", "cached_oom", "bad_page", "freed_query"])
 def test_misuse_is_value_error_and_leaves_state_intact(misuse):
     a = _C.PageAllocator(8, 4)
     a.allocate(ids(0, 1), ids(5, 3))
     a.free(ids(0))
-    before = (a.num_free_pages, a.page_table(1), a.num_tokens(1), [a.ref_count(p) for p in range(8)])
+    state = lambda: (a.num_free_pages, a.page_table(1), a.num_tokens(1), [a.ref_count(p) for p in range(8)],  # noqa
+                     a.num_cached_pages)
+    before = state()
     with pytest.raises(ValueError, match="PageAllocator"):
         misuse(a)
-    assert before == (a.num_free_pages, a.page_table(1), a.num_tokens(1), [a.ref_count(p) for p in range(8)])
+    assert before == state()
 
 
 def test_append_out_of_pages_is_atomic():
@@ -192,3 +198,111 @@ def test_random_walk_keeps_invariants():
             a.free(ids(victim))
             live.remove(victim)
         check_invariants(a, live)
+
+
+# ---- prefix caching (allocate_cached) ----
+
+def test_cached_allocation_shares_full_pages_within_a_call():
+    a = _C.PageAllocator(16, 4)
+    A = list(range(10, 20))                         # pages [10..13] [14..17] [18 19]
+    B = list(range(10, 18)) + [99, 98, 97]          # same two full pages, then its own
+    slots, cached = a.allocate_cached(ids(0, 1), torch.tensor(A + B), ids(10, 11))
+    assert cached.tolist() == [0, 8]
+    t0, t1 = a.page_table(0), a.page_table(1)
+    assert t1[:2] == t0[:2] and t1[2] != t0[2]
+    assert slots.tolist() == [t0[i // 4] * 4 + i % 4 for i in range(10)] + [t1[2] * 4 + i for i in range(3)]
+    assert a.num_free_pages == 16 - 4 and a.num_cached_pages == 2  # only full pages are named
+    check_invariants(a, [0, 1])
+
+
+def test_freed_named_pages_are_revived_by_a_later_call():
+    a = _C.PageAllocator(8, 4)
+    prompt = list(range(3, 13))  # 2 full pages + 2 tokens
+    a.allocate_cached(ids(0), torch.tensor(prompt), ids(10))
+    first = a.page_table(0)
+    a.free(ids(0))
+    assert a.num_free_pages == 8 and a.num_cached_pages == 2  # free, but still holding their K/V
+    slots, cached = a.allocate_cached(ids(1), torch.tensor(prompt), ids(10))
+    assert cached.tolist() == [8] and a.page_table(1)[:2] == first[:2]
+    assert slots.tolist() == [a.page_table(1)[2] * 4 + i for i in range(2)]  # only the last 2 tokens are computed
+    assert a.num_free_pages == 8 - 3
+    check_invariants(a, [1])
+
+
+def test_last_token_is_always_computed():
+    a = _C.PageAllocator(8, 4)
+    prompt = list(range(3, 11))  # exactly 2 full pages
+    a.allocate_cached(ids(0), torch.tensor(prompt), ids(8))
+    slots, cached = a.allocate_cached(ids(1), torch.tensor(prompt), ids(8))
+    assert cached.tolist() == [4] and slots.numel() == 4  # page 2 holds the last token: recomputed, never a full hit
+    check_invariants(a, [0, 1])
+
+
+def test_same_page_after_a_different_prefix_is_not_a_hit():
+    a = _C.PageAllocator(8, 4)
+    a.allocate_cached(ids(0), torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9]), ids(9))
+    _, cached = a.allocate_cached(ids(1), torch.tensor([0, 2, 3, 4, 5, 6, 7, 8, 9]), ids(9))
+    assert cached.tolist() == [0]  # page 2 matches token for token, but its prefix does not
+
+
+def test_reusing_a_free_named_page_for_new_content_drops_its_name():
+    a = _C.PageAllocator(3, 2)
+    a.allocate_cached(ids(0), torch.tensor([5, 6, 7]), ids(3))  # names page 0 ([5, 6])
+    a.free(ids(0))
+    a.allocate(ids(1), ids(6))  # needs all 3 pages: the named one is overwritten
+    assert a.num_cached_pages == 0
+    a.free(ids(1))
+    _, cached = a.allocate_cached(ids(2), torch.tensor([5, 6, 7]), ids(3))
+    assert cached.tolist() == [0]
+    check_invariants(a, [2])
+
+
+def test_random_walk_cache_content_is_exact():
+    """A simulated KV pool records which token and position each slot holds. After every call each live sequence's
+    pages must hold exactly its own tokens, whether they were computed or taken from the cache."""
+    rng = random.Random(1)
+    page = 3
+    a = _C.PageAllocator(30, page)
+    pool = {}  # slot -> (token, position)
+    live, toks, next_id = [], {}, 0
+    prefixes = [[rng.randrange(4) for _ in range(rng.randint(0, 9))] for _ in range(4)]
+    hits = 0
+    for _ in range(600):
+        op = rng.random()
+        if op < 0.35:
+            batch = []
+            for _ in range(rng.randint(1, 3)):
+                seq = rng.choice(prefixes) + [rng.randrange(4) for _ in range(rng.randint(1, 4))]
+                batch.append((next_id, seq))
+                next_id += 1
+            lens = ids(*[len(t) for _, t in batch])
+            flat = torch.tensor([x for _, t in batch for x in t])
+            if sum(a.pages_for(len(t)) for _, t in batch) > a.num_free_pages:
+                continue
+            free_before = a.num_free_pages
+            slots, cached = a.allocate_cached(ids(*[s for s, _ in batch]), flat, lens)
+            assert a.num_free_pages <= free_before
+            it = iter(slots.tolist())
+            for (s, t), c in zip(batch, cached.tolist()):
+                assert c % page == 0 and c < len(t)
+                hits += c > 0
+                for pos in range(c, len(t)):
+                    pool[next(it)] = (t[pos], pos)  # the step computes and stores these
+                live.append(s)
+                toks[s] = t
+        elif op < 0.55 and live:
+            s = rng.choice(live)  # decode one token
+            if a.pages_needed_for_append(ids(s)) <= a.num_free_pages:
+                slot, *_ = a.append(ids(s))
+                toks[s] = toks[s] + [rng.randrange(4)]
+                pool[int(slot[0])] = (toks[s][-1], len(toks[s]) - 1)
+        elif live:
+            s = rng.choice(live)
+            a.free(ids(s))
+            live.remove(s)
+        check_invariants(a, live)
+        for s in live:
+            table = a.page_table(s)
+            assert [pool.get(table[i // page] * page + i % page) for i in range(len(toks[s]))] == \
+                [(x, i) for i, x in enumerate(toks[s])]
+    assert hits > 50  # the walk really exercised the cache
