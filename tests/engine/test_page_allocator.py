@@ -135,8 +135,11 @@ def test_misuse_is_value_error_and_leaves_state_intact(misuse):
     a = _C.PageAllocator(8, 4)
     a.allocate(ids(0, 1), ids(5, 3))
     a.free(ids(0))
-    state = lambda: (a.num_free_pages, a.page_table(1), a.num_tokens(1), [a.ref_count(p) for p in range(8)],  # noqa
-                     a.num_cached_pages)
+
+    def state():
+        return (a.num_free_pages, a.page_table(1), a.num_tokens(1), [a.ref_count(p) for p in range(8)],
+                a.num_cached_pages)
+
     before = state()
     with pytest.raises(ValueError, match="PageAllocator"):
         misuse(a)
