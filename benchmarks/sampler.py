@@ -14,6 +14,8 @@ HF `generate_batch` (transformers' continuous batching) runs only with --hf-cb: 
 takes ~12 GiB of RSS and it produced ~10 tok/s at batch 8 and ~270 tok/s at batch 256 (one run, 2026-11-25).
 tok/s is from the best of --repeats interleaved rounds (the box is shared; see `measure`). Peak memory is the rise of
 the process's peak RSS during a call (VmHWM reset through /proc/self/clear_refs; 0 when below RSS noise).
+Shared-prefix rows (tiny, batch 256): every prompt is one SYSTEM_LEN-token "system prompt" + its own PROMPT_LEN
+tokens, as with a chat template; dash with prefix caching (the default) vs without, and HF generate.
 `sched_overhead_ms_1024`: mean wall time of the host-side step (Scheduler.schedule + postprocess, no model, no
 sampling) over decode steps with 1024 live sequences (256 prompts x G=4).
 Prints a table, then ONE JSON line.
@@ -44,6 +46,7 @@ from dash.engine.sequence import SequenceTable  # noqa: E402
 from dash.model_io import load_model  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS, TEMPERATURE = 16, 32, 0.9
+SYSTEM_LEN = 48  # shared-prefix rows: 3 full pages of 16 reused by every prompt after the first
 MODELS = {
     "tiny": dict(vocab_size=48, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
@@ -160,11 +163,19 @@ def main() -> None:
             runs = {
                 "dash": lambda: generate(model, None, prompts, params=sp),
                 "dash G=4 fork": lambda: generate(model, None, groups, n=4, params=sp),
-                "dash G=4 no-fork": lambda: generate(model, None, groups, n=4, params=sp, group_fork=False),
+                "dash G=4 no-fork": lambda: generate(model, None, groups, n=4, params=sp, group_fork=False,
+                                                     prefix_caching=False),
                 "hf generate": lambda: hf_generate(hf, prompts),
             }
             if args.hf_cb:
                 runs["hf generate_batch"] = lambda: hf_generate_batch(hf, prompts)
+            if name == "tiny" and batch == 256:
+                system = torch.randint(3, vocab, (SYSTEM_LEN,), generator=torch.Generator().manual_seed(1)).tolist()
+                shared = [system + p for p in prompts]
+                runs["dash shared-prefix"] = lambda: generate(model, None, shared, params=sp)
+                runs["dash shared-prefix no-cache"] = lambda: generate(model, None, shared, params=sp,
+                                                                       prefix_caching=False)
+                runs["hf shared-prefix"] = lambda: hf_generate(hf, shared)
             for provider, res in measure(runs, args.repeats).items():
                 if isinstance(res, Exception):
                     rows.append((name, batch, provider, None, None, f"{type(res).__name__}: {str(res)[:60]}"))
@@ -172,7 +183,7 @@ def main() -> None:
                 sec, mib = res
                 tok_s = batch * NEW_TOKENS / sec
                 rows.append((name, batch, provider, tok_s, mib, ""))
-                print(f"  {name:5s} B={batch:<4d} {provider:18s} {tok_s:10.0f} tok/s  peak +{mib:7.1f} MiB",
+                print(f"  {name:5s} B={batch:<4d} {provider:28s} {tok_s:10.0f} tok/s  peak +{mib:7.1f} MiB",
                       file=sys.stderr)
         if name == "tiny":
             result["sched_overhead_ms_1024"] = round(sched_overhead_ms(model), 4)
@@ -181,7 +192,9 @@ def main() -> None:
         sfx = "" if m == "tiny" else "_wide"
         for b in (8, 256):
             for key, prov in (("dash", "dash"), ("hf", "hf generate"), ("hf_cb", "hf generate_batch"),
-                              ("dash_fork", "dash G=4 fork"), ("dash_nofork", "dash G=4 no-fork")):
+                              ("dash_fork", "dash G=4 fork"), ("dash_nofork", "dash G=4 no-fork"),
+                              ("dash_prefix", "dash shared-prefix"), ("dash_noprefix", "dash shared-prefix no-cache"),
+                              ("hf_prefix", "hf shared-prefix")):
                 if by.get((m, b, prov)) is not None:
                     result[f"{key}_tok_s_{b}{sfx}"] = round(by[(m, b, prov)], 1)
     for b in (8, 256):
@@ -189,6 +202,9 @@ def main() -> None:
             result[f"speedup_vs_hf_{b}"] = round(by[("tiny", b, "dash")] / by[("tiny", b, "hf generate")], 2)
         if by.get(("wide", b, "hf generate")):
             result[f"speedup_vs_hf_{b}_wide"] = round(by[("wide", b, "dash")] / by[("wide", b, "hf generate")], 2)
+    if by.get(("tiny", 256, "hf shared-prefix")):
+        result["speedup_vs_hf_256_prefix"] = round(by[("tiny", 256, "dash shared-prefix")]
+                                                   / by[("tiny", 256, "hf shared-prefix")], 2)
     result.update(device="cpu", threads=args.threads, cpu=platform.processor() or platform.machine(),
                   load_avg_1m=round(__import__("os").getloadavg()[0], 2), torch=torch.__version__,
                   transformers=transformers.__version__, git_sha=_git_sha(),
