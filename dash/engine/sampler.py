@@ -4,6 +4,8 @@
     outs = generate(model, tokenizer, ["12+34*56="] * 64, n=4, params=SamplingParams(temperature=0.9, seed=0))
     outs[i].prompt_token_ids; outs[i].completions[g] (also outs[i][g]): .token_ids / .text / .finish_reason / .logprobs
 
+Full prompt pages are cached by content within the call (`prefix_caching`): prompts that share a system prompt or
+template prefill it once. Nothing is reused across calls, because the next call may run on updated weights.
 DASH's preemptive sampling calls this once per optimizer step for the whole step's batch (e.g. 64 prompts x G=4);
 the model object is the trainer's, so the next call after `optimizer.step()` samples from the new weights.
 All inputs are validated before any work (ValueError naming the request and the limit). Running out of pages
