@@ -92,36 +92,20 @@ class Scheduler:
             tokens = torch.tensor([t for _, toks in entries for t in toks], dtype=torch.long)  # [sum(lens)]
             slots, cached = self.alloc.allocate_cached(firsts, tokens, lens)
         else:
-            slots, cached = self.alloc.allocate(firsts, lens), None
+            slots, cached = self.alloc.allocate(firsts, lens), torch.zeros_like(lens)
         for entry, _ in entries:
             if len(entry) > 1:  # group fork: the other samples share the prompt's pages
                 self.alloc.fork(entry[0], torch.tensor(entry[1:], dtype=torch.long))
-        if cached is None or not bool(cached.any()):
-            ctx = self._fresh_prefill(entries, lens, slots)
-        else:
-            ctx = self._cached_prefill(entries, lens, slots, cached, firsts)
+        ctx = self._prefill_context(entries, lens, slots, cached, firsts)
         row_of = torch.repeat_interleave(torch.arange(len(entries)), torch.tensor([len(e) for e, _ in entries]))
         self.running += seqs
         self._running_ids = None
         return ctx, torch.tensor(seqs, dtype=torch.long), row_of
 
-    @staticmethod
-    def _fresh_prefill(entries, lens: torch.Tensor, slots: torch.Tensor) -> Context:
-        """Every token is computed: causal varlen attention over the fresh K/V, no page reads."""
-        ends = lens.cumsum(0)  # [E]
-        starts = ends - lens  # [E]
-        return Context(
-            is_prefill=True,
-            input_ids=torch.tensor([t for _, toks in entries for t in toks], dtype=torch.long),  # [T]
-            positions=torch.arange(int(ends[-1])) - starts.repeat_interleave(lens),  # [T] offset in its entry
-            slot_mapping=slots,
-            cu_seqlens=F.pad(ends, (1, 0)).to(torch.int32),  # [E+1]
-            max_seqlen=int(lens.max()),
-            logits_index=ends - 1,  # [E] last token of each entry
-        )
-
-    def _cached_prefill(self, entries, lens, slots, cached, firsts) -> Context:
-        """Entry e computes tokens [cached[e], lens[e]) and attends to its first cached[e] tokens in the pages."""
+    def _prefill_context(self, entries, lens, slots, cached, firsts) -> Context:
+        """Entry e computes tokens [cached[e], lens[e]); with no cache hit in the step (cached all 0) attention runs
+        over the fresh K/V (varlen), otherwise it reads each entry's first cached[e] tokens from the pages."""
+        hit = bool(cached.any())
         self.num_cached_tokens += int(cached.sum())
         q_lens = lens - cached  # [E] >= 1: the allocator always leaves the last token to compute
         ends = q_lens.cumsum(0)  # [E]
@@ -133,11 +117,11 @@ class Scheduler:
             positions=torch.arange(int(ends[-1])) - starts.repeat_interleave(q_lens)
             + cached.repeat_interleave(q_lens),  # [T] absolute position in its entry
             slot_mapping=slots,
-            cu_seqlens=F.pad(ends, (1, 0)).to(torch.int32),  # [E+1] query offsets
+            cu_seqlens=F.pad(ends, (1, 0)).to(torch.int32),  # [E+1] offsets of the computed tokens
             max_seqlen=int(q_lens.max()),
-            logits_index=ends - 1,  # [E]
-            page_table=self.alloc.page_tables(firsts),  # [E, W]
-            context_lens=lens.to(torch.int32),  # [E] cached + computed
+            logits_index=ends - 1,  # [E] last token of each entry
+            page_table=self.alloc.page_tables(firsts) if hit else None,  # [E, W]
+            context_lens=lens.to(torch.int32) if hit else None,  # [E] cached + computed
         )
 
     def _schedule_decode(self):
