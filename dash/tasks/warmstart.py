@@ -7,6 +7,12 @@ folder format) plus `warmstart.json` (accuracy, settings, timings, versions). Th
 
     .venv/bin/python -m dash.tasks.warmstart [--out DIR] [--steps N] [--seed S]
 
+and the learning demo's start (`dash/assets/tiny-add-sft`, 3-digit `a+b` caught mid-way through SFT, see
+configs/tiny-add.yaml) with
+
+    .venv/bin/python -m dash.tasks.warmstart --out dash/assets/tiny-add-sft --form a+b --digits 3 \
+        --schedule constant --steps 250 --threads 1
+
 Design limits:
 - A step budget, not a time budget, so the checkpoint depends only on the seed and settings (VERIFIED.md: accuracy
   jitters by 2-3 points between evaluations, so stopping on an accuracy reading would also be noisy). The default
@@ -95,6 +101,9 @@ def warmstart(
     seed: int = 0,
     batch_size: int = BATCH_SIZE,
     lr: float = LR,
+    form: str = "a+b*c",
+    digits: int = 2,
+    schedule: str = SCHEDULE,
 ) -> dict:
     """Train, evaluate and save the warm start to `out` (replacing it); returns the record written to warmstart.json.
 
@@ -102,7 +111,7 @@ def warmstart(
     """
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
-    task = ArithTaskConfig(seed=seed)
+    task = ArithTaskConfig(form=form, digits=digits, seed=seed)
     train, test = make_splits(task)
     tokenizer = build_arith_tokenizer()
     model = build_tiny_model(seed)
@@ -123,7 +132,7 @@ def warmstart(
         seed=seed,
         log_every=LOG_EVERY,
         warmup_steps=WARMUP_STEPS,
-        schedule=SCHEDULE,
+        schedule=schedule,
         min_lr_ratio=MIN_LR_RATIO,
     )
     t_eval = time.perf_counter()
@@ -144,7 +153,7 @@ def warmstart(
         "batch_size": batch_size,
         "lr": lr,
         "warmup_steps": WARMUP_STEPS,
-        "schedule": SCHEDULE,
+        "schedule": schedule,
         "min_lr_ratio": MIN_LR_RATIO,
         "seed": seed,
         "final_loss": stats["final_loss"],
@@ -174,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"SFT steps (default {DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task split, init and batches (default 0)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
+    parser.add_argument("--form", default="a+b*c", help="task expression shape, a key of dash.tasks.arith.FORMS")
+    parser.add_argument("--digits", type=int, default=2, help="operand width (default 2)")
+    parser.add_argument("--schedule", choices=["constant", "cosine"], default=SCHEDULE,
+                        help=f"lr after the warmup (default {SCHEDULE})")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
@@ -181,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    warmstart(args.out, steps=args.steps, seed=args.seed)
+    warmstart(args.out, steps=args.steps, seed=args.seed, form=args.form, digits=args.digits, schedule=args.schedule)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The shipped warm start (dash/assets/tiny-sft): it loads, matches the task's tokenizer and model config, and still
-reaches its recorded greedy accuracy."""
+"""The shipped warm starts (dash/assets/tiny-sft for `a+b*c`, dash/assets/tiny-add-sft for 3-digit `a+b`): each
+loads, matches the task's tokenizer and model config, and still reaches its recorded greedy accuracy."""
 
 import math
 
@@ -20,22 +20,26 @@ SUBSET = 200
 BAND_SE = 3.0
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    if not (TINY_SFT_DIR / RECORD_FILE).is_file():
-        pytest.fail(f"{TINY_SFT_DIR} has no {RECORD_FILE}: run `python -m dash.tasks.warmstart` to create it")
-    return load_warmstart(TINY_SFT_DIR)
+SHIPPED = {"tiny-sft": TINY_SFT_DIR, "tiny-add-sft": TINY_SFT_DIR.parent / "tiny-add-sft"}
+
+
+@pytest.fixture(scope="module", params=sorted(SHIPPED))
+def shipped(request):
+    folder = SHIPPED[request.param]
+    if not (folder / RECORD_FILE).is_file():
+        pytest.fail(f"{folder} has no {RECORD_FILE}: see `python -m dash.tasks.warmstart --help` to create it")
+    return (*load_warmstart(folder), folder)
 
 
 def test_record_is_in_the_rl_band(shipped):
-    _, _, record = shipped
+    _, _, record, _ = shipped
     # The issue asks for a warm start that leaves RL room to improve: roughly 20-60% greedy.
     assert 0.2 <= record["test_accuracy"] <= 0.6, record
     assert record["test_size"] == 500
 
 
 def test_tokenizer_and_config_match_the_task(shipped):
-    model, tok, _ = shipped
+    model, tok, _, _ = shipped
     fresh = build_arith_tokenizer()
     assert tok.get_vocab() == fresh.get_vocab()
     assert (tok.pad_token_id, tok.eos_token_id) == (fresh.pad_token_id, fresh.eos_token_id)
@@ -55,7 +59,7 @@ def test_tokenizer_and_config_match_the_task(shipped):
 
 
 def test_accuracy_within_noise_band(shipped):
-    model, tok, record = shipped
+    model, tok, record, _ = shipped
     task = ArithTaskConfig(**{**record["task"], "train_size": 0})  # the test split does not depend on train_size
     _, test = make_splits(task)
     p = record["test_accuracy"]
@@ -69,8 +73,8 @@ def test_transformers_reads_the_shipped_folder(shipped):
     import torch
     from transformers import Qwen2ForCausalLM
 
-    model, tok, _ = shipped
-    hf = Qwen2ForCausalLM.from_pretrained(TINY_SFT_DIR).eval()
+    model, tok, _, folder = shipped
+    hf = Qwen2ForCausalLM.from_pretrained(folder).eval()
     ids = torch.tensor(tok(["12+34*56=1916", "07+42*13=553<eos>"])["input_ids"])  # [2, 13]: same length, no padding
     with torch.no_grad():
         ours, theirs = model.forward(ids), hf(input_ids=ids).logits  # [2, 12, V] each
@@ -89,3 +93,25 @@ def test_warmstart_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert 0.0 <= record["test_accuracy"] <= 1.0
     assert len(tok) == TINY_MODEL_CONFIG["vocab_size"]
     assert sum(p.numel() for p in model.parameters()) == record["num_params"]
+
+
+def test_warmstart_cli_takes_the_task_shape_and_schedule(tmp_path):
+    """The options that build tiny-add-sft reach the task split and the SFT schedule (recorded)."""
+    from dash.tasks.warmstart import main
+
+    out = tmp_path / "ws"
+    main(["--out", str(out), "--steps", "2", "--form", "a+b", "--digits", "3", "--schedule", "constant"])
+    _, _, record = load_warmstart(out)
+    assert record["task"]["form"] == "a+b" and record["task"]["digits"] == 3 and record["schedule"] == "constant"
+
+
+def test_learning_demo_config_points_at_its_warm_start():
+    from pathlib import Path
+
+    from dash.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs/tiny-add.yaml"), [])
+    _, _, record = load_warmstart(SHIPPED["tiny-add-sft"])
+    assert cfg.model.path == "builtin:tiny-add-sft"
+    assert (cfg.data.arith_form, cfg.data.arith_digits, cfg.data.seed) == (
+        record["task"]["form"], record["task"]["digits"], record["task"]["seed"])
