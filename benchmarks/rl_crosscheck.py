@@ -1,6 +1,6 @@
-"""Is the tiny task's RL plateau the trainer's or the warm start's? Three arms from the shipped SFT warm start:
+"""Is the tiny task's RL plateau the trainer's or the warm start's? Three arms from the config's SFT warm start:
 
-1. `trainer`: dash's DASH trainer (configs/tiny.yaml with `--lr`, constant, for `--steps` steps);
+1. `trainer`: dash's DASH trainer (the `--config`, default configs/tiny.yaml, at `--lr` for `--steps` steps);
 2. `independent`: a plain policy-gradient loop that shares no code with dash's trainer, sampler or loss: transformers'
    Qwen2ForCausalLM loaded from the same folder, its own KV-cache sampling at temperature 1, A = reward - group mean,
    loss = -mean over completion tokens (EOS included) of A * log p, AdamW at `--lr`, no clipping, no filtering;
@@ -12,6 +12,7 @@ Shares only the tokenizer, the task's splits and its reward with dash.
 
     python benchmarks/rl_crosscheck.py                 # 300 steps per arm, ~5 minutes on 1 thread
     python benchmarks/rl_crosscheck.py --steps 100 --lr 1e-5
+    python benchmarks/rl_crosscheck.py --config configs/tiny-add.yaml --lr 1e-4 --out benchmarks/results/rl_crosscheck_add
 
 Prints a table (step x arm accuracy, seconds per step), then one JSON line; writes <out>.md and <out>.json.
 """
@@ -35,7 +36,8 @@ from trainer_runs import quiet_trainer, train_with_evals  # noqa: E402
 from dash.config import load_config  # noqa: E402
 from dash.rl.task_data import arith_task  # noqa: E402
 from dash.tasks.arith import arith_reward  # noqa: E402
-from dash.tasks.warmstart import TINY_SFT_DIR, load_warmstart  # noqa: E402
+from dash.runtime import resolve_model_path  # noqa: E402
+from dash.tasks.warmstart import load_warmstart  # noqa: E402
 
 PROMPTS, G, SFT_BATCH, MAX_NEW, EVAL_CHUNK = 64, 4, 128, 8, 250
 
@@ -43,9 +45,9 @@ PROMPTS, G, SFT_BATCH, MAX_NEW, EVAL_CHUNK = 64, 4, 128, 8, 250
 class Independent:
     """The warm start as a transformers model, with greedy / sampled decoding and the task's splits."""
 
-    def __init__(self, splits: tuple[list, list], seed: int) -> None:
-        _, self.tok, _ = load_warmstart(TINY_SFT_DIR)  # the tokenizer only
-        self.model = transformers.Qwen2ForCausalLM.from_pretrained(TINY_SFT_DIR, dtype=torch.float32)
+    def __init__(self, folder: Path, splits: tuple[list, list], seed: int) -> None:
+        _, self.tok, _ = load_warmstart(folder)  # the tokenizer only
+        self.model = transformers.Qwen2ForCausalLM.from_pretrained(folder, dtype=torch.float32)
         self.train, self.test = splits
         self.eos = self.tok.eos_token_id
         self.gen = torch.Generator().manual_seed(seed)
@@ -124,9 +126,9 @@ class Independent:
         self.opt.step()
 
 
-def run_independent(splits, seed: int, steps: int, eval_every: int, lr: float, supervised: bool):
+def run_independent(folder: Path, splits, seed: int, steps: int, eval_every: int, lr: float, supervised: bool):
     torch.manual_seed(seed)
-    arm = Independent(splits, seed)
+    arm = Independent(folder, splits, seed)
     curve, train_s = [{"step": 0, "acc": arm.accuracy()}], 0.0
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
@@ -161,11 +163,13 @@ def main() -> int:
     if args.steps < 1 or args.eval_every < 1:
         parser.error("--steps and --eval-every must be >= 1")
     torch.set_num_threads(args.threads)
-    _, *splits = arith_task(load_config(args.config, []).data)  # the trainer's own train / held-out split
+    cfg = load_config(args.config, [])
+    folder = resolve_model_path(cfg.model.path)  # the trainer's warm start
+    _, *splits = arith_task(cfg.data)  # the trainer's own train / held-out split
     arms = {
         "trainer": run_trainer(args.config, args.steps, args.eval_every, args.lr),
-        "independent": run_independent(splits, args.seed, args.steps, args.eval_every, args.lr, supervised=False),
-        "supervised": run_independent(splits, args.seed, args.steps, args.eval_every, args.lr, supervised=True),
+        "independent": run_independent(folder, splits, args.seed, args.steps, args.eval_every, args.lr, supervised=False),
+        "supervised": run_independent(folder, splits, args.seed, args.steps, args.eval_every, args.lr, supervised=True),
     }
     steps = [p["step"] for p in arms["trainer"][0]]
     table = ["| step | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
@@ -177,7 +181,8 @@ def main() -> int:
     for name, (curve, sps) in arms.items():
         record.update({f"{name}_acc_end": curve[-1]["acc"], f"{name}_acc_best": max(p["acc"] for p in curve),
                        f"{name}_s_per_step": round(sps, 4), f"{name}_curve": [p["acc"] for p in curve]})
-    head = (f"# RL plateau cross-check on the tiny task ({args.steps} steps per arm, lr {args.lr}, seed {args.seed})\n\n"
+    head = (f"# RL cross-check on {Path(args.config).name} ({args.steps} steps per arm, lr {args.lr}, seed {args.seed})"
+            "\n\n"
             "Produced by `python benchmarks/rl_crosscheck.py`; held-out greedy accuracy (500 prompts).\n\n")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
