@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   - create .venv, install (builds dash_kernels._C), run the tiny CPU demo
+#   make demo   - create .venv, install (builds dash_kernels._C), run the tiny CPU demo (step time, then learning)
 #   make test   - same set-up, then the whole test suite
 # The venv sees system site-packages so an existing (e.g. CUDA) torch is kept; with no torch at all we install the
 # pinned CPU build rather than letting pip resolve `torch` to a multi-GB CUDA wheel.
@@ -28,6 +28,7 @@ test: install
 
 demo: install
 	$(PY) benchmarks/step_time.py --config configs/tiny.yaml
+	$(PY) benchmarks/train_curve.py --config configs/tiny-add.yaml --eval-every 50 --out runs/train_curve_add
 
 bench: install
 	$(PY) benchmarks/kernels.py
