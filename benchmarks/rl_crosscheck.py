@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from trainer_runs import quiet_trainer, train_with_evals  # noqa: E402
+from trainer_runs import quiet_trainer, train_with_evals, write_report  # noqa: E402
 
 from dash.config import load_config  # noqa: E402
 from dash.rl.task_data import arith_task  # noqa: E402
@@ -184,12 +183,7 @@ def main() -> int:
     head = (f"# RL cross-check on {Path(args.config).name} ({args.steps} steps per arm, lr {args.lr}, seed {args.seed})"
             "\n\n"
             "Produced by `python benchmarks/rl_crosscheck.py`; held-out greedy accuracy (500 prompts).\n\n")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(head + "\n".join(table) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(record) + "\n")
-    print("\n".join(table))
-    print(json.dumps(record))
+    write_report(args.out, head, table, record)
     return 0
 
 

@@ -17,7 +17,6 @@ problems: the limit is the task / model, not the gradient. Prints a table, then 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from trainer_runs import quiet_trainer  # noqa: E402
+from trainer_runs import quiet_trainer, write_report  # noqa: E402
 
 from dash.config import load_config  # noqa: E402
 from dash.rl.evaluate import evaluate  # noqa: E402
@@ -116,14 +115,8 @@ def main() -> int:
               "fresh_reward_start": ends(fresh)[0], "fresh_reward_end": ends(fresh)[1],
               "fixed_curve": fixed, "fresh_curve": fresh, "digits_before": digits_before,
               "digits_after": digits_after, "overrides": overrides, "threads": torch.get_num_threads()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(
-        f"# RL headroom and transfer on the tiny task ({args.steps} DASH steps, configs/tiny.yaml)\n\n"
-        "Produced by `python benchmarks/rl_transfer.py`.\n\n" + "\n".join(table) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(record) + "\n")
-    print("\n".join(table))
-    print(json.dumps(record))
+    write_report(args.out, f"# RL headroom and transfer on the tiny task ({args.steps} DASH steps, configs/tiny.yaml)\n\n"
+                 "Produced by `python benchmarks/rl_transfer.py`.\n\n", table, record)
     return 0
 
 

@@ -7,8 +7,10 @@ decides when to evaluate, and evaluations are kept out of the training seconds i
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from dash.rl.trainer import Trainer
 
@@ -44,3 +46,13 @@ def train_with_evals(trainer: Trainer, steps: int, eval_every: int,
             if on_eval:
                 on_eval(curve[-1])
     return curve, rows
+
+
+def write_report(out: str | Path, heading: str, table: list[str], record: dict) -> None:
+    """`<out>.md` (heading + table) and `<out>.json` (the record); then print the table and the one JSON line."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(heading + "\n".join(table) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(record) + "\n")
+    print("\n".join(table))
+    print(json.dumps(record))
