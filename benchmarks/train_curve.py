@@ -73,7 +73,9 @@ def main() -> int:
     wall = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    title = (f"{cfg.train.algorithm} on the tiny task from the SFT warm start: lr {cfg.train.lr:g}, "
+    task = (f"{cfg.data.arith_form} ({cfg.data.arith_digits}-digit operands)" if cfg.data.task == "arith"
+            else cfg.data.task)
+    title = (f"{cfg.train.algorithm} on {task} from {cfg.model.path}: lr {cfg.train.lr:g}, "
              f"{cfg.train.prompts_per_step}x{cfg.train.group_size} per step, {torch.get_num_threads()} thread(s)")
     plot(points, out.with_suffix(".png"), title)
     table = ["| step | training s | held-out greedy acc |", "|---|---|---|"]
