@@ -82,17 +82,9 @@ class PageAllocator {
     const int64_t* ids = ids_ptr(seq_ids, "seq_ids");
     const int64_t* n = ids_ptr(lens, "lens");
     const int64_t B = seq_ids.size(0);
-    if (lens.size(0) != B) value_error("seq_ids and lens must have the same length");
-    int64_t need = 0, total = 0;
-    std::unordered_set<int64_t> seen;
-    for (int64_t i = 0; i < B; ++i) {
-      if (n[i] <= 0) value_error("sequence " + std::to_string(ids[i]) + " has length " + std::to_string(n[i]));
-      if (has_seq(ids[i]) || !seen.insert(ids[i]).second) {
-        value_error("sequence " + std::to_string(ids[i]) + " is already allocated");
-      }
-      need += pages_for(n[i]);
-      total += n[i];
-    }
+    const int64_t total = check_new_seqs(ids, n, B, lens.size(0));
+    int64_t need = 0;
+    for (int64_t i = 0; i < B; ++i) need += pages_for(n[i]);
     if (need > num_free_pages()) {
       value_error("out of pages: need " + std::to_string(need) + ", " + std::to_string(num_free_pages()) + " free");
     }
@@ -118,16 +110,7 @@ class PageAllocator {
     const int64_t* n = ids_ptr(lens, "lens");
     const int64_t* tok = ids_ptr(tokens, "tokens");
     const int64_t B = seq_ids.size(0);
-    if (lens.size(0) != B) value_error("seq_ids and lens must have the same length");
-    int64_t total = 0;
-    std::unordered_set<int64_t> seen;
-    for (int64_t i = 0; i < B; ++i) {
-      if (n[i] <= 0) value_error("sequence " + std::to_string(ids[i]) + " has length " + std::to_string(n[i]));
-      if (has_seq(ids[i]) || !seen.insert(ids[i]).second) {
-        value_error("sequence " + std::to_string(ids[i]) + " is already allocated");
-      }
-      total += n[i];
-    }
+    const int64_t total = check_new_seqs(ids, n, B, lens.size(0));
     if (tokens.size(0) != total) {
       value_error("tokens has " + std::to_string(tokens.size(0)) + " entries, lens sum to " + std::to_string(total));
     }
@@ -149,11 +132,10 @@ class PageAllocator {
         const int64_t parent = j ? plan[i][j - 1] : kRootEntry;
         if (j < full) h = PrefixIndex::chain(h, page_tokens, page_size_);
         if (hitting && j < reusable) {
-          // An indexed page can only follow an indexed page (or start a sequence).
-          const int32_t p = parent >= 0 || parent == kRootEntry
-                                ? index_.lookup(h, page_tokens, parent >= 0 ? static_cast<int32_t>(parent)
-                                                                            : PrefixIndex::kNoPage)
-                                : -1;
+          // An indexed page can only follow an indexed page or start a sequence: after a new page, skip the index.
+          int32_t p = -1;
+          if (parent == kRootEntry) p = index_.lookup(h, page_tokens, PrefixIndex::kNoPage);
+          if (parent >= 0) p = index_.lookup(h, page_tokens, static_cast<int32_t>(parent));
           if (p >= 0) {
             if (ref_[p] == 0) revived.insert(p);
             plan[i].push_back(p);
@@ -337,6 +319,21 @@ class PageAllocator {
   }
 
   static constexpr int64_t kRootEntry = INT64_MIN;  // plan entry "before the first page" (see allocate_cached)
+
+  // Inputs of allocate / allocate_cached: B new, distinct sequences of positive length. Returns sum(lens).
+  int64_t check_new_seqs(const int64_t* ids, const int64_t* n, int64_t B, int64_t num_lens) const {
+    if (num_lens != B) value_error("seq_ids and lens must have the same length");
+    int64_t total = 0;
+    std::unordered_set<int64_t> seen;
+    for (int64_t i = 0; i < B; ++i) {
+      if (n[i] <= 0) value_error("sequence " + std::to_string(ids[i]) + " has length " + std::to_string(n[i]));
+      if (has_seq(ids[i]) || !seen.insert(ids[i]).second) {
+        value_error("sequence " + std::to_string(ids[i]) + " is already allocated");
+      }
+      total += n[i];
+    }
+    return total;
+  }
 
   static int64_t checked(int64_t num_pages, int64_t page_size) {
     if (num_pages <= 0 || page_size <= 0) value_error("num_pages and page_size must be positive");
