@@ -88,34 +88,35 @@ class Scheduler:
             return None
         lens = torch.tensor([len(t) for _, t in entries], dtype=torch.long)  # [E]
         firsts = torch.tensor([e[0] for e, _ in entries], dtype=torch.long)  # [E] the sequence that is prefilled
+        tokens = torch.tensor([t for _, toks in entries for t in toks], dtype=torch.long)  # [sum(lens)]
         if self.prefix_caching:
-            tokens = torch.tensor([t for _, toks in entries for t in toks], dtype=torch.long)  # [sum(lens)]
             slots, cached = self.alloc.allocate_cached(firsts, tokens, lens)
         else:
             slots, cached = self.alloc.allocate(firsts, lens), torch.zeros_like(lens)
         for entry, _ in entries:
             if len(entry) > 1:  # group fork: the other samples share the prompt's pages
                 self.alloc.fork(entry[0], torch.tensor(entry[1:], dtype=torch.long))
-        ctx = self._prefill_context(entries, lens, slots, cached, firsts)
+        ctx = self._prefill_context(tokens, lens, slots, cached, firsts)
         row_of = torch.repeat_interleave(torch.arange(len(entries)), torch.tensor([len(e) for e, _ in entries]))
         self.running += seqs
         self._running_ids = None
         return ctx, torch.tensor(seqs, dtype=torch.long), row_of
 
-    def _prefill_context(self, entries, lens, slots, cached, firsts) -> Context:
+    def _prefill_context(self, tokens, lens, slots, cached, firsts) -> Context:
         """Entry e computes tokens [cached[e], lens[e]); with no cache hit in the step (cached all 0) attention runs
         over the fresh K/V (varlen), otherwise it reads each entry's first cached[e] tokens from the pages."""
         hit = bool(cached.any())
         self.num_cached_tokens += int(cached.sum())
+        positions = torch.arange(len(tokens)) - (lens.cumsum(0) - lens).repeat_interleave(lens)  # [sum(lens)] in entry
+        if hit:  # keep the tokens the step computes
+            keep = positions >= cached.repeat_interleave(lens)
+            tokens, positions = tokens[keep], positions[keep]  # [T]
         q_lens = lens - cached  # [E] >= 1: the allocator always leaves the last token to compute
         ends = q_lens.cumsum(0)  # [E]
-        starts = ends - q_lens
         return Context(
             is_prefill=True,
-            input_ids=torch.tensor([t for (_, toks), c in zip(entries, cached.tolist()) for t in toks[c:]],
-                                   dtype=torch.long),  # [T]
-            positions=torch.arange(int(ends[-1])) - starts.repeat_interleave(q_lens)
-            + cached.repeat_interleave(q_lens),  # [T] absolute position in its entry
+            input_ids=tokens,  # [T]
+            positions=positions,  # [T] absolute position in its entry
             slot_mapping=slots,
             cu_seqlens=F.pad(ends, (1, 0)).to(torch.int32),  # [E+1] offsets of the computed tokens
             max_seqlen=int(q_lens.max()),
