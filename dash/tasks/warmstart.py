@@ -60,6 +60,7 @@ SCHEDULE = "cosine"
 MIN_LR_RATIO = 0.1
 # A short warmup keeps the first Adam steps (whose second-moment estimate is still tiny) from overshooting.
 WARMUP_STEPS = 50
+TASK_DEFAULTS = ArithTaskConfig()  # the shipped tiny-sft task (form a+b*c, 2-digit operands)
 LOG_EVERY = 100
 
 
@@ -101,8 +102,8 @@ def warmstart(
     seed: int = 0,
     batch_size: int = BATCH_SIZE,
     lr: float = LR,
-    form: str = "a+b*c",
-    digits: int = 2,
+    form: str = TASK_DEFAULTS.form,
+    digits: int = TASK_DEFAULTS.digits,
     schedule: str = SCHEDULE,
 ) -> dict:
     """Train, evaluate and save the warm start to `out` (replacing it); returns the record written to warmstart.json.
@@ -183,8 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"SFT steps (default {DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task split, init and batches (default 0)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
-    parser.add_argument("--form", default="a+b*c", help="task expression shape, a key of dash.tasks.arith.FORMS")
-    parser.add_argument("--digits", type=int, default=2, help="operand width (default 2)")
+    parser.add_argument("--form", default=TASK_DEFAULTS.form,
+                        help=f"task expression shape, a key of dash.tasks.arith.FORMS (default {TASK_DEFAULTS.form})")
+    parser.add_argument("--digits", type=int, default=TASK_DEFAULTS.digits,
+                        help=f"operand width (default {TASK_DEFAULTS.digits})")
     parser.add_argument("--schedule", choices=["constant", "cosine"], default=SCHEDULE,
                         help=f"lr after the warmup (default {SCHEDULE})")
     args = parser.parse_args(argv)
