@@ -29,9 +29,10 @@ from tqdm import tqdm
 
 from dash.engine.kv_cache import KVCache
 from dash.engine.runner import ModelRunner
-from dash.engine.sampling import mask_stop_tokens, process_logits, sample, stream_keys, uniforms_at
+from dash.engine.sampling import mask_stop_tokens, process_logits, sample_from_logp, stream_keys, uniforms_at
 from dash.engine.scheduler import Scheduler
 from dash.engine.sequence import RequestOutput, SamplingParams, SequenceTable
+from dash_kernels.sample import sample_rows
 
 DEFAULT_PAGE_SIZE = 16  # small pages waste little at short RL completions; the Triton kernel takes any size
 DEFAULT_MAX_NUM_SEQS = 1024  # a DASH step is 256 completions; more only adds host work per step
@@ -139,10 +140,14 @@ class _BatchParams:
 def _sample(table: SequenceTable, batch: _BatchParams, logits: torch.Tensor):
     """Process and sample one token per row of `batch`; the RNG key of a row is (its stream, its step)."""
     step = table.num_gen[batch.seq_ids]  # [R] index of the token being sampled
-    if batch.min_new is not None:
-        logits = mask_stop_tokens(logits, batch.stop_ids, (step < batch.min_new).to(logits.device, non_blocking=True))
-    logp = process_logits(logits, batch.temperature, batch.top_k, batch.top_p, table.any_filter)
-    return sample(logp, batch.greedy, uniforms_at(batch.keys, step).to(logits.device, non_blocking=True))
+    u = uniforms_at(batch.keys, step).to(logits.device, non_blocking=True)  # [R] float64
+    active = None if batch.min_new is None else (step < batch.min_new).to(logits.device, non_blocking=True)
+    if not table.any_filter:  # temperature (+ min-tokens mask) only: one fused op (C++ on CPU)
+        return sample_rows(logits, batch.temperature, u, batch.stop_ids, active)
+    if active is not None:
+        logits = mask_stop_tokens(logits, batch.stop_ids, active)
+    logp = process_logits(logits, batch.temperature, batch.top_k, batch.top_p)
+    return sample_from_logp(logp, batch.greedy, u)
 
 
 def _default_stop_ids(model, tokenizer) -> list[int]:

@@ -18,9 +18,10 @@ import torch
 
 from dash.engine.sequence import SamplingParams  # noqa: F401  (re-exported: callers import it from here too)
 from dash_kernels import token_logprobs
+from dash_kernels.sample import mask_stop_tokens, sample_from_logp  # noqa: F401  (re-exported with process_logits)
 
-__all__ = ["SamplingParams", "stream_keys", "uniforms_at", "uniforms", "mask_stop_tokens", "process_logits", "sample",
-           "completion_logprobs"]
+__all__ = ["SamplingParams", "stream_keys", "uniforms_at", "uniforms", "mask_stop_tokens", "process_logits",
+           "sample_from_logp", "completion_logprobs"]
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 _MIX_MUL = np.uint64(0x45D9F3B)  # < 2**27: a 32-bit lane times this stays far below 2**64 (no wraparound)
@@ -61,59 +62,29 @@ def uniforms(seed: torch.Tensor, sample: torch.Tensor, step: torch.Tensor) -> to
     return uniforms_at(stream_keys(seed, sample), step)
 
 
-def mask_stop_tokens(logits: torch.Tensor, stop_ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """Set logits[b, stop_ids[b]] = -inf where active[b] (min_new_tokens not reached). stop_ids: [B, S], -1 padded."""
-    if not bool(active.any()):
-        return logits
-    rows = active.nonzero().flatten()  # [R]
-    ids = stop_ids[rows]  # [R, S]
-    cols = torch.where(ids >= 0, ids, logits.shape[1])  # padding -> an extra scratch column
-    padded = torch.nn.functional.pad(logits[rows], (0, 1))  # [R, V+1]
-    padded.scatter_(1, cols, float("-inf"))
-    logits = logits.clone()
-    logits[rows] = padded[:, :-1]
-    return logits
-
-
-def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                   any_filter: bool = True) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                   top_p: torch.Tensor) -> torch.Tensor:
     """Log-probs of the processed distribution, -inf on removed tokens.
 
     Args:
         logits: (B, V) fp32 (after `mask_stop_tokens`).
         temperature: (B,) fp32, 0 = greedy (processed at temperature 1); top_k: (B,) long, 0 = off;
-        top_p: (B,) fp32 in (0, 1]. any_filter=False skips the sort when no row uses top-k / top-p.
+        top_p: (B,) fp32 in (0, 1].
     Returns:
         (B, V) fp32 log-probs.
     """
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     x = logits / t[:, None]  # [B, V]
-    if any_filter:
-        V = x.shape[1]
-        ranked, order = x.sort(dim=1, descending=True)  # [B, V]
-        k = torch.where(top_k > 0, top_k.clamp(max=V), V)  # [B]
-        keep = torch.arange(V, device=x.device)[None, :] < k[:, None]
-        ranked = ranked.masked_fill(~keep, float("-inf"))
-        probs = ranked.softmax(dim=1)
-        mass_before = probs.cumsum(dim=1) - probs  # [B, V]: the top token always has 0 < top_p before it
-        keep &= mass_before < top_p[:, None]
-        x = torch.full_like(x, float("-inf")).scatter_(1, order, ranked.masked_fill(~keep, float("-inf")))
+    V = x.shape[1]
+    ranked, order = x.sort(dim=1, descending=True)  # [B, V]
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)  # [B]
+    keep = torch.arange(V, device=x.device)[None, :] < k[:, None]
+    ranked = ranked.masked_fill(~keep, float("-inf"))
+    probs = ranked.softmax(dim=1)
+    mass_before = probs.cumsum(dim=1) - probs  # [B, V]: the top token always has 0 < top_p before it
+    keep &= mass_before < top_p[:, None]
+    x = torch.full_like(x, float("-inf")).scatter_(1, order, ranked.masked_fill(~keep, float("-inf")))
     return x.log_softmax(dim=1)
-
-
-def sample(logp: torch.Tensor, greedy: torch.Tensor | None, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row by inverse CDF at u (argmax where greedy [B] bool; None: no greedy row).
-
-    Returns (tokens [B] long, logp [B] fp32).
-    """
-    cdf = logp.exp().cumsum(dim=1)  # [B, V]
-    total = cdf[:, -1:]
-    # Keep the target strictly below the last cdf value: then the first bin with cdf > target has positive mass.
-    target = torch.minimum((u[:, None] * total.double()).float(), torch.nextafter(total, torch.zeros_like(total)))
-    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [B]
-    if greedy is not None:
-        tokens = torch.where(greedy, logp.argmax(dim=1), tokens)
-    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 
 def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], params) -> list[torch.Tensor]:
