@@ -16,6 +16,8 @@ tok/s is from the best of --repeats interleaved rounds (the box is shared; see `
 the process's peak RSS during a call (VmHWM reset through /proc/self/clear_refs; 0 when below RSS noise).
 Shared-prefix rows (tiny, batch 256): every prompt is one SYSTEM_LEN-token "system prompt" + its own PROMPT_LEN
 tokens, as with a chat template; dash with prefix caching (the default) vs without, and HF generate.
+Ragged rows (tiny, batch 256): prompt lengths uniform in RAGGED_LEN, as RL prompts are; HF generate takes them as one
+left-padded batch with an attention mask (its documented way), dash packs them.
 `sched_overhead_ms_1024`: mean wall time of the host-side step (Scheduler.schedule + postprocess, no model, no
 sampling) over decode steps with 1024 live sequences (256 prompts x G=4).
 Prints a table, then ONE JSON line.
@@ -47,6 +49,7 @@ from dash.model_io import load_model  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS, TEMPERATURE = 16, 32, 0.9
 SYSTEM_LEN = 48  # shared-prefix rows: 3 full pages of 16 reused by every prompt after the first
+RAGGED_LEN = (8, 24)  # ragged rows: prompt lengths uniform in this range (mean PROMPT_LEN)
 MODELS = {
     "tiny": dict(vocab_size=48, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
@@ -108,9 +111,12 @@ def build(name: str, folder: Path):
 
 
 def hf_generate(hf, prompts):
-    ids = torch.tensor(prompts)  # equal lengths: no padding needed
+    """One padded batch, left-padded as HF generate needs for ragged prompts (equal lengths: no padding at all)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # [B, width]
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=TEMPERATURE, top_k=0,
+        hf.generate(ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE, top_k=0,
                     top_p=1.0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
 
 
@@ -176,6 +182,12 @@ def main() -> None:
                 runs["dash shared-prefix no-cache"] = lambda: generate(model, None, shared, params=sp,
                                                                        prefix_caching=False)
                 runs["hf shared-prefix"] = lambda: hf_generate(hf, shared)
+                # RL prompts differ in length: HF pads the batch (and masks every step), dash packs it.
+                g = torch.Generator().manual_seed(2)
+                lens = torch.randint(RAGGED_LEN[0], RAGGED_LEN[1] + 1, (batch,), generator=g).tolist()
+                ragged = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+                runs["dash ragged"] = lambda: generate(model, None, ragged, params=sp)
+                runs["hf ragged (left-padded)"] = lambda: hf_generate(hf, ragged)
             for provider, res in measure(runs, args.repeats).items():
                 if isinstance(res, Exception):
                     rows.append((name, batch, provider, None, None, f"{type(res).__name__}: {str(res)[:60]}"))
@@ -194,7 +206,8 @@ def main() -> None:
             for key, prov in (("dash", "dash"), ("hf", "hf generate"), ("hf_cb", "hf generate_batch"),
                               ("dash_fork", "dash G=4 fork"), ("dash_nofork", "dash G=4 no-fork"),
                               ("dash_prefix", "dash shared-prefix"), ("dash_noprefix", "dash shared-prefix no-cache"),
-                              ("hf_prefix", "hf shared-prefix")):
+                              ("hf_prefix", "hf shared-prefix"), ("dash_ragged", "dash ragged"),
+                              ("hf_ragged", "hf ragged (left-padded)")):
                 if by.get((m, b, prov)) is not None:
                     result[f"{key}_tok_s_{b}{sfx}"] = round(by[(m, b, prov)], 1)
     for b in (8, 256):
@@ -202,6 +215,9 @@ def main() -> None:
             result[f"speedup_vs_hf_{b}"] = round(by[("tiny", b, "dash")] / by[("tiny", b, "hf generate")], 2)
         if by.get(("wide", b, "hf generate")):
             result[f"speedup_vs_hf_{b}_wide"] = round(by[("wide", b, "dash")] / by[("wide", b, "hf generate")], 2)
+    if by.get(("tiny", 256, "hf ragged (left-padded)")):
+        result["speedup_vs_hf_256_ragged"] = round(by[("tiny", 256, "dash ragged")]
+                                                   / by[("tiny", 256, "hf ragged (left-padded)")], 2)
     if by.get(("tiny", 256, "hf shared-prefix")):
         result["speedup_vs_hf_256_prefix"] = round(by[("tiny", 256, "dash shared-prefix")]
                                                    / by[("tiny", 256, "hf shared-prefix")], 2)
