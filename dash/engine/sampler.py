@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from dash.engine.kv_cache import KVCache
 from dash.engine.runner import ModelRunner
-from dash.engine.sampling import mask_stop_tokens, process_logits, sample_from_logp, stream_keys, uniforms_at
+from dash.engine.sampling import mask_stop_tokens, process_logits, sample_from_logp, uniforms_at
 from dash.engine.scheduler import Scheduler
-from dash.engine.sequence import RequestOutput, SamplingParams, SequenceTable
+from dash.engine.sequence import BatchRows, RequestOutput, SamplingParams, SequenceTable
 from dash_kernels.sample import sample_rows
 
 DEFAULT_PAGE_SIZE = 16  # small pages waste little at short RL completions; the Triton kernel takes any size
@@ -67,7 +64,7 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
     cfg = model.config
     max_len = cfg.max_position_embeddings
     stop_default = _default_stop_ids(model, tokenizer)
-    table = SequenceTable(ids, plist, n, max_len, stop_default)
+    table = SequenceTable(ids, plist, n, max_len, stop_default, device=next(model.parameters()).device)
     pages_per_seq = [-(-(len(p) + int(m)) // page_size) for p, m in zip(ids, table.max_new[::n].tolist())]
     if not num_pages:
         num_pages = n * sum(pages_per_seq)
@@ -81,7 +78,6 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
     runner = ModelRunner(model, cache, max_len)
     show = sys.stderr.isatty() if progress is None else progress
     steps = prefills = peak = 0
-    batch = None  # sampling parameters of the current batch: unchanged while the running set is
     with tqdm(total=table.num_seqs, desc="generate", unit="seq", disable=not show) as bar:
         while not sched.is_finished():
             ctx, seq_ids, rows = sched.schedule()
@@ -89,9 +85,7 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
             logits = runner.run(ctx)  # [R, V] fp32 (R = T for a prefill, B for a decode step)
             if rows is not None:
                 logits = logits[rows.to(runner.device)]
-            if batch is None or batch.seq_ids is not seq_ids:
-                batch = _BatchParams.gather(table, seq_ids, logits.device)
-            tokens, logprobs = _sample(table, batch, logits)
+            tokens, logprobs = _sample(table, table.rows(seq_ids), logits)
             bar.update(sched.postprocess(seq_ids, tokens.cpu(), logprobs.cpu()))
             steps += 1
             prefills += ctx.is_prefill
@@ -103,49 +97,15 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
     return table.outputs(tokenizer)
 
 
-@dataclass(slots=True)
-class _BatchParams:
-    """Per-row sampling parameters of one batch, gathered once: the scheduler hands out the same seq_ids tensor for
-    every decode step in which no sequence joins or leaves, so a step reuses them instead of ~8 gathers (and device
-    copies) of its own.
-
-    Attributes:
-        seq_ids: (R,) long, the batch these rows belong to (compared by identity).
-        temperature, top_p: (R,) fp32; top_k: (R,) long; stop_ids: (R, S) long, -1 padded; all on the logits' device.
-        min_new: (R,) long on the CPU, or None when no row has min_new_tokens (no stop-token mask to apply).
-        keys: (R,) uint64 sampling-stream keys (`sampling.stream_keys`).
-        greedy: (R,) bool on the device, or None when no row has temperature 0.
-    """
-
-    seq_ids: torch.Tensor
-    temperature: torch.Tensor
-    top_k: torch.Tensor
-    top_p: torch.Tensor
-    stop_ids: torch.Tensor
-    min_new: torch.Tensor | None
-    keys: np.ndarray
-    greedy: torch.Tensor | None
-
-    @staticmethod
-    def gather(table: SequenceTable, seq_ids: torch.Tensor, device: torch.device) -> _BatchParams:
-        temp = table.temperature[seq_ids].to(device)
-        min_new = table.min_new[seq_ids]
-        greedy = temp == 0
-        return _BatchParams(seq_ids, temp, table.top_k[seq_ids].to(device), table.top_p[seq_ids].to(device),
-                            table.stop_ids[seq_ids].to(device), min_new if bool(min_new.any()) else None,
-                            stream_keys(table.seed[seq_ids], table.sample[seq_ids]),
-                            greedy if bool(greedy.any()) else None)
-
-
-def _sample(table: SequenceTable, batch: _BatchParams, logits: torch.Tensor):
+def _sample(table: SequenceTable, batch: BatchRows, logits: torch.Tensor):
     """Process and sample one token per row of `batch`; the RNG key of a row is (its stream, its step)."""
     step = table.num_gen[batch.seq_ids]  # [R] index of the token being sampled
     u = uniforms_at(batch.keys, step).to(logits.device, non_blocking=True)  # [R] float64
     active = None if batch.min_new is None else (step < batch.min_new).to(logits.device, non_blocking=True)
     if not table.any_filter:  # temperature (+ min-tokens mask) only: one fused op (C++ on CPU)
-        return sample_rows(logits, batch.temperature, u, batch.stop_ids, active)
+        return sample_rows(logits, batch.temperature, u, batch.device_stop_ids, active)
     if active is not None:
-        logits = mask_stop_tokens(logits, batch.stop_ids, active)
+        logits = mask_stop_tokens(logits, batch.device_stop_ids, active)
     logp = process_logits(logits, batch.temperature, batch.top_k, batch.top_p)
     return sample_from_logp(logp, batch.greedy, u)
 

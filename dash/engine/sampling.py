@@ -16,11 +16,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dash.engine.sequence import SamplingParams  # noqa: F401  (re-exported: callers import it from here too)
 from dash_kernels import token_logprobs
 from dash_kernels.sample import mask_stop_tokens, sample_from_logp  # noqa: F401  (re-exported with process_logits)
 
-__all__ = ["SamplingParams", "stream_keys", "uniforms_at", "uniforms", "mask_stop_tokens", "process_logits",
+__all__ = ["stream_keys", "uniforms_at", "uniforms", "mask_stop_tokens", "process_logits",
            "sample_from_logp", "completion_logprobs"]
 
 _MASK32 = np.uint64(0xFFFFFFFF)

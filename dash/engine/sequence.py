@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from dash.engine.sampling import stream_keys
 
 _SEED_RANGE = 2**31  # per-request seeds drawn from torch's global RNG when a request gives none
 
@@ -93,12 +96,39 @@ class RequestOutput:
         return iter(self.completions)
 
 
+@dataclass(slots=True)
+class BatchRows:
+    """Per-row parameters of one batch, gathered once: the scheduler hands out the same seq_ids tensor for every
+    decode step in which no sequence joins or leaves, so sampling and `record` reuse these instead of ~10 gathers (and
+    device copies) per step.
+
+    Attributes:
+        seq_ids: (R,) long, the batch these rows belong to (compared by identity).
+        max_new: (R,) long; stop_ids: (R, S) long, -1 padded; both on the CPU (for `record`).
+        temperature, top_p: (R,) fp32; top_k: (R,) long; device_stop_ids: stop_ids; all on the sampling device.
+        min_new: (R,) long on the CPU, or None when no row has min_new_tokens (no stop-token mask to apply).
+        keys: (R,) uint64 sampling-stream keys (`sampling.stream_keys`).
+        greedy: (R,) bool on the device, or None when no row has temperature 0.
+    """
+
+    seq_ids: torch.Tensor
+    max_new: torch.Tensor
+    stop_ids: torch.Tensor
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    device_stop_ids: torch.Tensor
+    min_new: torch.Tensor | None
+    keys: np.ndarray
+    greedy: torch.Tensor | None
+
+
 class SequenceTable:
-    """Per-sequence state as tensors, row = seq_id (see module docstring)."""
+    """Per-sequence state as tensors, row = seq_id (see module docstring). `device`: where sampling runs."""
 
     def __init__(self, prompts: list[list[int]], params: list[SamplingParams], n: int, max_model_len: int,
-                 default_stop_ids: list[int]) -> None:
-        self.n, self.prompts = n, prompts
+                 default_stop_ids: list[int], device: torch.device | str = "cpu") -> None:
+        self.n, self.prompts, self.device = n, prompts, torch.device(device)
         N = len(prompts) * n
         self.num_seqs = N
         req = torch.arange(N) // n  # [N] request of each sequence
@@ -128,34 +158,42 @@ class SequenceTable:
         self.logprobs = torch.zeros(N, M, dtype=torch.float32)  # [N, M]
         self.finish_reason: list[str | None] = [None] * N
         self.stop_text_cut: dict[int, int] = {}  # seq_id -> text length to keep (stop string matched)
-        # `record` rows of the last batch: decode steps pass the same seq_ids tensor while no sequence joins or leaves.
-        self._batch: torch.Tensor | None = None
-        self._batch_stop_ids = self._batch_max_new = torch.empty(0)
+        self._rows: BatchRows | None = None  # of the last batch (see `rows`)
 
     def full_tokens(self, seq_id: int) -> list[int]:
         """Prompt + generated tokens (what a preempted sequence recomputes). Read-only: may be the prompt itself."""
         prompt, k = self.prompts[seq_id // self.n], int(self.num_gen[seq_id])
         return prompt + self.tokens[seq_id, :k].tolist() if k else prompt
 
+    def rows(self, seq_ids: torch.Tensor) -> BatchRows:
+        """The per-row parameters of a batch, gathered once per distinct seq_ids tensor (see BatchRows)."""
+        if self._rows is None or self._rows.seq_ids is not seq_ids:
+            dev, stop = self.device, self.stop_ids[seq_ids]  # [B, S]
+            temp, min_new = self.temperature[seq_ids], self.min_new[seq_ids]
+            greedy = temp == 0
+            self._rows = BatchRows(seq_ids, self.max_new[seq_ids], stop, temp.to(dev), self.top_k[seq_ids].to(dev),
+                                   self.top_p[seq_ids].to(dev), stop.to(dev), min_new if bool(min_new.any()) else None,
+                                   stream_keys(self.seed[seq_ids], self.sample[seq_ids]),
+                                   greedy.to(dev) if bool(greedy.any()) else None)
+        return self._rows
+
     def record(self, seq_ids: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
         """Append one sampled token per sequence; returns the [B] bool mask of sequences that just finished."""
-        if seq_ids is not self._batch:
-            self._batch = seq_ids
-            self._batch_stop_ids, self._batch_max_new = self.stop_ids[seq_ids], self.max_new[seq_ids]  # [B, S], [B]
+        rows = self.rows(seq_ids)
         step = self.num_gen[seq_ids]  # [B]
         self.tokens[seq_ids, step] = tokens
         self.logprobs[seq_ids, step] = logprobs
         step = step + 1
         self.num_gen[seq_ids] = step
-        done = step >= self._batch_max_new  # [B]
+        done = step >= rows.max_new  # [B]
         is_stop = None
         if self.has_stop_ids:
-            is_stop = (tokens[:, None] == self._batch_stop_ids).any(1)  # [B]
+            is_stop = (tokens[:, None] == rows.stop_ids).any(1)  # [B]
             done |= is_stop
-        rows = done.nonzero().flatten().tolist()  # usually empty: Python work only for sequences that finish
-        if rows:
+        finished = done.nonzero().flatten().tolist()  # usually empty: Python work only for sequences that finish
+        if finished:
             ids, stops = seq_ids.tolist(), (is_stop.tolist() if is_stop is not None else [False] * len(done))
-            for i in rows:
+            for i in finished:
                 self.finish_reason[ids[i]] = "stop" if stops[i] else "length"
         return done
 
