@@ -1,0 +1,24 @@
+"""`benchmarks/sampler_profile.py` end to end (one round): every stage timer must see its stage (a renamed engine
+function would otherwise drop out of the profile silently) and the stages must fit inside the call they split."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_profile_times_every_stage_within_the_call(tmp_path):
+    out = tmp_path / "prof"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/sampler_profile.py"), "--threads", "1", "--repeats", "1",
+                    "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    record = json.loads(out.with_suffix(".json").read_text())
+    stages = ("linear", "attention", "sample", "schedule", "postprocess")
+    assert all(record[f"{s}_ms"] > 0 for s in stages), record
+    assert record["other_ms"] >= 0 and sum(record[f"{s}_ms"] for s in stages) <= record["call_ms"]
+    # From the unrounded times: the rounded ones may differ in the last printed digit.
+    assert abs(record["hf_over_linear"] - record["hf_call_ms"] / record["linear_ms"]) <= 0.011
+    assert "| linear |" in out.with_suffix(".md").read_text()
