@@ -183,7 +183,7 @@ DASH_CPU_CLONES void attend_tasks(int64_t begin, int64_t end, const Geometry& ge
   }
 }
 
-[[noreturn]] void value_error(const std::string& msg) { throw pybind11::value_error("PageAllocator: " + msg); }
+[[noreturn]] void value_error(const std::string& msg) { throw pybind11::value_error(msg); }
 
 }  // namespace
 
