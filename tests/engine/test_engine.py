@@ -98,12 +98,14 @@ def test_prefix_cache_reuses_a_shared_system_prompt_across_steps(model_pair, mak
         assert out[0].token_ids == hf_greedy(hf, prompt, GREEDY.max_new_tokens)
 
 
-def test_seeded_results_do_not_depend_on_the_batch(model_pair, make_prompts):
+@pytest.mark.parametrize("sampled", [SAMPLED, SamplingParams(temperature=0.8, min_new_tokens=3, max_new_tokens=12,
+                                                                 seed=7)], ids=["filtered", "fused-sampling-op"])
+def test_seeded_results_do_not_depend_on_the_batch(sampled, model_pair, make_prompts):
     _, model = model_pair("qwen3")
     target = make_prompts([11], seed=3)[0]
     others = make_prompts([4 + i % 29 for i in range(127)], seed=4)  # with the target: 128 prompts x 2 = 256 rows
-    alone = generate(model, None, [target], n=2, params=SAMPLED)[0]
-    params = [SAMPLED] + [SamplingParams(temperature=1.0, max_new_tokens=12)] * len(others)
+    alone = generate(model, None, [target], n=2, params=sampled)[0]
+    params = [sampled] + [SamplingParams(temperature=1.0, max_new_tokens=12)] * len(others)
     crowd = generate(model, None, [target] + others, n=2, params=params, page_size=8)[0]
     assert [o.token_ids for o in alone] == [o.token_ids for o in crowd]
     assert alone[0].token_ids != alone[1].token_ids  # the two samples use different streams
@@ -111,10 +113,13 @@ def test_seeded_results_do_not_depend_on_the_batch(model_pair, make_prompts):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(c.logprobs), atol=1e-5)
 
 
-def test_logprobs_match_training_forward_recomputation(model_pair, make_prompts):
+@pytest.mark.parametrize("top_k, top_p", [(20, 0.85), (0, 1.0)], ids=["filtered", "fused-sampling-op"])
+def test_logprobs_match_training_forward_recomputation(top_k, top_p, model_pair, make_prompts):
+    """With top-k / top-p the step samples through the torch path; without, through dash_kernels.sample_rows (the
+    min-tokens stop mask included)."""
     _, model = model_pair("qwen2")
     prompts = make_prompts(LENGTHS, seed=5)
-    params = SamplingParams(temperature=0.7, top_k=20, top_p=0.85, min_new_tokens=4, max_new_tokens=10, seed=1,
+    params = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p, min_new_tokens=4, max_new_tokens=10, seed=1,
                             stop_token_ids=[2, 5, 9])
     outs = generate(model, None, prompts, n=3, params=params, page_size=4)
     flat = [o for group in outs for o in group]
