@@ -233,12 +233,16 @@ def main() -> None:
         lines.append(f"| {m} | {b} | {p} | {'' if t is None else f'{t:.0f}'} | "
                      f"{'' if mib is None else f'{mib:.1f}'} | {note} |")
     lines.append(f"\nhost scheduling per decode step, 1024 live sequences: {result.get('sched_overhead_ms_1024')} ms")
-    table = "\n".join(lines)
+    emit("\n".join(lines), result, args.out)
+
+
+def emit(table: str, result: dict, out: str) -> None:
+    """Print the table, then the JSON line; with `out`, also write <out>.md (both) and <out>.json (the line)."""
     print(table)
     print(json.dumps(result))
-    if args.out:
-        Path(args.out + ".md").write_text(table + "\n\n```json\n" + json.dumps(result) + "\n```\n")
-        Path(args.out + ".json").write_text(json.dumps(result) + "\n")
+    if out:
+        Path(out + ".md").write_text(table + "\n\n```json\n" + json.dumps(result) + "\n```\n")
+        Path(out + ".json").write_text(json.dumps(result) + "\n")
 
 
 def _git_sha() -> str:

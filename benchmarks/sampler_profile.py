@@ -14,7 +14,6 @@ Wall-clock timers wrap the engine's stages for whole calls (best of --repeats ro
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 import dash.engine.runner as runner_mod  # noqa: E402
 import dash.engine.sampler as sampler_mod  # noqa: E402
 from dash.engine import SamplingParams, generate  # noqa: E402
-from sampler import NEW_TOKENS, PROMPT_LEN, TEMPERATURE, _git_sha, build, hf_generate  # noqa: E402
+from sampler import NEW_TOKENS, PROMPT_LEN, TEMPERATURE, _git_sha, build, emit, hf_generate  # noqa: E402
 
 BATCH = 256
 STAGES = ["linear", "attention", "sample", "schedule", "postprocess"]
@@ -101,12 +100,7 @@ def main() -> None:
     lines.append(f"| HF generate, whole call | {result['hf_call_ms']:.1f} | |")
     lines.append(f"\ndash / HF: {result['dash_over_hf']}x; HF's call / dash's GEMM time: {result['hf_over_linear']}x "
                  "(the ceiling of dash / HF at this GEMM speed)")
-    table = "\n".join(lines)
-    print(table)
-    print(json.dumps(result))
-    if args.out:
-        Path(args.out + ".md").write_text(table + "\n\n```json\n" + json.dumps(result) + "\n```\n")
-        Path(args.out + ".json").write_text(json.dumps(result) + "\n")
+    emit("\n".join(lines), result, args.out)
 
 
 if __name__ == "__main__":
