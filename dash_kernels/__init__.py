@@ -11,8 +11,8 @@ Log-prob / policy-loss API (tensors and plain scalars only; see each docstring f
 Backend: dash_kernels.backend (DASH_KERNELS_BACKEND=triton|torch|reference).
 
 Sampler (inference-only) ops, one module each: dash_kernels.kv (store_kv, copy_pages), dash_kernels.paged_attention,
-dash_kernels.rms_norm (rms_norm, add_rms_norm_), dash_kernels.rotary (rotary_): C++ for fp32 CPU, a Triton kernel
-for paged attention on CUDA, the torch references elsewhere.
+dash_kernels.rms_norm (rms_norm, add_rms_norm_), dash_kernels.rotary (rotary_), dash_kernels.sample (sample_rows):
+C++ for fp32 CPU, a Triton kernel for paged attention on CUDA, the torch references elsewhere.
 """
 
 from dash_kernels._ext import HAS_C, require_c

@@ -2,7 +2,7 @@
 
 `HAS_C` says whether it is there; `require_c()` raises with the exact reinstall command when it is not;
 `use_cpu_kernel(...)` says whether the fp32 CPU kernels apply to some tensors. Importing _C registers the
-`torch.ops.dash.*` ops (store_kv, copy_pages, rms_norm, add_rms_norm_, rotary_) as a side effect.
+`torch.ops.dash.*` ops (store_kv, copy_pages, rms_norm, add_rms_norm_, rotary_, sample_rows) as a side effect.
 """
 
 import torch  # libtorch must be loaded before the extension's shared library
