@@ -10,7 +10,9 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 }  // namespace dash
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "DASH native ops: paged KV-cache store and page copy, fused RMSNorm, RoPE and token sampling (torch.ops.dash.*).";
+  m.doc() =
+      "DASH native ops: paged KV-cache store and page copy, fused RMSNorm, RoPE and token sampling "
+      "(torch.ops.dash.*).";
   dash::bind_page_allocator(m);
   m.def("paged_decode_attention", &dash::paged_decode_attention, pybind11::arg("q"), pybind11::arg("k_cache"),
         pybind11::arg("v_cache"), pybind11::arg("page_table"), pybind11::arg("context_lens"), pybind11::arg("scale"),
