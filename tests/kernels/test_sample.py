@@ -3,8 +3,8 @@
 Log-probs: kernel_testing's criterion against an fp64 reference at the sampled tokens (both fp32 paths differ from it
 by the summation order and exp of the log-sum-exp). Tokens: every sampled token's fp64 cdf interval must contain
 u * total (up to BOUNDARY_TOL of the mass), greedy rows take the fp64 argmax, and the torch reference may differ only
-on rare rounding calls at a boundary. Distribution: u on a uniform grid must hit each token in proportion to its probability (inverse CDF
-is exact up to one grid step per token).
+on rare rounding calls at a boundary. Distribution: u on a uniform grid must hit each token in proportion to its
+probability (inverse CDF is exact up to one grid step per token).
 """
 
 import pytest
