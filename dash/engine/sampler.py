@@ -102,7 +102,7 @@ def _sample(table: SequenceTable, batch: BatchRows, logits: torch.Tensor):
     step = table.num_gen[batch.seq_ids]  # [R] index of the token being sampled
     u = uniforms_at(batch.keys, step).to(logits.device, non_blocking=True)  # [R] float64
     active = None if batch.min_new is None else (step < batch.min_new).to(logits.device, non_blocking=True)
-    if not table.any_filter:  # temperature (+ min-tokens mask) only: one fused op (C++ on CPU)
+    if not table.any_filter:  # temperature (+ min-tokens mask) only: one fused op (C++ on CPU, Triton on CUDA)
         return sample_rows(logits, batch.temperature, u, batch.device_stop_ids, active)
     if active is not None:
         logits = mask_stop_tokens(logits, batch.device_stop_ids, active)

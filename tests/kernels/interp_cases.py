@@ -160,3 +160,46 @@ def test_int64_offsets():
     expected = [(row + i) * stride + col + j for i in range(block) for j in range(block)]
     assert expected[0] > 2**31
     assert out.tolist() == expected
+
+
+@pytest.mark.parametrize("V", [1, 7, 300, 2500])  # 2500: three blocks of the kernel's BLOCK_V = 1024
+def test_sample_rows_kernel(V, monkeypatch):
+    """The sampler's Triton sampling kernel against the reference (sample_testing's criterion)."""
+    from sample_testing import check_against_reference
+
+    from dash_kernels import sample
+
+    calls = []
+    kernel = sample._sample_rows_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(sample, "_sample_rows_kernel", Spy())
+    check_against_reference(V, B=33)
+    assert calls, "the Triton kernel did not run"
+
+
+def test_sample_rows_kernel_edges():
+    """First argmax on ties, masked stop tokens holding all the mass, and inverse-CDF frequencies on a u grid."""
+    from dash_kernels.sample import sample_rows
+
+    logits = torch.tensor([[1.0, 5.0, 5.0, 0.0], [9.0, 2.0, 3.0, 3.0]])
+    tokens, _ = sample_rows(logits, torch.zeros(2), torch.full((2,), 0.5, dtype=torch.float64),
+                            torch.tensor([[-1], [0]]), torch.tensor([False, True]))
+    assert tokens.tolist() == [1, 2]
+    V, N = 2100, 64
+    masked = torch.full((N, V), -20.0)
+    masked[:, 1500:] = 30.0  # all the mass, on stop tokens past the first two blocks
+    stop = torch.arange(1500, V).expand(N, -1).contiguous()
+    tokens, _ = sample_rows(masked, torch.ones(N), torch.linspace(1e-9, 1 - 1e-12, N, dtype=torch.float64), stop,
+                            torch.ones(N, dtype=torch.bool))
+    assert (tokens < 1500).all()
+    N, V = 2000, 5
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(3)) * 2
+    u = (torch.arange(N, dtype=torch.float64) + 0.5) / N
+    tokens, _ = sample_rows(logits.expand(N, V).contiguous(), torch.full((N,), 0.7), u)
+    counts = torch.bincount(tokens, minlength=V).double()
+    assert (counts - N * (logits[0].double() / 0.7).softmax(0)).abs().max() <= 1.0 + 1e-6

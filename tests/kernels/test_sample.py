@@ -1,10 +1,8 @@
 """dash_kernels.sample_rows (the C++ kernel on fp32 CPU) against its torch reference and against exact properties.
 
-Log-probs: kernel_testing's criterion against an fp64 reference at the sampled tokens (both fp32 paths differ from it
-by the summation order and exp of the log-sum-exp). Tokens: every sampled token's fp64 cdf interval must contain
-u * total (up to BOUNDARY_TOL of the mass), greedy rows take the fp64 argmax, and the torch reference may differ only
-on rare rounding calls at a boundary. Distribution: u on a uniform grid must hit each token in proportion to its
-probability (inverse CDF is exact up to one grid step per token).
+Against the reference: tests/kernels/sample_testing.py (shared with the Triton kernel's interpreter cases).
+Distribution: u on a uniform grid must hit each token in proportion to its probability (inverse CDF is exact up to
+one grid step per token).
 """
 
 import pytest
@@ -13,71 +11,17 @@ import torch
 import dash_kernels
 from dash_kernels import backend
 from dash_kernels.sample import sample_rows, sample_rows_ref
-from tests.kernels.kernel_testing import assert_close_to_ref
+from tests.kernels.sample_testing import check_against_reference, sample_inputs
 
 assert dash_kernels.HAS_C, "dash_kernels._C failed to import; rebuild with `pip install -e . --no-build-isolation`"
 
-BOUNDARY_TOL = 1e-5  # relative to the total mass: two fp32 cumulative sums of <= 1000 terms differ by far less
 # V: one token, not a multiple of the 8 lanes, the tiny model's 48, more than one 256-token block, a 32k vocabulary.
 VOCABS = [1, 7, 48, 300, 1000, 32000]
 
 
-def _inputs(B, V, seed=0, greedy_rows=4, stop_width=3):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(B, V, generator=g) * 3
-    temperature = torch.rand(B, generator=g) * 1.5 + 0.2
-    temperature[:greedy_rows] = 0
-    u = torch.rand(B, generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-    stop_ids = torch.randint(-1, V, (B, stop_width), generator=g)
-    active = torch.rand(B, generator=g) < 0.5
-    if V == 1:
-        active[:] = False  # masking the only token leaves nothing to sample
-    return logits, temperature, u, stop_ids, active
-
-
-def _logp64(logits, temperature, stop_ids, active):
-    x = logits.double().clone()
-    for b in range(x.shape[0]):
-        if active[b]:
-            ids = stop_ids[b][stop_ids[b] >= 0]
-            x[b, ids] = float("-inf")
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).double()
-    return (x / t[:, None]).log_softmax(dim=1)  # [B, V]
-
-
-def _in_token_interval(logp64, tokens, u):
-    """[B] bool: u * total lies in token's fp64 cdf interval (cdf[t-1], cdf[t]], widened by BOUNDARY_TOL * total."""
-    p = logp64.exp()
-    cdf = p.cumsum(dim=1)
-    total = cdf[:, -1]
-    hi = cdf.gather(1, tokens[:, None]).squeeze(1)
-    lo = hi - p.gather(1, tokens[:, None]).squeeze(1)
-    target = u * total
-    return (target > lo - BOUNDARY_TOL * total) & (target <= hi + BOUNDARY_TOL * total)
-
-
 @pytest.mark.parametrize("V", VOCABS)
 def test_kernel_matches_reference(V):
-    B = 257
-    logits, temperature, u, stop_ids, active = _inputs(B, V)
-    tokens, logp = sample_rows(logits, temperature, u, stop_ids, active)
-    ref_tokens, _ = sample_rows_ref(logits, temperature, u, stop_ids, active)
-    logp64 = _logp64(logits, temperature, stop_ids, active)
-    greedy = temperature == 0
-    assert torch.equal(tokens[greedy], logp64[greedy].argmax(dim=1))
-    wrong = ~greedy & ~_in_token_interval(logp64, tokens, u)
-    assert not wrong.any(), f"rows {wrong.nonzero().flatten()[:5].tolist()}: token outside its fp64 cdf interval"
-    # The reference differs only on rounding calls at a boundary: rare.
-    assert int((tokens != ref_tokens).sum()) <= B // 50
-    # Log-probs at the kernel's tokens: fp32 reference and fp64 reference evaluated at the same tokens.
-    x32 = logits.clone()
-    masked = active[:, None] & (stop_ids >= 0)
-    rows = masked.nonzero()[:, 0]
-    x32[rows, stop_ids[masked]] = float("-inf")
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    naive = (x32 / t[:, None]).log_softmax(dim=1).gather(1, tokens[:, None]).squeeze(1)
-    assert_close_to_ref(f"sample_rows logp V={V}", logp, naive, logp64.gather(1, tokens[:, None]).squeeze(1))
-    assert torch.isfinite(logp).all()
+    check_against_reference(V)
 
 
 def test_greedy_rows_take_the_first_argmax_of_the_masked_logits():
@@ -119,7 +63,7 @@ def test_inverse_cdf_hits_each_token_in_proportion_to_its_probability(V):
 
 
 def test_a_row_does_not_depend_on_its_batch_or_the_thread_count():
-    logits, temperature, u, stop_ids, active = _inputs(300, 1000, seed=5)
+    logits, temperature, u, stop_ids, active = sample_inputs(300, 1000, seed=5)
     full = sample_rows(logits, temperature, u, stop_ids, active)
     threads = torch.get_num_threads()
     try:
@@ -135,7 +79,7 @@ def test_a_row_does_not_depend_on_its_batch_or_the_thread_count():
 
 
 def test_reference_backend_runs_the_torch_path():
-    logits, temperature, u, stop_ids, active = _inputs(16, 48, seed=2)
+    logits, temperature, u, stop_ids, active = sample_inputs(16, 48, seed=2)
     with backend.use_backend("reference"):
         tokens, logp = sample_rows(logits, temperature, u, stop_ids, active)
     ref = sample_rows_ref(logits, temperature, u, stop_ids, active)
