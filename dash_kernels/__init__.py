@@ -12,7 +12,7 @@ Backend: dash_kernels.backend (DASH_KERNELS_BACKEND=triton|torch|reference).
 
 Sampler (inference-only) ops, one module each: dash_kernels.kv (store_kv, copy_pages), dash_kernels.paged_attention,
 dash_kernels.rms_norm (rms_norm, add_rms_norm_), dash_kernels.rotary (rotary_), dash_kernels.sample (sample_rows):
-C++ for fp32 CPU, a Triton kernel for paged attention on CUDA, the torch references elsewhere.
+C++ for fp32 CPU, Triton kernels on CUDA, the torch references elsewhere (and whenever a gradient is needed).
 """
 
 from dash_kernels._ext import HAS_C, require_c

@@ -203,3 +203,65 @@ def test_sample_rows_kernel_edges():
     tokens, _ = sample_rows(logits.expand(N, V).contiguous(), torch.full((N,), 0.7), u)
     counts = torch.bincount(tokens, minlength=V).double()
     assert (counts - N * (logits[0].double() / 0.7).softmax(0)).abs().max() <= 1.0 + 1e-6
+
+
+def _spy(monkeypatch, module, name, calls):
+    """Replace module.name (a Triton kernel) by a wrapper that records each launch."""
+    kernel = getattr(module, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(name)
+            return kernel[grid]
+
+    monkeypatch.setattr(module, name, Spy())
+
+
+BF16_TRUNCATION_ULPS = 2  # roundings to bf16 on a kernel's path from fp32: the normalised x and the output
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (9, 41), (3, 5, 64)])  # one value, an odd width, a 3-d input
+def test_decode_norm_and_rope_kernels(dtype, shape, monkeypatch):
+    """The sampler's RMSNorm (plain and residual-fused) and RoPE Triton kernels against fp64, bf16 included."""
+    from dash_kernels import rms_norm as rms_module
+    from dash_kernels import rotary as rotary_module
+    from dash_kernels.rms_norm import add_rms_norm_, rms_norm, rms_norm_ref
+    from dash_kernels.rotary import rotary_, rotary_ref
+
+    calls = []
+    _spy(monkeypatch, rms_module, "_rms_norm_kernel", calls)
+    _spy(monkeypatch, rotary_module, "_rotary_kernel", calls)
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    delta = torch.randn(*shape, generator=g).to(dtype)
+    w = torch.randn(shape[-1], generator=g).to(dtype)
+    eps = 1e-6
+    ref64 = rms_norm_ref(x.double(), w.double(), eps)
+    # The interpreter casts fp32 -> bf16 by truncation (a GPU rounds to nearest), so in bf16 each of the kernel's
+    # roundings may cost a whole ulp (2^-7 of the value) where the torch path costs half: two of them are allowed.
+    trunc = BF16_TRUNCATION_ULPS * 2.0**-7 if dtype == torch.bfloat16 else 0.0
+    atol = (2e-6 + trunc) * ref64.abs().max().item()
+    assert_close_to_ref("rms_norm", rms_norm(x, w, eps), rms_norm_ref(x, w, eps), ref64, atol=atol)
+    summed = x + delta  # the residual update rounds to x's dtype, as the reference's in-place add
+    xr = x.clone()
+    out = add_rms_norm_(xr, delta, w, eps)
+    if dtype == torch.float32:
+        assert torch.equal(xr, summed)
+    else:  # the interpreter's fp32 -> bf16 cast truncates (a GPU's rounds to nearest): one bf16 ulp apart at most
+        ulp = summed.float().abs() * 2.0**-7
+        assert ((xr.float() - summed.float()).abs() <= ulp).all()
+    assert_close_to_ref("add_rms_norm_", out, rms_norm_ref(summed, w, eps), rms_norm_ref(summed.double(), w.double(),
+                                                                                         eps), atol=atol)
+    T, D = 7, 10  # head_dim 10: a half of 5, not a power of two
+    q = torch.randn(T, 3, D, generator=g).to(dtype)
+    k = torch.randn(T, 1, D, generator=g).to(dtype)
+    angles = torch.randn(T, D // 2, generator=g) * 10
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # [T, D] fp32 tables
+    # fp64 reference from the tables as the kernel sees them (rounded to the activation dtype first).
+    cos64, sin64 = cos.to(dtype).double(), sin.to(dtype).double()
+    expected = [(rotary_ref(t.double(), cos64, sin64), rotary_ref(t, cos, sin)) for t in (q, k)]
+    rotary_(q, k, cos, sin)
+    for name, ours, (ref, naive) in zip(("q", "k"), (q, k), expected):
+        assert_close_to_ref(f"rotary_ {name}", ours, naive, ref, atol=(2e-6 + trunc) * ref.abs().max().item())
+    assert calls == ["_rms_norm_kernel", "_rms_norm_kernel", "_rotary_kernel", "_rotary_kernel"]

@@ -134,7 +134,7 @@ for q_lens, ctx, page, hq, hkv, d in [([1, 1, 1], [1, 9, 40], 16, 4, 2, 16), ([1
     worst = max(worst, float((out - dense_ref(q, k, v, table, lens, cu, d ** -0.5)).abs().max()))
 print("MAXERR", worst)
 
-# The sampler end to end with the Triton kernels (decode attention, token sampling): same tokens as the CPU path.
+# The sampler end to end on the Triton kernels (attention, sampling, RMSNorm, RoPE): same tokens as the CPU path.
 from dash.engine import SamplingParams, generate
 from dash.model import CausalLM, ModelConfig
 torch.manual_seed(0)
