@@ -4,10 +4,10 @@ model's parameters and device memory.
 The model is `dash.model.CausalLM`, used as-is: its embedding, `Attention.project` (projections, q/k norm), `o_proj`,
 MLP projections and lm_head are called piece by piece here with the layers' own parameters. What is replaced is the
 glue between them, by inference kernels from dash_kernels (C++ for fp32 CPU, Triton on CUDA, the same torch code as
-the model elsewhere): RMSNorm fused with the residual add (`add_rms_norm_`, the residual stream x is updated in place), RoPE in
-place on q and k (`rotary_`), SiLU * up in place, and the attention. The parameters are read at every step, so a
-`generate` call after an optimizer step sees the new weights with no copy, reload or sync (the trainer and the sampler
-share one `nn.Module`).
+the model elsewhere): RMSNorm fused with the residual add (`add_rms_norm_`, the residual stream x is updated in
+place), RoPE in place on q and k (`rotary_`), SiLU * up in place, and the attention. The parameters are read at every
+step, so a `generate` call after an optimizer step sees the new weights with no copy, reload or sync (the trainer and
+the sampler share one `nn.Module`).
 
 Attention per step:
 - prefill: `store_kv` writes the new K/V to their pages. With no prefix-cache hit in the step, the K/V are exactly the
