@@ -50,6 +50,18 @@ def no_torch_fallback(monkeypatch):
     monkeypatch.setattr(_chunked, "sweep", boom)
 
 
+def _spy(monkeypatch, module, name, calls):
+    """Replace module.name (a Triton kernel) by a wrapper that records each launch."""
+    kernel = getattr(module, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(name)
+            return kernel[grid]
+
+    monkeypatch.setattr(module, name, Spy())
+
+
 @pytest.mark.parametrize("N,H,V", [(37, 31, 123), (37, 31, 1000), (150, 20, 300)])
 @pytest.mark.parametrize("temperature,bias,entropy", [(1.0, False, False), (0.7, True, True)])
 def test_token_logprobs_kernels(N, H, V, temperature, bias, entropy):
@@ -128,14 +140,7 @@ def test_kernels_really_ran(monkeypatch):
     calls = []
     for mod, name in ((tlp_module, "_token_logprobs_fwd_kernel"), (tlp_module, "_token_logprobs_bwd_kernel"),
                       (logprobs_from_logits, "_logprobs_from_logits_fwd_kernel")):
-        kernel = getattr(mod, name)
-
-        class Spy:
-            def __getitem__(self, grid, kernel=kernel, name=name):
-                calls.append(name)
-                return kernel[grid]
-
-        monkeypatch.setattr(mod, name, Spy())
+        _spy(monkeypatch, mod, name, calls)
     hidden, weight, targets, _ = linear_inputs(8, 16, 40)
     h = hidden.requires_grad_()
     token_logprobs(h, weight, targets).sum().backward()
@@ -170,14 +175,7 @@ def test_sample_rows_kernel(V, monkeypatch):
     from dash_kernels import sample
 
     calls = []
-    kernel = sample._sample_rows_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(sample, "_sample_rows_kernel", Spy())
+    _spy(monkeypatch, sample, "_sample_rows_kernel", calls)
     check_against_reference(V, B=33)
     assert calls, "the Triton kernel did not run"
 
@@ -203,18 +201,6 @@ def test_sample_rows_kernel_edges():
     tokens, _ = sample_rows(logits.expand(N, V).contiguous(), torch.full((N,), 0.7), u)
     counts = torch.bincount(tokens, minlength=V).double()
     assert (counts - N * (logits[0].double() / 0.7).softmax(0)).abs().max() <= 1.0 + 1e-6
-
-
-def _spy(monkeypatch, module, name, calls):
-    """Replace module.name (a Triton kernel) by a wrapper that records each launch."""
-    kernel = getattr(module, name)
-
-    class Spy:
-        def __getitem__(self, grid):
-            calls.append(name)
-            return kernel[grid]
-
-    monkeypatch.setattr(module, name, Spy())
 
 
 BF16_TRUNCATION_ULPS = 2  # roundings to bf16 on a kernel's path from fp32: the normalised x and the output
