@@ -63,8 +63,10 @@ def cmd_train(cfg: DashConfig, args) -> int:
     try:
         trainer.setup(resume=args.resume)
         trainer.train()
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(synchronize=False)  # a peer may be stuck in a collective: do not wait for it
+        raise
+    trainer.close()
     final = [h for h in trainer.history if "eval/greedy_acc" in h]
     if final:
         print(f"done: {trainer.step} steps, held-out greedy accuracy {final[-1]['eval/greedy_acc']:.3f}; "
@@ -79,8 +81,10 @@ def cmd_eval(cfg: DashConfig, args) -> int:
     try:
         trainer.setup(resume=args.resume)
         metrics = trainer.evaluate()
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(synchronize=False)
+        raise
+    trainer.close()
     print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return 0
 

@@ -114,6 +114,12 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
-def close_distributed(info: DistInfo) -> None:
+def close_distributed(info: DistInfo, synchronize: bool = True) -> None:
+    """Leaves the process group. `synchronize`: meet at a barrier first, so that a rank that finished early (e.g.
+    rank 1, with less to save) does not tear down its side while a peer is still working; one 2-process CPU run of
+    the test suite aborted in rank 1's teardown without it (once, on a loaded machine). False after an error, when a
+    peer may be waiting in another collective and a barrier would hang."""
     if info.enabled and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()

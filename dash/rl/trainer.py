@@ -163,12 +163,13 @@ class Trainer:
         self._say(f"checkpoint {path}")
         return path
 
-    def close(self) -> None:
+    def close(self, synchronize: bool = True) -> None:
+        """Closes the logger and leaves the process group; synchronize=False after an error (see close_distributed)."""
         gc.unfreeze()  # cyclic garbage among the frozen objects becomes collectable again
         if getattr(self, "logger", None):
             self.logger.close()
         if hasattr(self, "dist"):
-            close_distributed(self.dist)
+            close_distributed(self.dist, synchronize)
 
     def _say(self, msg: str) -> None:
         if not self.quiet and getattr(self, "dist", None) is not None and self.dist.is_main:
