@@ -17,7 +17,9 @@ sampled token can differ only when u * total lies within a few ulp of a cumulati
 torch's cumsum in sequence). All depend on a row alone, never on the batch it shares. No autograd (inference only).
 AOT-compiled for sm_80 / sm_90 by `python -m dash_kernels.aot` (`aot_specs` below).
 
-Tests: `.venv/bin/python -m pytest tests/kernels/test_sample.py -q`.
+Tests: `.venv/bin/python -m pytest tests/kernels/test_sample.py -q` (C++); the Triton kernel in
+tests/kernels/interp_cases.py (interpreter, run by test_triton_interpreter.py) and end to end in the engine
+(test_paged_attention.py's interpreter run).
 """
 
 import torch
