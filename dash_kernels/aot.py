@@ -3,7 +3,7 @@
     python -m dash_kernels.aot            # table per kernel variant and arch, then one JSON line
 
 Each variant the launchers use (listed by the `aot_specs()` of each op module and of the sampler's decode ops: token
-sampling, RMSNorm, RoPE; plus the sampler's paged attention)
+sampling, RMSNorm, RoPE, SiLU * up; plus the sampler's paged attention)
 goes through `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`; the PTX is then assembled by the
 ptxas Triton bundles for that arch with `-v`, whose report gives registers, spill stores/loads and shared memory.
 The check (and the CI test) asks for zero spill bytes and shared memory within the sm_80 per-block limit. Exit
@@ -33,11 +33,11 @@ _PTXAS_RE = {
 
 def kernel_specs():
     """(name, kernel, signature, constexprs, options) for every Triton kernel variant we launch."""
-    from dash_kernels import paged_attention, rms_norm, rotary, sample
+    from dash_kernels import paged_attention, rms_norm, rotary, sample, silu_mul
     from dash_kernels.ops import logprobs_from_logits, policy_loss, token_logprobs
 
     specs = (token_logprobs.aot_specs() + policy_loss.aot_specs() + logprobs_from_logits.aot_specs()
-             + sample.aot_specs() + rms_norm.aot_specs() + rotary.aot_specs())
+             + sample.aot_specs() + rms_norm.aot_specs() + rotary.aot_specs() + silu_mul.aot_specs())
     for dtype in ("fp16", "bf16"):
         for head_dim, group in ((64, 1), (128, 2)):
             sig, const = paged_attention.AOT_SIGNATURE(dtype=dtype, page_size=16, head_dim=head_dim, group=group)

@@ -5,9 +5,9 @@ The model is `dash.model.CausalLM`, used as-is: its embedding, `Attention.projec
 MLP projections and lm_head are called piece by piece here with the layers' own parameters. What is replaced is the
 glue between them, by inference kernels from dash_kernels (C++ for fp32 CPU, Triton on CUDA, the same torch code as
 the model elsewhere): RMSNorm fused with the residual add (`add_rms_norm_`, the residual stream x is updated in
-place), RoPE in place on q and k (`rotary_`), SiLU * up in place, and the attention. The parameters are read at every
-step, so a `generate` call after an optimizer step sees the new weights with no copy, reload or sync (the trainer and
-the sampler share one `nn.Module`).
+place), RoPE in place on q and k (`rotary_`), SiLU * up in place (`silu_mul_`), and the attention. The parameters
+are read at every step, so a `generate` call after an optimizer step sees the new weights with no copy, reload or
+sync (the trainer and the sampler share one `nn.Module`).
 
 Attention per step:
 - prefill: `store_kv` writes the new K/V to their pages. With no prefix-cache hit in the step, the K/V are exactly the
@@ -24,7 +24,6 @@ Logits are computed for the sampled rows only (last prefill token / every decode
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dash.attention import varlen_attention
 from dash.engine.kv_cache import Context, KVCache
@@ -32,6 +31,7 @@ from dash_kernels import kv
 from dash_kernels.paged_attention import paged_attention
 from dash_kernels.rms_norm import add_rms_norm_, rms_norm
 from dash_kernels.rotary import rotary_
+from dash_kernels.silu_mul import silu_mul_
 
 try:  # optional, CUDA only; its paged KV needs page_size % 256 == 0 (FA2's block-table constraint)
     from flash_attn import flash_attn_with_kvcache
@@ -83,7 +83,7 @@ class ModelRunner:
             norm = layer.post_attention_layernorm
             h = add_rms_norm_(x, attn.o_proj(o.reshape(T, -1)), norm.weight, norm.eps)  # x += attn
             gate = mlp.gate_proj(h)  # [T, I]
-            mlp_out = mlp.down_proj(F.silu(gate, inplace=True).mul_(mlp.up_proj(h)))  # [T, H]
+            mlp_out = mlp.down_proj(silu_mul_(gate, mlp.up_proj(h)))  # [T, H]
             if i + 1 < len(layers):
                 norm = layers[i + 1].input_layernorm
                 h = add_rms_norm_(x, mlp_out, norm.weight, norm.eps)  # x += mlp

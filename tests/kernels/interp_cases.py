@@ -209,15 +209,18 @@ BF16_TRUNCATION_ULPS = 2  # roundings to bf16 on a kernel's path from fp32: the 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 1), (9, 41), (3, 5, 64)])  # one value, an odd width, a 3-d input
 def test_decode_norm_and_rope_kernels(dtype, shape, monkeypatch):
-    """The sampler's RMSNorm (plain and residual-fused) and RoPE Triton kernels against fp64, bf16 included."""
+    """The sampler's RMSNorm (plain and residual-fused), RoPE and SiLU * up Triton kernels against fp64, bf16 too."""
     from dash_kernels import rms_norm as rms_module
     from dash_kernels import rotary as rotary_module
+    from dash_kernels import silu_mul as silu_module
     from dash_kernels.rms_norm import add_rms_norm_, rms_norm, rms_norm_ref
     from dash_kernels.rotary import rotary_, rotary_ref
+    from dash_kernels.silu_mul import silu_mul_, silu_mul_ref
 
     calls = []
     _spy(monkeypatch, rms_module, "_rms_norm_kernel", calls)
     _spy(monkeypatch, rotary_module, "_rotary_kernel", calls)
+    _spy(monkeypatch, silu_module, "_silu_mul_kernel", calls)
     g = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(*shape, generator=g) * 3).to(dtype)
     delta = torch.randn(*shape, generator=g).to(dtype)
@@ -250,4 +253,9 @@ def test_decode_norm_and_rope_kernels(dtype, shape, monkeypatch):
     rotary_(q, k, cos, sin)
     for name, ours, (ref, naive) in zip(("q", "k"), (q, k), expected):
         assert_close_to_ref(f"rotary_ {name}", ours, naive, ref, atol=(2e-6 + trunc) * ref.abs().max().item())
-    assert calls == ["_rms_norm_kernel", "_rms_norm_kernel", "_rotary_kernel", "_rotary_kernel"]
+    gate, up = (torch.randn(*shape, generator=g) * 4).to(dtype), torch.randn(*shape, generator=g).to(dtype)
+    ref64 = silu_mul_ref(gate.double(), up.double())
+    naive = silu_mul_ref(gate, up)
+    assert silu_mul_(gate, up) is gate
+    assert_close_to_ref("silu_mul_", gate, naive, ref64, atol=(2e-6 + trunc) * ref64.abs().max().item())
+    assert calls == ["_rms_norm_kernel", "_rms_norm_kernel", "_rotary_kernel", "_rotary_kernel", "_silu_mul_kernel"]

@@ -24,4 +24,5 @@ def test_aot_compile_no_spills_shared_within_sm80():
     assert summary["max_shared_bytes"] <= aot.SM80_MAX_SHARED_BYTES, report
     names = {r["kernel"].split("[")[0] for r in rows}
     assert {"token_logprobs_fwd", "token_logprobs_bwd", "policy_coef", "from_logits_fwd", "from_logits_bwd",
-            "paged_attention", "sample_rows", "rms_norm", "rotary"} <= names
+            "paged_attention", "sample_rows", "rms_norm", "rotary",
+            "silu_mul"} <= names

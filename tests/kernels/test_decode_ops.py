@@ -114,3 +114,13 @@ def test_opcheck_schema_and_fake_kernels():
     torch.library.opcheck(torch.ops.dash.add_rms_norm_.default, (x.clone(), d, w, EPS))
     q, k, cos, sin = _randn(5, 4, 8), _randn(5, 2, 8, seed=1), _randn(5, 8, seed=2), _randn(5, 8, seed=3)
     torch.library.opcheck(torch.ops.dash.rotary_.default, (q, k, cos, sin))
+
+
+def test_silu_mul_cpu_path_is_the_reference_in_place():
+    """On CPU silu_mul_ runs torch's own silu_ + mul_ (no C++ kernel): bitwise the reference, written into gate."""
+    from dash_kernels.silu_mul import silu_mul_, silu_mul_ref
+
+    gate, up = _randn(9, 41, scale=4.0), _randn(9, 41, seed=5)
+    expected = silu_mul_ref(gate, up)
+    out = silu_mul_(gate, up)
+    assert out is gate and torch.equal(gate, expected)
