@@ -31,10 +31,19 @@ def require_c():
     return _C
 
 
+def _no_grad(tensors) -> bool:
+    return not any(t.requires_grad and torch.is_grad_enabled() for t in tensors)
+
+
 def use_cpu_kernel(*tensors) -> bool:
     """Whether an fp32 CPU C++ inference kernel (no backward) applies to `tensors`: _C is built, the backend for CPU
     resolves to "torch" (DASH_KERNELS_BACKEND / backend.override = "reference" forces the torch references), and
     every tensor is fp32 on CPU and needs no gradient."""
-    return (HAS_C and all(t.device.type == "cpu" and t.dtype == torch.float32
-                          and not (t.requires_grad and torch.is_grad_enabled()) for t in tensors)
+    return (HAS_C and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and _no_grad(tensors)
             and backend.resolve(tensors[0].device) == "torch")
+
+
+def use_triton_kernel(*tensors) -> bool:
+    """Whether a Triton inference kernel (no backward) applies to `tensors`: the backend for their device resolves to
+    "triton" (CUDA, or the interpreter when forced) and no tensor needs a gradient."""
+    return backend.resolve(tensors[0].device) == "triton" and _no_grad(tensors)

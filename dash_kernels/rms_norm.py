@@ -15,8 +15,7 @@ tests/kernels/interp_cases.py (interpreter) and `python -m dash_kernels.aot` (sm
 
 import torch
 
-from dash_kernels import backend
-from dash_kernels._ext import HAS_C, use_cpu_kernel
+from dash_kernels._ext import HAS_C, use_cpu_kernel, use_triton_kernel
 
 try:
     import triton
@@ -64,12 +63,6 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch
     return out.view(x.shape)
 
 
-def _use_triton(*tensors) -> bool:
-    """Triton for inference tensors the backend sends to it (CUDA, or the interpreter when forced)."""
-    return (backend.resolve(tensors[0].device) == "triton"
-            and not any(t.requires_grad and torch.is_grad_enabled() for t in tensors))
-
-
 def aot_specs():
     """(name, kernel, signature, constexprs, options) for `python -m dash_kernels.aot`: the decode widths of
     Qwen2.5-0.5B (896) and 7B (3584), with and without the residual add."""
@@ -94,7 +87,7 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., H], weight: [H] -> [..., H]."""
-    if _use_triton(x, weight):
+    if use_triton_kernel(x, weight):
         return rms_norm_fwd(x.contiguous(), weight, eps)
     if use_cpu_kernel(x, weight):
         return torch.ops.dash.rms_norm(x.contiguous(), weight.contiguous(), eps)
@@ -103,7 +96,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def add_rms_norm_(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The pre-norm block's residual step: x += delta IN PLACE, then returns rms_norm(x). x, delta: [..., H]."""
-    if _use_triton(x, delta, weight) and x.is_contiguous():
+    if use_triton_kernel(x, delta, weight) and x.is_contiguous():
         return rms_norm_fwd(x, weight, eps, delta)
     if use_cpu_kernel(x, delta, weight) and x.is_contiguous():
         return torch.ops.dash.add_rms_norm_(x, delta.contiguous(), weight.contiguous(), eps)

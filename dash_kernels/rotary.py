@@ -13,8 +13,7 @@ tests/kernels/interp_cases.py (interpreter) and `python -m dash_kernels.aot` (sm
 
 import torch
 
-from dash_kernels import backend
-from dash_kernels._ext import HAS_C, use_cpu_kernel
+from dash_kernels._ext import HAS_C, use_cpu_kernel, use_triton_kernel
 
 try:
     import triton
@@ -86,8 +85,7 @@ def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Applies RoPE to q: [T, Hq, D] and k: [T, Hkv, D] in place; cos, sin: [T, D] fp32 tables of their positions."""
-    if (backend.resolve(q.device) == "triton" and q.stride(-1) == 1 and k.stride(-1) == 1
-            and not ((q.requires_grad or k.requires_grad) and torch.is_grad_enabled())):
+    if use_triton_kernel(q, k) and q.stride(-1) == 1 and k.stride(-1) == 1:
         rotary_fwd(q, cos, sin)
         rotary_fwd(k, cos, sin)
         return

@@ -24,8 +24,7 @@ tests/kernels/interp_cases.py (interpreter, run by test_triton_interpreter.py) a
 
 import torch
 
-from dash_kernels import backend
-from dash_kernels._ext import HAS_C, use_cpu_kernel
+from dash_kernels._ext import HAS_C, use_cpu_kernel, use_triton_kernel
 
 try:
     import triton
@@ -195,7 +194,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor
     if stop_ids is None or stop_active is None:
         stop_ids = torch.empty(B, 0, dtype=torch.long, device=logits.device)
         stop_active = torch.zeros(B, dtype=torch.bool, device=logits.device)
-    if backend.resolve(logits.device) == "triton":
+    if use_triton_kernel(logits):
         return sample_rows_fwd(logits, temperature, u.to(logits.device), stop_ids, stop_active.to(logits.device))
     if use_cpu_kernel(logits, temperature):
         return torch.ops.dash.sample_rows(logits.contiguous(), temperature.contiguous(), u.double().contiguous(),

@@ -13,7 +13,7 @@ and `python -m dash_kernels.aot` (sm_80 / sm_90).
 import torch
 import torch.nn.functional as F
 
-from dash_kernels import backend
+from dash_kernels._ext import use_triton_kernel
 
 try:
     import triton
@@ -54,8 +54,7 @@ def silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate <- silu(gate) * up IN PLACE; returns gate. gate, up: [..., I], same shape."""
-    if (backend.resolve(gate.device) == "triton" and gate.is_contiguous() and up.shape == gate.shape
-            and not ((gate.requires_grad or up.requires_grad) and torch.is_grad_enabled())):
+    if use_triton_kernel(gate, up) and gate.is_contiguous() and up.shape == gate.shape:
         return silu_mul_fwd(gate, up)
     return F.silu(gate, inplace=True).mul_(up)
 
