@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from dash.engine.kv_cache import KVCache
 from dash.engine.runner import ModelRunner
-from dash.engine.sampling import mask_stop_tokens, process_logits, sample_from_logp, uniforms_at
+from dash.engine.sampling import process_logits, uniforms_at
 from dash.engine.scheduler import Scheduler
 from dash.engine.sequence import BatchRows, RequestOutput, SamplingParams, SequenceTable
-from dash_kernels.sample import sample_rows
+from dash_kernels.sample import mask_stop_tokens, sample_from_logp, sample_rows
 
 DEFAULT_PAGE_SIZE = 16  # small pages waste little at short RL completions; the Triton kernel takes any size
 DEFAULT_MAX_NUM_SEQS = 1024  # a DASH step is 256 completions; more only adds host work per step
@@ -40,7 +40,8 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
              params: SamplingParams | Sequence[SamplingParams] | None = None, *, page_size: int = DEFAULT_PAGE_SIZE,
              num_pages: int | None = 0, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
              max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS, group_fork: bool = True,
-             prefix_caching: bool = True, progress: bool | None = None, stats: dict | None = None) -> list[RequestOutput]:
+             prefix_caching: bool = True, progress: bool | None = None,
+             stats: dict | None = None) -> list[RequestOutput]:
     """Sample n completions for each prompt.
 
     Args:

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 
 from dash_kernels import token_logprobs
-from dash_kernels.sample import mask_stop_tokens, sample_from_logp  # noqa: F401  (re-exported with process_logits)
+from dash_kernels.sample import mask_stop_tokens
 
-__all__ = ["stream_keys", "uniforms_at", "uniforms", "mask_stop_tokens", "process_logits",
-           "sample_from_logp", "completion_logprobs"]
+__all__ = ["stream_keys", "uniforms_at", "uniforms", "process_logits", "completion_logprobs"]
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 _MIX_MUL = np.uint64(0x45D9F3B)  # < 2**27: a 32-bit lane times this stays far below 2**64 (no wraparound)
