@@ -11,6 +11,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -56,17 +57,25 @@ def cmd_smoke(cfg: DashConfig) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _closing(trainer):
+    """Closes the trainer on the way out: after an error without waiting for the other ranks, since a peer may be
+    stuck in a collective (see close_distributed)."""
+    try:
+        yield trainer
+    except BaseException:
+        trainer.close(synchronize=False)
+        raise
+    trainer.close()
+
+
 def cmd_train(cfg: DashConfig, args) -> int:
     from dash.rl.trainer import Trainer
 
     trainer = Trainer(cfg)
-    try:
+    with _closing(trainer):
         trainer.setup(resume=args.resume)
         trainer.train()
-    except BaseException:
-        trainer.close(synchronize=False)  # a peer may be stuck in a collective: do not wait for it
-        raise
-    trainer.close()
     final = [h for h in trainer.history if "eval/greedy_acc" in h]
     if final:
         print(f"done: {trainer.step} steps, held-out greedy accuracy {final[-1]['eval/greedy_acc']:.3f}; "
@@ -78,13 +87,9 @@ def cmd_eval(cfg: DashConfig, args) -> int:
     from dash.rl.trainer import Trainer
 
     trainer = Trainer(cfg)
-    try:
+    with _closing(trainer):
         trainer.setup(resume=args.resume)
         metrics = trainer.evaluate()
-    except BaseException:
-        trainer.close(synchronize=False)
-        raise
-    trainer.close()
     print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return 0
 
