@@ -50,6 +50,12 @@ inline float exp_in_range(float x) {
 // e^x for x <= 0 (scores minus their row max). A NaN stays NaN (std::max returns its first argument when unordered).
 inline float exp_nonpositive(float x) { return exp_in_range(std::max(x, kExpMin)); }
 
+// The kLanes partial sums of a reduction combined in one fixed tree (the same order whatever the thread count).
+template <typename T>
+inline T combine_lanes(const T (&part)[kLanes]) {
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
 // a . b over n floats (any n; a == b is fine, both are only read), kLanes partial sums then a fixed-order tree.
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float acc[kLanes] = {};
@@ -57,7 +63,7 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   for (; d + kLanes <= n; d += kLanes) {
     for (int j = 0; j < kLanes; ++j) acc[j] += a[d + j] * b[d + j];
   }
-  float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  float sum = combine_lanes(acc);
   for (; d < n; ++d) sum += a[d] * b[d];
   return sum;
 }

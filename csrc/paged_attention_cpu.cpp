@@ -62,7 +62,7 @@ inline float sum_lanes(const float* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) part[j] += x[i + j];
   }
-  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+  return cpu::combine_lanes(part);
 }
 
 #if defined(__GNUC__)  // GCC and clang: explicit SIMD through vector extensions for head dims known at compile time

@@ -49,7 +49,7 @@ inline double sum_double(const float* __restrict x, int64_t n) {
   for (; i + cpu::kLanes <= n; i += cpu::kLanes) {
     for (int j = 0; j < cpu::kLanes; ++j) part[j] += x[i + j];
   }
-  double s = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+  double s = cpu::combine_lanes(part);
   for (; i < n; ++i) s += x[i];
   return s;
 }
@@ -92,7 +92,7 @@ DASH_CPU_CLONES void sample_rows_range(int64_t begin, int64_t end, const RowArgs
     for (; v + cpu::kLanes <= V; v += cpu::kLanes) {
       for (int j = 0; j < cpu::kLanes; ++j) part[j] += exp_or_zero(x[v + j] - mx);
     }
-    float sum = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+    float sum = cpu::combine_lanes(part);
     for (; v < V; ++v) sum += exp_or_zero(x[v] - mx);
     const float log_sum = std::log(sum);
     if (greedy) {
