@@ -3,19 +3,12 @@ function would otherwise drop out of the profile silently) and the stages must f
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.run_script import run_benchmark
 
 
 def test_profile_times_every_stage_within_the_call(tmp_path):
     out = tmp_path / "prof"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks/sampler_profile.py"), "--threads", "1", "--repeats", "1",
-                    "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
-    record = json.loads(out.with_suffix(".json").read_text())
+    record = run_benchmark("sampler_profile.py", out, "--threads", "1", "--repeats", "1")
     stages = ("linear", "attention", "sample", "schedule", "postprocess")
     assert all(record[f"{s}_ms"] > 0 for s in stages), record
     assert record["other_ms"] >= 0 and sum(record[f"{s}_ms"] for s in stages) <= record["call_ms"]
