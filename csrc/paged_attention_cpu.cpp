@@ -1,19 +1,25 @@
-// `paged_decode_attention`: CPU fp32 decode attention read in place from the paged KV cache (one query per
-// sequence, GQA, any page size). Bound as dash_kernels._C.paged_decode_attention (csrc/module.cpp);
-// dash_kernels/paged_attention.py sends fp32 CPU decode here. Tests: tests/kernels/test_paged_attention.py (against an
+// `paged_attention_cpu`: CPU fp32 attention of new queries read in place from the paged KV cache (GQA, any page
+// size). Decode passes one query per sequence; prefill passes runs of queries per sequence (cu_seqlens_q), whose own
+// K/V are already stored, causally masked: query i of a run of q_len sits at position context_len - q_len + i and sees
+// the keys at positions <= its own. Bound as dash_kernels._C.paged_attention (csrc/module.cpp);
+// dash_kernels/paged_attention.py sends fp32 CPU calls here. Tests: tests/kernels/test_paged_attention.py (against an
 // fp64 dense reference).
 //
-// Why not SDPA over gathered pages: a decode step's attention maths is tiny (B * Hq * ctx * D * 4 flops), but the
-// gather copies every page and ATen's CPU flash kernel pays per-(batch, head) setup; together they were ~40% of a tiny
-// model's decode step at batch 256. Here every K/V row is read where it lies, once per KV head.
+// Why not SDPA over gathered pages: a step's attention maths is tiny (T * Hq * ctx * D * 4 flops), but the gather
+// copies every page and ATen's CPU flash kernel pays per-(batch, head) setup; together they were ~40% of a tiny
+// model's decode step at batch 256, and the masked prefill over a cached prefix cost more than all the step's GEMMs.
+// Here every K/V row is read where it lies.
 //
-// Work split: one task = (sequence b, KV head h), numbered b * Hkv + h. at::parallel_for (torch's thread count) gives
-// each thread a contiguous range, so the KV heads of one sequence, adjacent within each cache row, share a thread.
-// One task, with G = Hq / Hkv query heads per KV head and n context tokens:
+// Work split: one task = (query token t, KV head h), numbered t * Hkv + h. at::parallel_for (torch's thread count)
+// gives each thread a contiguous range, so the KV heads of one token, adjacent within each cache row, and the tokens
+// of one run, which read the same pages, share a thread. A task computes its token whole, so the result does not
+// depend on the thread count, and a prefill query gets the same bits as a decode step at the same position.
+// One task, with G = Hq / Hkv query heads per KV head and n visible keys:
 //   1. s[g, t] = scale * q[g] . k[t], page by page; each K row is loaded once for all G heads;
 //   2. p[g, t] = exp(s[g, t] - max_t s[g, :]) / sum_t exp(...), in place in s;
 //   3. out[g] = sum_t p[g, t] v[t], in blocks of kRowBlock rows that stay in L1 while the G heads read them.
-// s is a thread-local buffer [G, n rounded up to kLanes] that only grows: a call allocates only its output tensor.
+// s is a thread-local buffer [G, n rounded up to kLanes] that only grows: a call allocates its output tensor and two
+// int arrays of T (each token's sequence and visible key count).
 //
 // Vectorisation without -ffast-math (the compiler may not reorder a float sum): reductions keep kLanes independent
 // partial sums, the exp is a branch-free polynomial (std::exp is a scalar libm call), head dims 32 / 64 / 128 are
@@ -29,6 +35,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -142,19 +149,20 @@ constexpr int64_t kRowBlock = 16;  // V rows per accumulate call: a block stays 
 
 inline int64_t round_up_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-// Tasks [begin, end) (task = b * Hkv + h); see the file comment. s: scratch for G * round_up_lanes(max context)
-// floats; each head's row of scores is padded to a multiple of kLanes so every loop over it is whole vectors.
+// Tasks [begin, end) (task = t * Hkv + h); see the file comment. seq_of[t] / keys_of[t]: token t's sequence and its
+// number of visible keys. s: scratch for G * round_up_lanes(max keys) floats; each head's row of scores is padded to
+// a multiple of kLanes so every loop over it is whole vectors.
 template <int kD>
 DASH_CPU_CLONES void attend_tasks(int64_t begin, int64_t end, const Geometry& geo, const float* __restrict q,
                                   const float* __restrict k_cache, const float* __restrict v_cache,
-                                  const int32_t* __restrict page_table, const int32_t* __restrict context_lens,
-                                  float* __restrict out, float* __restrict s) {
+                                  const int32_t* __restrict page_table, const int32_t* __restrict seq_of,
+                                  const int32_t* __restrict keys_of, float* __restrict out, float* __restrict s) {
   const int64_t G = geo.G, D = kD > 0 ? kD : geo.D, ps = geo.page_size, stride = geo.row_stride;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / geo.Hkv, h = task % geo.Hkv, n = context_lens[b], n_pad = round_up_lanes(n);
-    const int32_t* pages = page_table + b * geo.W;
-    const float* qg = q + (b * geo.Hq + h * G) * D;  // [G, D]: the query heads of KV head h are adjacent
-    float* og = out + (b * geo.Hq + h * G) * D;      // [G, D]
+    const int64_t t = task / geo.Hkv, h = task % geo.Hkv, n = keys_of[t], n_pad = round_up_lanes(n);
+    const int32_t* pages = page_table + seq_of[t] * geo.W;
+    const float* qg = q + (t * geo.Hq + h * G) * D;  // [G, D]: the query heads of KV head h are adjacent
+    float* og = out + (t * geo.Hq + h * G) * D;      // [G, D]
     // Pass 1: scores s[g, t], page by page (no division per token); each K row is read for all G heads at once.
     for (int64_t t0 = 0; t0 < n; t0 += ps) {
       const float* k = k_cache + pages[t0 / ps] * geo.page_stride + h * D;
@@ -187,52 +195,81 @@ DASH_CPU_CLONES void attend_tasks(int64_t begin, int64_t end, const Geometry& ge
 
 }  // namespace
 
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& page_table, const at::Tensor& context_lens, double scale) {
+at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const at::Tensor& page_table, const at::Tensor& context_lens,
+                               const std::optional<at::Tensor>& cu_seqlens_q, double scale) {
   auto fp32_cpu = [](const at::Tensor& t) {
     return t.device().type() == at::kCPU && t.scalar_type() == at::kFloat && t.is_contiguous();
   };
+  auto int32_cpu = [](const at::Tensor& t, int64_t dim) {
+    return t.device().type() == at::kCPU && t.scalar_type() == at::kInt && t.is_contiguous() && t.dim() == dim;
+  };
   if (!fp32_cpu(q) || !fp32_cpu(k_cache) || !fp32_cpu(v_cache) || q.dim() != 3 || k_cache.dim() != 4 ||
       v_cache.sizes() != k_cache.sizes()) {
-    value_error("paged_decode_attention: q [B, Hq, D] and caches [P, page, Hkv, D] must be contiguous fp32 CPU");
+    value_error("paged_attention: q [T, Hq, D] and caches [P, page, Hkv, D] must be contiguous fp32 CPU");
   }
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t P = k_cache.size(0), ps = k_cache.size(1), Hkv = k_cache.size(2);
-  if (k_cache.size(3) != D || Hq % Hkv != 0) value_error("paged_decode_attention: head shapes do not match");
-  if (page_table.scalar_type() != at::kInt || !page_table.is_contiguous() || page_table.dim() != 2 ||
-      page_table.size(0) != B || context_lens.scalar_type() != at::kInt || context_lens.numel() != B) {
-    value_error("paged_decode_attention: page_table [B, W] and context_lens [B] must be contiguous int32");
+  if (k_cache.size(3) != D || Hq % Hkv != 0) value_error("paged_attention: head shapes do not match");
+  if (!int32_cpu(page_table, 2) || !int32_cpu(context_lens, 1) || context_lens.numel() != page_table.size(0)) {
+    value_error("paged_attention: page_table [B, W] and context_lens [B] must be contiguous int32 CPU");
   }
-  const int64_t W = page_table.size(1), G = Hq / Hkv;
+  const int64_t B = page_table.size(0), W = page_table.size(1), G = Hq / Hkv;
   const int32_t* pt = page_table.data_ptr<int32_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
-  int64_t max_len = 0, total_len = 0;
-  for (int64_t b = 0; b < B; ++b) {  // every page a sequence reads must exist: no out-of-bounds read
-    if (lens[b] < 1 || lens[b] > W * ps) value_error("paged_decode_attention: context length out of range");
-    for (int64_t j = 0; j < (lens[b] + ps - 1) / ps; ++j) {
-      if (pt[b * W + j] < 0 || pt[b * W + j] >= P) value_error("paged_decode_attention: page id out of range");
+  const int32_t* cu = nullptr;  // [B + 1] query offsets; nullptr: one query per sequence (decode)
+  if (cu_seqlens_q.has_value()) {
+    if (!int32_cpu(*cu_seqlens_q, 1) || cu_seqlens_q->numel() != B + 1) {
+      value_error("paged_attention: cu_seqlens_q must be a contiguous int32 CPU tensor of B + 1 = " +
+                  std::to_string(B + 1) + " offsets");
     }
-    max_len = std::max<int64_t>(max_len, lens[b]);
-    total_len += lens[b];
+    cu = cu_seqlens_q->data_ptr<int32_t>();
+    if (cu[0] != 0 || cu[B] != T) value_error("paged_attention: cu_seqlens_q must run from 0 to T = " +
+                                              std::to_string(T));
+  } else if (T != B) {
+    value_error("paged_attention: decode (no cu_seqlens_q) needs one query per sequence, got T = " +
+                std::to_string(T) + " for B = " + std::to_string(B));
+  }
+  // Every check reads host memory before any work: a bad length or page id cannot cause an out-of-bounds read.
+  std::vector<int32_t> seq_of(T), keys_of(T);
+  int64_t max_keys = 0, total_keys = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    if (lens[b] < 1 || lens[b] > W * ps) value_error("paged_attention: context length out of range");
+    for (int64_t j = 0; j < (lens[b] + ps - 1) / ps; ++j) {
+      if (pt[b * W + j] < 0 || pt[b * W + j] >= P) value_error("paged_attention: page id out of range");
+    }
+    const int64_t first = cu ? cu[b] : b, q_len = cu ? cu[b + 1] - cu[b] : 1;
+    if (q_len < 0 || q_len > lens[b]) {
+      value_error("paged_attention: sequence " + std::to_string(b) + " has " + std::to_string(q_len) +
+                  " queries but " + std::to_string(lens[b]) + " tokens in the cache (cu_seqlens_q must not decrease)");
+    }
+    for (int64_t i = 0; i < q_len; ++i) {  // query i sees the keys at positions <= lens - q_len + i
+      seq_of[first + i] = static_cast<int32_t>(b);
+      keys_of[first + i] = static_cast<int32_t>(lens[b] - q_len + i + 1);
+      total_keys += keys_of[first + i];
+    }
+    max_keys = std::max<int64_t>(max_keys, lens[b]);
   }
   at::Tensor out = at::empty_like(q);
-  if (B == 0) return out;
+  if (T == 0) return out;
   const Geometry geo{Hq, Hkv, G, D, ps, W, Hkv * D, ps * Hkv * D, static_cast<float>(scale)};
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t macs_per_task = std::max<int64_t>(1, 2 * Hq * D * total_len / (B * Hkv));  // QK and PV, mean context
+  const int32_t* so = seq_of.data();
+  const int32_t* ko = keys_of.data();
+  const int64_t macs_per_task = std::max<int64_t>(1, 2 * G * D * total_keys / T);  // QK and PV, mean key count
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerChunk / macs_per_task);
-  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T * Hkv, grain, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scratch;  // grows to the largest G * context seen by this thread, never shrinks
-    const size_t need = static_cast<size_t>(G * round_up_lanes(max_len));
+    const size_t need = static_cast<size_t>(G * round_up_lanes(max_keys));
     if (scratch.size() < need) scratch.resize(need);
     switch (D) {  // the common head dims get a compile-time D: unrolled dot products, accumulators in registers
-      case 32: return attend_tasks<32>(begin, end, geo, qp, kp, vp, pt, lens, op, scratch.data());
-      case 64: return attend_tasks<64>(begin, end, geo, qp, kp, vp, pt, lens, op, scratch.data());
-      case 128: return attend_tasks<128>(begin, end, geo, qp, kp, vp, pt, lens, op, scratch.data());
-      default: return attend_tasks<0>(begin, end, geo, qp, kp, vp, pt, lens, op, scratch.data());
+      case 32: return attend_tasks<32>(begin, end, geo, qp, kp, vp, pt, so, ko, op, scratch.data());
+      case 64: return attend_tasks<64>(begin, end, geo, qp, kp, vp, pt, so, ko, op, scratch.data());
+      case 128: return attend_tasks<128>(begin, end, geo, qp, kp, vp, pt, so, ko, op, scratch.data());
+      default: return attend_tasks<0>(begin, end, geo, qp, kp, vp, pt, so, ko, op, scratch.data());
     }
   });
   return out;

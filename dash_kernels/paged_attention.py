@@ -9,8 +9,8 @@ Layers (one op per file): `_paged_attention_kernel` (Triton), `paged_attention_f
 `paged_attention`. Inference only: there is no backward (the sampler runs under `torch.inference_mode`).
 
 Backends: Triton on CUDA tensors (or anywhere under TRITON_INTERPRET=1 when `backend.override == "triton"`); on CPU,
-fp32 decode goes to `_C.paged_decode_attention` (csrc/page_allocator.cpp: reads the pages in place), everything else
-(other dtypes, several queries per sequence, `backend.override == "reference"`) to the gather + SDPA reference.
+fp32 decode and query runs go to `_C.paged_attention` (csrc/paged_attention_cpu.cpp: reads the pages in place),
+everything else (other dtypes, `backend.override == "reference"`) to the gather + SDPA reference.
 Tests: `.venv/bin/python -m pytest tests/kernels/test_paged_attention.py -q`.
 AOT-compile signature for sm_80/sm_90 (see `AOT_SIGNATURE` below).
 """
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dash_kernels import backend
-from dash_kernels._ext import _C
+from dash_kernels._ext import _C, use_cpu_kernel
 
 try:
     import triton
@@ -188,14 +188,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return paged_attention_fwd(q, k_cache, v_cache, page_table.to(torch.int32).contiguous(),
                                    context_lens.to(torch.int32), cu_seqlens_q.to(torch.int32), max_q_len, scale)
-    if (impl == "torch" and cu_seqlens_q is None and _C is not None and q.device.type == "cpu"
-            and q.dtype == torch.float32 and k_cache.dtype == torch.float32):
-        # fp32 CPU decode: the C++ loop reads the pages in place (no gather; ~6x faster than the SDPA reference at
-        # batch 256). The engine already passes contiguous int32 metadata, so the conversions below are no-ops there.
-        if page_table.dtype != torch.int32 or not page_table.is_contiguous():
-            page_table = page_table.to(torch.int32).contiguous()
-        if context_lens.dtype != torch.int32 or not context_lens.is_contiguous():
-            context_lens = context_lens.to(torch.int32).contiguous()
-        return _C.paged_decode_attention(q if q.is_contiguous() else q.contiguous(), k_cache, v_cache, page_table,
-                                         context_lens, q.shape[-1] ** -0.5 if scale is None else scale)
+    if impl == "torch" and use_cpu_kernel(q, k_cache, v_cache):
+        # fp32 CPU: the C++ loop reads the pages in place (no gather, no padding of query runs; ~6x faster than the
+        # SDPA reference for decode at batch 256). The engine already passes contiguous int32 metadata, so the
+        # conversions below are no-ops there.
+        meta = [t if t is None or (t.dtype == torch.int32 and t.is_contiguous()) else t.to(torch.int32).contiguous()
+                for t in (page_table, context_lens, cu_seqlens_q)]
+        return _C.paged_attention(q if q.is_contiguous() else q.contiguous(), k_cache, v_cache, *meta,
+                                  q.shape[-1] ** -0.5 if scale is None else scale)
     return paged_attention_ref(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q, scale)

@@ -57,7 +57,7 @@ def dense_ref(q, k_cache, v_cache, table, ctx_lens, cu, scale):
     return torch.cat(out).float()
 
 
-@pytest.mark.parametrize("impl", ["torch", "reference"])  # torch: the C++ in-place loop for fp32 CPU decode
+@pytest.mark.parametrize("impl", ["torch", "reference"])  # torch: the C++ in-place loop for fp32 CPU
 # D 32 / 64 / 128 take the C++ loop's compile-time head-dim paths, 13 and 16 the generic one.
 @pytest.mark.parametrize("page_size,Hq,Hkv,D", [(1, 4, 2, 16), (3, 6, 3, 13), (16, 4, 1, 64), (16, 4, 2, 32),
                                                 (5, 8, 2, 128)])
@@ -97,19 +97,54 @@ def test_cpu_decode_same_result_on_any_thread_count():
     assert torch.equal(one[:10], paged_attention(q[:10], k, v, table[:10], lens[:10]))  # nor the batch around a row
 
 
-def test_cpu_decode_rejects_out_of_range_pages():
+def test_cpu_rejects_out_of_range_pages():
     q, k, v, table, lens, _ = make_case([1, 1], [3, 4], 4)
     table[1, 0] = 10_000
     with pytest.raises(ValueError, match="page id out of range"):
         paged_attention(q, k, v, table, lens)
 
 
-@pytest.mark.parametrize("page_size", [2, 5])
-def test_prefill_with_cached_prefix_matches_dense(page_size):
-    q_lens, ctx = [3, 1, 9, 4], [10, 1, 9, 21]  # the third has no prefix; the second is a decode row
-    q, k, v, table, lens, cu = make_case(q_lens, ctx, page_size, Hq=6, Hkv=3, D=8)
-    out = paged_attention_ref(q, k, v, table, lens, cu, scale=8**-0.5)
-    assert (out - dense_ref(q, k, v, table, lens, cu, 8**-0.5)).abs().max() < 1e-5
+@pytest.mark.parametrize("impl", ["torch", "reference"])  # torch: the C++ loop also serves query runs
+@pytest.mark.parametrize("page_size,D", [(2, 8), (5, 8), (16, 32), (3, 64)])
+def test_prefill_with_cached_prefix_matches_dense(page_size, D, impl):
+    q_lens, ctx = [3, 1, 9, 4, 20], [10, 1, 9, 21, 37]  # the third has no prefix; the second is a decode row
+    q, k, v, table, lens, cu = make_case(q_lens, ctx, page_size, Hq=6, Hkv=3, D=D)
+    with backend.use_backend(impl):
+        out = paged_attention(q, k, v, table, lens, cu, scale=D**-0.5)
+    assert (out - dense_ref(q, k, v, table, lens, cu, D**-0.5)).abs().max() < 1e-5
+
+
+def test_cpu_prefill_query_equals_decode_at_its_position():
+    """A task computes one query token whole: the last query of a run gets the same bits as a decode call, and a
+    run's result does not depend on the thread count."""
+    q_lens, ctx = [5, 12, 1], [9, 12, 30]
+    q, k, v, table, lens, cu = make_case(q_lens, ctx, 4, D=32)
+    out = paged_attention(q, k, v, table, lens, cu)
+    last = cu[1:].long() - 1  # [B] the last query of each run sits at position ctx - 1, as a decode query would
+    assert torch.equal(out[last], paged_attention(q[last], k, v, table, lens))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = paged_attention(q, k, v, table, lens, cu)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, out)
+
+
+@pytest.mark.parametrize("cu,match", [([0, 2, 1, 4], "queries but"),  # decreasing offsets
+                                      ([0, 4, 4, 4], "queries but"),  # 4 queries in a 3-token context
+                                      ([0, 1, 2, 3, 4], "B \\+ 1"),  # one offset too many
+                                      ([0, 1, 2, 3], "from 0 to T")])  # ends before the last query
+def test_cpu_rejects_bad_query_offsets(cu, match):
+    q, k, v, table, lens, _ = make_case([1, 1, 2], [3, 4, 5], 4)
+    with pytest.raises(ValueError, match=match):
+        paged_attention(q, k, v, table, lens, torch.tensor(cu, dtype=torch.int32))
+
+
+def test_cpu_decode_needs_one_query_per_sequence():
+    q, k, v, table, lens, _ = make_case([1, 1], [3, 4], 4)
+    with pytest.raises(ValueError, match="one query per sequence"):
+        paged_attention(q[:1], k, v, table, lens)
 
 
 def test_rejects_mismatched_heads():
