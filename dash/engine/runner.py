@@ -13,8 +13,10 @@ Attention per step:
 - prefill: `store_kv` writes the new K/V to their pages. With no prefix-cache hit in the step, the K/V are exactly the
   projections just computed: causal varlen attention over them (`dash.attention.varlen_attention`). With a hit
   (`ctx.page_table` set), the prefix lives only in the pages: `dash_kernels.paged_attention` with per-sequence query
-  runs reads it. Pages another entry of the same step shares are written by that entry in the same layer before any
-  attention of the layer runs, so in-step sharing needs no ordering between entries.
+  runs reads it. On fp32 CPU every prefill takes the paged path (`paged_prefill`): the C++ kernel reads the pages in
+  place, where SDPA would pad the runs of a ragged batch to the longest one. Pages another entry of the same step
+  shares are written by that entry in the same layer before any attention of the layer runs, so in-step sharing
+  needs no ordering between entries.
 - decode: `store_kv` writes the new token first, then the pages are read by flash-attn's `flash_attn_with_kvcache`
   (CUDA, flash-attn installed, page_size a multiple of 256; untested here, no GPU), else `dash_kernels.paged_attention`
   (its Triton kernel on CUDA, gather + SDPA on CPU).
@@ -28,6 +30,7 @@ import torch
 from dash.attention import varlen_attention
 from dash.engine.kv_cache import Context, KVCache
 from dash_kernels import kv
+from dash_kernels._ext import use_cpu_kernel
 from dash_kernels.paged_attention import paged_attention
 from dash_kernels.rms_norm import add_rms_norm_, rms_norm
 from dash_kernels.rotary import rotary_
@@ -47,6 +50,9 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.use_flash = (flash_attn_with_kvcache is not None and self.device.type == "cuda"
                           and cache.page_size % _FLASH_PAGE_MULTIPLE == 0)
+        # Prefill attention from the pages even without a prefix hit where that kernel is the fast one (the C++ loop
+        # on fp32 CPU); on CUDA varlen flash attention over the fresh K/V stays the no-hit path.
+        self.paged_prefill = use_cpu_kernel(cache.k[0])
         # RoPE tables for every position of this call, looked up per step: computing cos/sin of [T, D] angles costs
         # ~6 small ops per step, a row gather costs 2. Same values as the model's own tables (same function).
         with torch.no_grad():

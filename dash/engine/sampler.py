@@ -74,9 +74,9 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
         raise ValueError(f"num_pages={num_pages} is too small: prompt {r} needs {pages_per_seq[r]} pages of "
                          f"{page_size} tokens for prompt + max_new_tokens = {len(ids[r]) + int(table.max_new[r * n])}")
     cache = KVCache(model, num_pages, page_size)
-    sched = Scheduler(table, cache, max_num_seqs, max_batched_tokens, tokenizer, group_fork=group_fork,
-                      prefix_caching=prefix_caching)
     runner = ModelRunner(model, cache, max_len)
+    sched = Scheduler(table, cache, max_num_seqs, max_batched_tokens, tokenizer, group_fork=group_fork,
+                      prefix_caching=prefix_caching, paged_prefill=runner.paged_prefill)
     show = sys.stderr.isatty() if progress is None else progress
     steps = prefills = peak = 0
     with tqdm(total=table.num_seqs, desc="generate", unit="seq", disable=not show) as bar:

@@ -11,6 +11,8 @@ Policy (nano-vllm's prefill-first, plus group fork and preemption by recompute):
   prompt, a preempted sample's own prompt while its siblings still hold it) reuses them and prefills only the rest;
   that step's attention then reads the prefix from the pages (`Context.page_table` set on a prefill). The cache lives
   as long as the call's KV pool: the next call may run on updated weights, so nothing is reused across calls.
+- `paged_prefill`: every prefill reads its attention from the pages, hit or not (the runner asks for it where the
+  paged kernel beats varlen attention over the fresh K/V: fp32 CPU).
 - Admission needs the entry's pages plus one page of headroom per sequence when anything else is running, so a step
   that admits is not immediately undone by preemption.
 - Decode: if the step's new pages (page boundaries + copy-on-write) exceed the free pages, the newest running
@@ -31,11 +33,12 @@ from dash.engine.sequence import SequenceTable
 
 class Scheduler:
     def __init__(self, table: SequenceTable, cache: KVCache, max_num_seqs: int, max_batched_tokens: int,
-                 tokenizer=None, group_fork: bool = True, prefix_caching: bool = True) -> None:
+                 tokenizer=None, group_fork: bool = True, prefix_caching: bool = True,
+                 paged_prefill: bool = False) -> None:
         self.table, self.cache, self.alloc = table, cache, cache.allocator
         self.max_num_seqs, self.max_batched_tokens = max_num_seqs, max_batched_tokens
         self.tokenizer = tokenizer
-        self.prefix_caching = prefix_caching
+        self.prefix_caching, self.paged_prefill = prefix_caching, paged_prefill
         n = table.n
         groups = [list(range(r * n, (r + 1) * n)) for r in range(len(table.prompts))]
         # Without group fork every sample is its own entry and prefills the prompt again (the baseline to beat).
@@ -104,8 +107,10 @@ class Scheduler:
 
     def _prefill_context(self, tokens, lens, slots, cached, firsts) -> Context:
         """Entry e computes tokens [cached[e], lens[e]); with no cache hit in the step (cached all 0) attention runs
-        over the fresh K/V (varlen), otherwise it reads each entry's first cached[e] tokens from the pages."""
+        over the fresh K/V (varlen), otherwise it reads each entry's first cached[e] tokens from the pages. With
+        `paged_prefill` the step always carries page tables, so attention reads every key from the pages."""
         hit = bool(cached.any())
+        paged = hit or self.paged_prefill
         self.num_cached_tokens += int(cached.sum())
         positions = torch.arange(len(tokens)) - (lens.cumsum(0) - lens).repeat_interleave(lens)  # [sum(lens)] in entry
         if hit:  # keep the tokens the step computes
@@ -121,8 +126,8 @@ class Scheduler:
             cu_seqlens=F.pad(ends, (1, 0)).to(torch.int32),  # [E+1] offsets of the computed tokens
             max_seqlen=int(q_lens.max()),
             logits_index=ends - 1,  # [E] last token of each entry
-            page_table=self.alloc.page_tables(firsts) if hit else None,  # [E, W]
-            context_lens=lens.to(torch.int32) if hit else None,  # [E] cached + computed
+            page_table=self.alloc.page_tables(firsts) if paged else None,  # [E, W]
+            context_lens=lens.to(torch.int32) if paged else None,  # [E] cached + computed
         )
 
     def _schedule_decode(self):

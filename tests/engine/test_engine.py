@@ -10,6 +10,7 @@ from dash.engine import SamplingParams, generate
 from dash.engine.sampling import completion_logprobs
 from dash.model import CausalLM, ModelConfig
 from dash.tokenizer import build_arith_tokenizer
+from dash_kernels import backend
 
 LENGTHS = [5, 17, 1, 33, 16]  # ragged; 16 and 17 straddle a page boundary at page_size 4 and 16
 GREEDY = SamplingParams(temperature=0, max_new_tokens=20, stop_token_ids=[])
@@ -21,22 +22,28 @@ def hf_greedy(hf, prompt, max_new):
     return out[0, len(prompt):].tolist()
 
 
+# Backend "torch" on this CPU: the C++ kernels, every prefill reading its attention from the pages (paged_prefill);
+# "reference": the torch references, prefill by varlen attention over the fresh K/V (the CUDA runner's no-hit path).
+@pytest.mark.parametrize("impl", ["torch", "reference"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_greedy_matches_hf_generate(family, model_pair, make_prompts):
+def test_greedy_matches_hf_generate(family, impl, model_pair, make_prompts):
     hf, model = model_pair(family)
     prompts = make_prompts(LENGTHS)
-    outs = generate(model, None, prompts, params=GREEDY, page_size=4)
+    with backend.use_backend(impl):
+        outs = generate(model, None, prompts, params=GREEDY, page_size=4)
     for prompt, out in zip(prompts, outs):
         assert out[0].token_ids == hf_greedy(hf, prompt, GREEDY.max_new_tokens)
         assert out[0].finish_reason == "length" and len(out[0].logprobs) == GREEDY.max_new_tokens
 
 
-def test_tiny_pool_preempts_and_still_matches(model_pair, make_prompts):
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_tiny_pool_preempts_and_still_matches(impl, model_pair, make_prompts):
     hf, model = model_pair("qwen2")
     prompts = make_prompts(LENGTHS)
     stats = {}
     # 14 pages of 4 tokens hold the longest sequence (33 + 20 tokens) and little else.
-    outs = generate(model, None, prompts, n=2, params=GREEDY, page_size=4, num_pages=14, stats=stats)
+    with backend.use_backend(impl):
+        outs = generate(model, None, prompts, n=2, params=GREEDY, page_size=4, num_pages=14, stats=stats)
     assert stats["preemptions"] > 0 and stats["peak_pages"] <= 14
     for prompt, out in zip(prompts, outs):
         ref = hf_greedy(hf, prompt, GREEDY.max_new_tokens)
