@@ -16,7 +16,7 @@
 // Python never sees a reference count it could decrement: pages are released only through free(seq_id), which forgets
 // the sequence, so a second free (or any use of a freed id) is a ValueError, never an underflow.
 // Every mutating call validates all of its inputs before changing anything, so a ValueError leaves the state intact.
-// The CPU decode attention that reads these pages in place is csrc/paged_attention_cpu.cpp.
+// The CPU paged attention that reads these pages in place (decode and prefill) is csrc/paged_attention_cpu.cpp.
 #include <torch/extension.h>
 
 #include <algorithm>
