@@ -1,4 +1,4 @@
-// Content index of full KV pages for the page allocator's prefix caching (csrc/page_allocator.cpp).
+// Content index of full KV pages for the page allocator's prefix caching (csrc/page_allocator_prefix.cpp).
 //
 // A full page is named by a chained hash: hash(page j) = mix(hash(page j-1), the page's page_size tokens), so equal
 // hashes mean equal prefixes up to and including the page, as in vLLM's and nano-vllm's block hashing. Unlike a bare
