@@ -52,8 +52,8 @@ void copy_pages_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor&
                       "copy_pages: page ids outside [0, ", num_pages, ")");
   }
   const int err = dash_copy_pages_cuda(k_cache.data_ptr(), v_cache.data_ptr(), src.data_ptr<int32_t>(),
-                                       dst.data_ptr<int32_t>(), src.size(0),
-                                       k_cache.stride(0) * k_cache.element_size(), c10::cuda::getCurrentCUDAStream().stream());
+                                       dst.data_ptr<int32_t>(), src.size(0), k_cache.stride(0) * k_cache.element_size(),
+                                       c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "copy_pages: CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
