@@ -10,6 +10,9 @@ fp32, GQA (4 query / 2 KV heads), page size 16, pages scattered over a pool like
   step just stored). Reference: `dash.attention.varlen_attention` over the dense K/V, the engine's prefill before
   the C++ kernel took query runs (pads the runs to the longest).
 - prefix: 16 new queries after a 48-token cached prefix (a shared system prompt). Reference: `paged_attention_ref`.
+- long / long-equal: fresh prefill of 128..256-token / exactly 256-token prompts, batch / 16 sequences, against
+  varlen SDPA: where one query per task loses to SDPA's blocked kernel (runs of equal, long length), which is why
+  the engine picks per step (`dash_kernels.paged_attention.cpu_prefill_prefers_pages`).
 Times are the minimum and the median over repeated calls on the same inputs (hot cache); the first call is a
 warm-up. Both paths are checked to agree (max abs difference) before timing. Prints a table, then one JSON line.
 """
@@ -17,7 +20,6 @@ warm-up. Both paths are checked to agree (max abs difference) before timing. Pri
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -36,14 +38,18 @@ from dash_kernels.paged_attention import paged_attention_ref  # noqa: E402
 from sampler import _git_sha, emit  # noqa: E402
 
 HQ, HKV, PAGE = 4, 2, 16
-# mode -> (query tokens per sequence: None = the whole context, context length range)
-MODES = {"decode": (1, (20, 48)), "prefill": (None, (8, 24)), "prefix": (16, (64, 64))}
+# mode -> (query tokens per sequence: None = the whole context, context length range, batch divisor). The long modes
+# run batch / 16 sequences, so a row's token count stays near the short modes'.
+MODES = {"decode": (1, (20, 48), 1), "prefill": (None, (8, 24), 1), "prefix": (16, (64, 64), 1),
+         "long": (None, (128, 256), 16), "long-equal": (None, (256, 256), 16)}
+FRESH_PREFILL = ("prefill", "long", "long-equal")  # measured against varlen SDPA over the fresh K/V
 AGREE_ATOL = 1e-5  # fp32 softmax-weighted sums of O(1) values: both paths round differently at ~1e-7
 
 
 def make_inputs(mode: str, batch: int, head_dim: int, seed: int = 0):
     """q [T, Hq, D], caches [pool, PAGE, Hkv, D], page table [B, W], context lens [B], cu_seqlens_q [B+1] or None."""
-    q_len, (lo, hi) = MODES[mode]
+    q_len, (lo, hi), divisor = MODES[mode]
+    batch = max(1, batch // divisor)
     g = torch.Generator().manual_seed(seed)
     ctx = torch.randint(lo, hi + 1, (batch,), generator=g, dtype=torch.int32)  # [B]
     q_lens = ctx if q_len is None else torch.full_like(ctx, q_len)  # [B]
@@ -66,7 +72,7 @@ def dense_kv(k, v, pages, ctx):
 
 def reference(mode, q, k, v, pages, ctx, cu, scale):
     """The SDPA path the C++ kernel is measured against (see the module docstring)."""
-    if mode == "prefill":
+    if mode in FRESH_PREFILL:
         k_dense, v_dense = dense_kv(k, v, pages, ctx)
         max_len = int(ctx.max())
         return lambda: varlen_attention(q, k_dense, v_dense, cu, max_len, scale)
@@ -105,10 +111,11 @@ def main() -> int:
                     ref = reference(mode, q, k, v, pages, ctx, cu, scale)
                     diff = float((ours() - ref()).abs().max())
                     if diff > AGREE_ATOL:
-                        raise SystemExit(f"C++ and reference disagree by {diff:.2e} at {mode} B={batch} D={head_dim}")
+                        raise SystemExit(f"C++ and reference disagree by {diff:.2e} at {mode} B={len(ctx)} "
+                                         f"D={head_dim}")
                     c_min, c_med = time_calls(ours, args.repeats)
                     r_min, r_med = time_calls(ref, args.repeats)
-                    rows.append({"threads": threads, "mode": mode, "head_dim": head_dim, "batch": batch,
+                    rows.append({"threads": threads, "mode": mode, "head_dim": head_dim, "batch": len(ctx),
                                  "cpp_ms_min": c_min, "cpp_ms_p50": c_med, "ref_ms_min": r_min, "ref_ms_p50": r_med,
                                  "speedup_p50": r_med / c_med, "max_abs_diff": diff})
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -27,7 +27,7 @@ try:
 except ImportError:  # the reference path needs only torch
     triton = None
 
-__all__ = ["paged_attention", "paged_attention_ref", "paged_attention_fwd"]
+__all__ = ["cpu_prefill_prefers_pages", "paged_attention", "paged_attention_fwd", "paged_attention_ref"]
 
 _BLOCK_M = 16  # queries per program: prefill chunks; decode uses one row of it (masked)
 _BLOCK_N = 32  # key tokens per inner iteration, independent of the page size
@@ -152,6 +152,25 @@ def paged_attention_ref(q, k_cache, v_cache, page_table, context_lens, cu_seqlen
     mask = mask | (q_pos[:, :, None] < 0)  # pad query rows: see everything (finite), dropped below
     out = F.scaled_dot_product_attention(q_pad, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=Hq != Hkv)
     return out.transpose(1, 2).reshape(B * lq, Hq, D).index_select(0, row)  # [T, Hq, D]
+
+
+# When a fresh CPU prefill (no cached prefix) should read its K/V through the C++ kernel rather than varlen SDPA over
+# the just-computed K/V (benchmarks/paged_attention.py, modes prefill / long / long-equal, 2026-11-25): the kernel
+# computes one query token per task, SDPA runs a blocked flash kernel but pays per-(sequence, head) setup and pads
+# every run to the longest. Short runs: the kernel wins 5-16x. Long runs: SDPA wins by 1.1-1.3x when all runs have
+# the same length (256 tokens), the kernel wins ~1.9x on ragged 128..256-token runs, whose padding costs SDPA ~1.7x.
+_SHORT_RUN = 64  # longest run (tokens) up to which the kernel is taken whatever the lengths
+_PAD_COST = 1.5  # longer runs: the kernel when SDPA's padded work, B * Lmax^2, exceeds 1.5x the real sum of L^2
+
+
+def cpu_prefill_prefers_pages(q_lens: torch.Tensor) -> bool:
+    """For a prefill step without a cached prefix on fp32 CPU: True when `paged_attention` with query runs of these
+    lengths (B,) is expected to beat varlen SDPA over the fresh K/V (see the measurements above)."""
+    longest = int(q_lens.max())
+    if longest <= _SHORT_RUN:
+        return True
+    lens = q_lens.to(torch.float64)
+    return len(q_lens) * float(longest) ** 2 > _PAD_COST * float((lens * lens).sum())
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,

@@ -13,8 +13,9 @@ Attention per step:
 - prefill: `store_kv` writes the new K/V to their pages. With no prefix-cache hit in the step, the K/V are exactly the
   projections just computed: causal varlen attention over them (`dash.attention.varlen_attention`). With a hit
   (`ctx.page_table` set), the prefix lives only in the pages: `dash_kernels.paged_attention` with per-sequence query
-  runs reads it. On fp32 CPU every prefill takes the paged path (`paged_prefill`): the C++ kernel reads the pages in
-  place, where SDPA would pad the runs of a ragged batch to the longest one. Pages another entry of the same step
+  runs reads it. On fp32 CPU a prefill without a hit also takes the paged path when its runs are short or ragged
+  (`paged_prefill`, see `Scheduler`): the C++ kernel reads the pages in place, where SDPA pads the runs to the
+  longest one. Pages another entry of the same step
   shares are written by that entry in the same layer before any attention of the layer runs, so in-step sharing
   needs no ordering between entries.
 - decode: `store_kv` writes the new token first, then the pages are read by flash-attn's `flash_attn_with_kvcache`
@@ -50,8 +51,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.use_flash = (flash_attn_with_kvcache is not None and self.device.type == "cuda"
                           and cache.page_size % _FLASH_PAGE_MULTIPLE == 0)
-        # Prefill attention from the pages even without a prefix hit where that kernel is the fast one (the C++ loop
-        # on fp32 CPU); on CUDA varlen flash attention over the fresh K/V stays the no-hit path.
+        # Prefill attention from the pages even without a prefix hit where that kernel can be the fast one (the C++
+        # loop on fp32 CPU; the scheduler picks per step); on CUDA varlen flash attention stays the no-hit path.
         self.paged_prefill = use_cpu_kernel(cache.k[0])
         # RoPE tables for every position of this call, looked up per step: computing cos/sin of [T, D] angles costs
         # ~6 small ops per step, a row gather costs 2. Same values as the model's own tables (same function).

@@ -11,8 +11,9 @@ Policy (nano-vllm's prefill-first, plus group fork and preemption by recompute):
   prompt, a preempted sample's own prompt while its siblings still hold it) reuses them and prefills only the rest;
   that step's attention then reads the prefix from the pages (`Context.page_table` set on a prefill). The cache lives
   as long as the call's KV pool: the next call may run on updated weights, so nothing is reused across calls.
-- `paged_prefill`: every prefill reads its attention from the pages, hit or not (the runner asks for it where the
-  paged kernel beats varlen attention over the fresh K/V: fp32 CPU).
+- `paged_prefill` (the runner sets it on fp32 CPU, where the C++ paged kernel serves query runs): a prefill without
+  a hit also reads its attention from the pages when `cpu_prefill_prefers_pages` expects that kernel to beat varlen
+  attention over the fresh K/V (short or ragged runs).
 - Admission needs the entry's pages plus one page of headroom per sequence when anything else is running, so a step
   that admits is not immediately undone by preemption.
 - Decode: if the step's new pages (page boundaries + copy-on-write) exceed the free pages, the newest running
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from dash.engine.kv_cache import Context, KVCache
 from dash.engine.sequence import SequenceTable
+from dash_kernels.paged_attention import cpu_prefill_prefers_pages
 
 
 class Scheduler:
@@ -108,15 +110,15 @@ class Scheduler:
     def _prefill_context(self, tokens, lens, slots, cached, firsts) -> Context:
         """Entry e computes tokens [cached[e], lens[e]); with no cache hit in the step (cached all 0) attention runs
         over the fresh K/V (varlen), otherwise it reads each entry's first cached[e] tokens from the pages. With
-        `paged_prefill` the step always carries page tables, so attention reads every key from the pages."""
+        `paged_prefill`, a step whose run lengths favour the paged kernel also carries page tables."""
         hit = bool(cached.any())
-        paged = hit or self.paged_prefill
+        q_lens = lens - cached  # [E] >= 1: the allocator always leaves the last token to compute
+        paged = hit or (self.paged_prefill and cpu_prefill_prefers_pages(q_lens))
         self.num_cached_tokens += int(cached.sum())
         positions = torch.arange(len(tokens)) - (lens.cumsum(0) - lens).repeat_interleave(lens)  # [sum(lens)] in entry
         if hit:  # keep the tokens the step computes
             keep = positions >= cached.repeat_interleave(lens)
             tokens, positions = tokens[keep], positions[keep]  # [T]
-        q_lens = lens - cached  # [E] >= 1: the allocator always leaves the last token to compute
         ends = q_lens.cumsum(0)  # [E]
         return Context(
             is_prefill=True,

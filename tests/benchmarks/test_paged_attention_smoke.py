@@ -8,8 +8,10 @@ from tests.benchmarks.run_script import run_benchmark
 
 def test_every_mode_runs_and_agrees_with_its_reference(tmp_path):
     out = tmp_path / "pa"
-    record = run_benchmark("paged_attention.py", out, "--batches", "8", "--head-dims", "32", "--threads", "1",
+    record = run_benchmark("paged_attention.py", out, "--batches", "16", "--head-dims", "32", "--threads", "1",
                            "--repeats", "2")
-    assert [r["mode"] for r in record["rows"]] == ["decode", "prefill", "prefix"]
+    assert [(r["mode"], r["batch"]) for r in record["rows"]] == [("decode", 16), ("prefill", 16), ("prefix", 16),
+                                                                 ("long", 1), ("long-equal", 1)]
     assert all(r["max_abs_diff"] <= 1e-5 and r["cpp_ms_min"] > 0 and r["ref_ms_min"] > 0 for r in record["rows"])
-    assert out.with_suffix(".md").read_text().count("| 1 | ") == 3
+    table = out.with_suffix(".md").read_text().splitlines()
+    assert sum(line.startswith("| 1 | ") for line in table) == 5

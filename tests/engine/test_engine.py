@@ -6,6 +6,8 @@ Run: .venv/bin/python -m pytest tests/engine -q
 import pytest
 import torch
 
+import dash.engine.runner as runner_mod
+from dash.attention import varlen_attention
 from dash.engine import SamplingParams, generate
 from dash.engine.sampling import completion_logprobs
 from dash.model import CausalLM, ModelConfig
@@ -34,6 +36,21 @@ def test_greedy_matches_hf_generate(family, impl, model_pair, make_prompts):
     for prompt, out in zip(prompts, outs):
         assert out[0].token_ids == hf_greedy(hf, prompt, GREEDY.max_new_tokens)
         assert out[0].finish_reason == "length" and len(out[0].logprobs) == GREEDY.max_new_tokens
+
+
+@pytest.mark.parametrize("lengths,varlen", [([70, 70], True), ([70, 20], False)])  # see cpu_prefill_prefers_pages
+def test_cpu_prefill_path_follows_run_lengths_and_matches_hf(lengths, varlen, model_pair, make_prompts, monkeypatch):
+    """On fp32 CPU a no-hit prefill of long equal runs takes varlen SDPA, of ragged ones the paged kernel; both equal
+    HF greedy."""
+    hf, model = model_pair("llama")
+    calls = []
+    monkeypatch.setattr(runner_mod, "varlen_attention", lambda *a, **k: calls.append(1) or varlen_attention(*a, **k))
+    prompts = make_prompts(lengths)
+    params = SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=[])
+    outs = generate(model, None, prompts, params=params, page_size=4, prefix_caching=False)
+    assert bool(calls) is varlen
+    for prompt, out in zip(prompts, outs):
+        assert out[0].token_ids == hf_greedy(hf, prompt, params.max_new_tokens)
 
 
 @pytest.mark.parametrize("impl", ["torch", "reference"])

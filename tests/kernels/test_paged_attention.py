@@ -1,5 +1,6 @@
-"""dash_kernels.paged_attention: the gather + SDPA path (CPU) and the Triton kernel (in the Triton interpreter, in a
-subprocess because TRITON_INTERPRET must be set before triton is imported) against a dense fp64 reference.
+"""dash_kernels.paged_attention against a dense fp64 reference: the C++ kernel (fp32 CPU, decode and query runs), the
+gather + SDPA reference path, and the Triton kernel (in the Triton interpreter, in a subprocess because
+TRITON_INTERPRET must be set before triton is imported); plus the CPU prefill dispatch rule.
 
 Run: .venv/bin/python -m pytest tests/kernels/test_paged_attention.py -q
 """
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from dash_kernels import backend
-from dash_kernels.paged_attention import paged_attention, paged_attention_ref
+from dash_kernels.paged_attention import cpu_prefill_prefers_pages, paged_attention
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -145,6 +146,16 @@ def test_cpu_decode_needs_one_query_per_sequence():
     q, k, v, table, lens, _ = make_case([1, 1], [3, 4], 4)
     with pytest.raises(ValueError, match="one query per sequence"):
         paged_attention(q[:1], k, v, table, lens)
+
+
+@pytest.mark.parametrize("q_lens,expected", [([16] * 256, True),  # short runs: the kernel, even at equal lengths
+                                              ([64, 1], True),  # the longest run at the short limit
+                                              ([256] * 16, False),  # long equal runs: SDPA pads nothing
+                                              ([65, 65], False),
+                                              ([256, 128, 128, 128], True),  # SDPA would do 2.3x the real work
+                                              ([256, 230, 240, 250], False)])  # 1.1x: not worth the slower kernel
+def test_cpu_prefill_prefers_pages(q_lens, expected):
+    assert cpu_prefill_prefers_pages(torch.tensor(q_lens)) is expected
 
 
 def test_rejects_mismatched_heads():
