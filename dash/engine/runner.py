@@ -15,12 +15,11 @@ Attention per step:
   (`ctx.page_table` set), the prefix lives only in the pages: `dash_kernels.paged_attention` with per-sequence query
   runs reads it. On fp32 CPU a prefill without a hit also takes the paged path when its runs are short or ragged
   (`paged_prefill`, see `Scheduler`): the C++ kernel reads the pages in place, where SDPA pads the runs to the
-  longest one. Pages another entry of the same step
-  shares are written by that entry in the same layer before any attention of the layer runs, so in-step sharing
-  needs no ordering between entries.
+  longest one. Pages another entry of the same step shares are written by that entry in the same layer before any
+  attention of the layer runs, so in-step sharing needs no ordering between entries.
 - decode: `store_kv` writes the new token first, then the pages are read by flash-attn's `flash_attn_with_kvcache`
   (CUDA, flash-attn installed, page_size a multiple of 256; untested here, no GPU), else `dash_kernels.paged_attention`
-  (its Triton kernel on CUDA, gather + SDPA on CPU).
+  (its Triton kernel on CUDA, the C++ kernel for fp32 CPU, gather + SDPA otherwise).
 Logits are computed for the sampled rows only (last prefill token / every decode token), in fp32.
 """
 
