@@ -5,7 +5,8 @@ lengths starting at 0), the flash-attn varlen convention. Every token attends to
 its own sequence only.
 
 Backends, chosen once at import:
-- flash-attn `flash_attn_varlen_func` when `flash_attn` imports and the tensors are on CUDA (no padding at all).
+- flash-attn `flash_attn_varlen_func` when `flash_attn` imports and the tensors are fp16 / bf16 on CUDA (no padding
+  at all); fp32 (which flash-attn rejects) takes SDPA.
 - torch SDPA otherwise. Two layouts:
   * all sequences the same length (fixed-shape tasks, SFT rows of one length, the sampler's equal-length prompts):
     a free reshape to [B, L] and one `is_causal=True` call, no copies;
@@ -34,6 +35,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     _flash_varlen = None
 
 HAS_FLASH_ATTN: bool = _flash_varlen is not None
+FLASH_DTYPES = (torch.float16, torch.bfloat16)  # flash-attn 2 kernels exist only for these
+FLASH_MAX_HEAD_DIM = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +63,15 @@ def _on_cuda(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
+def flash_attn_supports(q: torch.Tensor) -> bool:
+    """Whether flash-attn 2 takes `q` at all: fp16 / bf16 only (it raises on fp32) and head_dim <= 256."""
+    return q.dtype in FLASH_DTYPES and q.shape[-1] <= FLASH_MAX_HEAD_DIM
+
+
 def select_backend(q: torch.Tensor) -> str:
-    """The backend `varlen_attention` uses for `q`: "flash" (flash-attn varlen, CUDA only) or "sdpa"."""
-    if _flash_varlen is not None and _on_cuda(q):
+    """The backend `varlen_attention` uses for `q`: "flash" (flash-attn varlen: CUDA, fp16 / bf16, head_dim <= 256)
+    or "sdpa"."""
+    if _flash_varlen is not None and _on_cuda(q) and flash_attn_supports(q):
         return "flash"
     return "sdpa"
 

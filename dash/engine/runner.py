@@ -18,8 +18,8 @@ Attention per step:
   longest one. Pages another entry of the same step shares are written by that entry in the same layer before any
   attention of the layer runs, so in-step sharing needs no ordering between entries.
 - decode: `store_kv` writes the new token first, then the pages are read by flash-attn's `flash_attn_with_kvcache`
-  (CUDA, flash-attn installed, page_size a multiple of 256; untested here, no GPU), else `dash_kernels.paged_attention`
-  (its Triton kernel on CUDA, the C++ kernel for fp32 CPU, gather + SDPA otherwise).
+  (CUDA, flash-attn installed, fp16 / bf16, page_size a multiple of 256; untested here, no GPU), else
+  `dash_kernels.paged_attention` (its Triton kernel on CUDA, the C++ kernel for fp32 CPU, gather + SDPA otherwise).
 Logits are computed for the sampled rows only (last prefill token / every decode token), in fp32.
 """
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from dash.attention import varlen_attention
+from dash.attention import flash_attn_supports, varlen_attention
 from dash.engine.kv_cache import Context, KVCache
 from dash_kernels import kv
 from dash_kernels._ext import use_cpu_kernel
@@ -49,7 +49,7 @@ class ModelRunner:
         self.model, self.cache = model, cache
         self.device = next(model.parameters()).device
         self.use_flash = (flash_attn_with_kvcache is not None and self.device.type == "cuda"
-                          and cache.page_size % _FLASH_PAGE_MULTIPLE == 0)
+                          and cache.page_size % _FLASH_PAGE_MULTIPLE == 0 and flash_attn_supports(cache.k[0]))
         # Prefill attention from the pages even without a prefix hit where that kernel can be the fast one (the C++
         # loop on fp32 CPU; the scheduler picks per step); on CUDA varlen flash attention stays the no-hit path.
         self.paged_prefill = use_cpu_kernel(cache.k[0])

@@ -52,7 +52,8 @@ def test_varlen_attention_matches_reference(lengths):
 
 
 def test_flash_dispatch(monkeypatch):
-    """flash-attn is used only when it imported AND the tensors are CUDA; otherwise SDPA (tested by faking both)."""
+    """flash-attn is used only when it imported AND the tensors are fp16 / bf16 on CUDA; otherwise SDPA (tested by faking
+    both)."""
     T, D, lengths = 9, 8, [4, 5]
     q, k, v = torch.randn(T, 4, D), torch.randn(T, 2, D), torch.randn(T, 2, D)
     cu = torch.tensor([0, 4, 9], dtype=torch.int64)
@@ -69,8 +70,12 @@ def test_flash_dispatch(monkeypatch):
     assert attention.select_backend(q) == "sdpa"
     out = varlen_attention(q, k, v, cu, 5, 0.5)
     assert not calls and (out - _attention_ref(q, k, v, lengths, 0.5)).abs().max() < 1e-5
-    # flash-attn present and "CUDA" tensors: flash, with int32 offsets and the caller's max_seqlen / scale.
+    # flash-attn present and "CUDA" tensors: flash for bf16 / fp16, with int32 offsets and the caller's max_seqlen /
+    # scale; fp32 (flash-attn raises on it) and head dims over 256 stay on SDPA.
     monkeypatch.setattr(attention, "_on_cuda", lambda t: True)
+    assert attention.select_backend(q) == "sdpa"
+    assert attention.select_backend(torch.randn(T, 4, 320, dtype=torch.bfloat16)) == "sdpa"
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     assert attention.select_backend(q) == "flash"
     varlen_attention(q, k, v, cu, 5, 0.5)
     assert calls == [dict(cu_dtype=torch.int32, same_cu=True, max=(5, 5), scale=0.5, causal=True)]
