@@ -4,12 +4,19 @@ Cache layout, one layer: `k_cache, v_cache: [num_pages, page_size, kv_heads, hea
 `page * page_size + offset`, and slot -1 marks a token that is not stored (padding).
 
 Backends: the compiled torch ops `torch.ops.dash.store_kv / copy_pages` (C++ on CPU, CUDA kernels in a CUDA build,
-see csrc/), and the pure-torch references below, which tests compare against and which run when _C is missing.
+see csrc/), and the pure-torch references below, which tests compare against and which run where the ops have no
+kernel: _C missing, or CUDA tensors with a CPU-only _C (a CUDA torch wheel installed without nvcc builds one).
 """
 
 import torch
 
-from dash_kernels._ext import HAS_C
+from dash_kernels._ext import _C, HAS_C
+
+
+def native_kv_ops(cache: torch.Tensor) -> bool:
+    """Whether the compiled ops have a kernel for `cache`'s device: CPU always, CUDA only in a CUDA build of _C."""
+    kind = cache.device.type
+    return HAS_C and (kind == "cpu" or (kind == "cuda" and bool(_C.WITH_CUDA)))
 
 
 def _check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
@@ -47,7 +54,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         slot_mapping: [T] int32, slot of each token (page * page_size + offset), -1 to skip.
     Raises ValueError (naming the argument) on shape, dtype, device or slot-range errors.
     """
-    if HAS_C:
+    if native_kv_ops(k_cache):
         torch.ops.dash.store_kv(k, v, k_cache, v_cache, slot_mapping)
     else:
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
@@ -55,7 +62,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def copy_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copies whole pages `src[i] -> dst[i]` ([n] int32) in both caches, in place (copy-on-write of a fork)."""
-    if HAS_C:
+    if native_kv_ops(k_cache):
         torch.ops.dash.copy_pages(k_cache, v_cache, src, dst)
     else:
         copy_pages_ref(k_cache, v_cache, src, dst)

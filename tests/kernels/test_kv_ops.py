@@ -98,3 +98,18 @@ def test_opcheck_schema_and_fake_kernels():
     torch.library.opcheck(torch.ops.dash.store_kv.default, (k_new, v_new, k_cache, v_cache, slots))
     torch.library.opcheck(torch.ops.dash.copy_pages.default,
                           (k_cache, v_cache, torch.tensor([0], dtype=torch.int32), torch.tensor([2], dtype=torch.int32)))
+
+
+def test_native_ops_only_where_they_have_a_kernel(monkeypatch):
+    """CPU caches take the compiled op; CUDA caches only when _C was built with CUDA (a CUDA torch wheel installed
+    without nvcc builds a CPU-only _C, whose ops would raise NotImplementedError on CUDA tensors), else the reference.
+    A fake cache object stands in for a CUDA tensor (no GPU here)."""
+    class FakeCache:
+        def __init__(self, kind):
+            self.device = torch.device(kind)
+
+    assert kv.native_kv_ops(torch.zeros(1))
+    for with_cuda in (False, True):
+        monkeypatch.setattr(kv._C, "WITH_CUDA", with_cuda)
+        assert kv.native_kv_ops(FakeCache("cuda")) is with_cuda
+    assert not kv.native_kv_ops(FakeCache("meta"))
