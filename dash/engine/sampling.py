@@ -92,18 +92,19 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     latter already resolved to a list). Returns one (len(completion),) fp32 tensor per completion. With temperature
     alone (no top-k / top-p / min-tokens mask) it uses `dash_kernels.token_logprobs`, the trainer's fused kernel.
     """
+    dev = next(model.parameters()).device  # every index / parameter tensor below is built on the model's device
     seqs = [p + c for p, c in zip(prompts, completions)]
     lens = torch.tensor([len(s) for s in seqs])
     cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
-    ids = torch.tensor([t for s in seqs for t in s])
-    positions = torch.cat([torch.arange(n) for n in lens.tolist()])
+    ids = torch.tensor([t for s in seqs for t in s], device=dev)
+    positions = torch.cat([torch.arange(n) for n in lens.tolist()]).to(dev)
     # Hidden state at position i predicts token i + 1: the completion's predictors start at the prompt's last token.
     rows = torch.cat([torch.arange(len(p) - 1, len(p) - 1 + len(c)) + int(cu[i])
-                      for i, (p, c) in enumerate(zip(prompts, completions))])
-    targets = torch.tensor([t for c in completions for t in c])
+                      for i, (p, c) in enumerate(zip(prompts, completions))]).to(dev)
+    targets = torch.tensor([t for c in completions for t in c], device=dev)
     sizes = [len(c) for c in completions]
     with torch.no_grad():
-        hidden = model.forward_packed(ids, cu, positions)[rows]  # [C, H]
+        hidden = model.forward_packed(ids, cu.to(dev), positions)[rows]  # [C, H]
         temps = {p.temperature for p in params}
         plain = all(p.top_k == 0 and p.top_p == 1.0 and p.min_new_tokens == 0 for p in params)
         if plain and len(temps) == 1 and min(temps) > 0:
@@ -112,13 +113,14 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
             return list(logp.float().split(sizes))
         logits = model.compute_logits(hidden).float()  # [C, V]
     per_tok = [(p, i) for p, c in zip(params, completions) for i in range(len(c))]
-    step = torch.tensor([i for _, i in per_tok])
-    temp = torch.tensor([p.temperature for p, _ in per_tok], dtype=torch.float32)
-    top_k = torch.tensor([p.top_k for p, _ in per_tok])
-    top_p = torch.tensor([p.top_p for p, _ in per_tok], dtype=torch.float32)
+    step = torch.tensor([i for _, i in per_tok], device=dev)
+    temp = torch.tensor([p.temperature for p, _ in per_tok], dtype=torch.float32, device=dev)
+    top_k = torch.tensor([p.top_k for p, _ in per_tok], device=dev)
+    top_p = torch.tensor([p.top_p for p, _ in per_tok], dtype=torch.float32, device=dev)
     width = max(1, max(len(p.stop_token_ids or []) for p, _ in per_tok))
-    stop = torch.tensor([(p.stop_token_ids or []) + [-1] * (width - len(p.stop_token_ids or [])) for p, _ in per_tok])
-    min_new = torch.tensor([p.min_new_tokens for p, _ in per_tok])
+    stop = torch.tensor([(p.stop_token_ids or []) + [-1] * (width - len(p.stop_token_ids or [])) for p, _ in per_tok],
+                        device=dev)
+    min_new = torch.tensor([p.min_new_tokens for p, _ in per_tok], device=dev)
     logits = mask_stop_tokens(logits, stop, step < min_new)
     logp = process_logits(logits, temp, top_k, top_p).gather(1, targets[:, None]).squeeze(1)
     return list(logp.split(sizes))
