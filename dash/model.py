@@ -39,6 +39,8 @@ from dash.model_config import ModelConfig
 from dash_kernels.rms_norm import rms_norm_ref
 from dash_kernels.rotary import rotary_ref
 
+_LOGITS_ROW_BLOCK = 8192  # vocabulary rows upcast at a time by compute_logits_fp32 on CPU (32 MiB at H = 1024)
+
 __all__ = ["ModelConfig", "CausalLM", "Attention", "RMSNorm", "RotaryEmbedding", "apply_rope"]
 
 class RMSNorm(nn.Module):
@@ -186,6 +188,22 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (..., H) -> logits (..., V). Materialises V columns: for evals and tests, not for training."""
         return F.linear(hidden, self.lm_head_weight)
+
+    def compute_logits_fp32(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (..., H) -> fp32 logits (..., V), accumulated in fp32 and never rounded to a bf16 / fp16 model's
+        dtype: what the sampler draws from, so its log-probs match the trainer's fused kernel (fp32 accumulators).
+        Rounding logits to bf16 first would move them by up to 2^-8 of their size (0.06 nats at a logit of 16)."""
+        w = self.lm_head_weight  # [V, H]
+        if hidden.dtype == torch.float32 and w.dtype == torch.float32:
+            return F.linear(hidden, w)
+        flat = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+        if flat.is_cuda:  # cuBLAS: bf16 / fp16 operands, fp32 output (not run here: no GPU)
+            out = torch.mm(flat, w.t(), out_dtype=torch.float32)
+        else:  # no such CPU kernel: upcast the weight a block of rows at a time (bounded extra memory)
+            x = flat.float()
+            out = torch.cat([F.linear(x, w[i: i + _LOGITS_ROW_BLOCK].float())
+                             for i in range(0, w.shape[0], _LOGITS_ROW_BLOCK)], dim=1)
+        return out.view(*hidden.shape[:-1], w.shape[0])
 
     def forward_packed(
         self,

@@ -97,4 +97,4 @@ class ModelRunner:
                 x.add_(mlp_out)
         if ctx.logits_index is not None:
             x = x[ctx.logits_index]  # [E, H]: only the last token of each prefill is sampled
-        return self.model.compute_logits(rms_norm(x, inner.norm.weight, inner.norm.eps)).float()  # [R, V]
+        return self.model.compute_logits_fp32(rms_norm(x, inner.norm.weight, inner.norm.eps))  # [R, V]

@@ -111,7 +111,7 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
             # Temperature only: the training kernel (lm_head fused with the log-softmax, no [C, V] logits) is exact.
             logp = token_logprobs(hidden, model.lm_head_weight, targets, temperature=temps.pop())
             return list(logp.float().split(sizes))
-        logits = model.compute_logits(hidden).float()  # [C, V]
+        logits = model.compute_logits_fp32(hidden)  # [C, V]
     per_tok = [(p, i) for p, c in zip(params, completions) for i in range(len(c))]
     step = torch.tensor([i for _, i in per_tok], device=dev)
     temp = torch.tensor([p.temperature for p, _ in per_tok], dtype=torch.float32, device=dev)

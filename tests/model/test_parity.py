@@ -180,3 +180,26 @@ def test_config_validation_names_field():
     hidden = model.forward_packed(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 3], dtype=torch.int32),
                                   torch.tensor([0, 0, 1]))
     assert hidden.shape == (3, 16)
+
+
+@pytest.mark.parametrize("row_block", [8192, 7])  # 7: the CPU path's weight blocks do not divide the vocabulary
+def test_fp32_logits_of_a_bf16_model_are_not_rounded(row_block, monkeypatch):
+    """compute_logits_fp32 (what the sampler draws from): fp32 accumulation of the bf16 operands, never rounded to
+    bf16 on the way (as compute_logits(...).float() is); fp32 models get exactly compute_logits."""
+    import dash.model as model_mod
+
+    monkeypatch.setattr(model_mod, "_LOGITS_ROW_BLOCK", row_block)
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(model_type="qwen2", vocab_size=50, hidden_size=64, intermediate_size=96,
+                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    hidden = 4 * torch.randn(3, 5, 64)  # [..., H] with a leading batch shape; logits up to ~7
+    assert torch.equal(model.compute_logits_fp32(hidden), model.compute_logits(hidden))
+    model = model.bfloat16()
+    hidden = hidden.bfloat16()
+    exact = hidden.double() @ model.lm_head_weight.double().t()  # [3, 5, V] the bf16 operands' exact products
+    ours = model.compute_logits_fp32(hidden)
+    assert ours.dtype == torch.float32 and ours.shape == (3, 5, 50)
+    # fp32 accumulation of 64 products: measured 5e-7 off; bf16 rounding of a logit near 7 moves it by up to 2^-6.
+    assert (ours.double() - exact).abs().max() < 1e-5
+    rounded = model.compute_logits(hidden).float()
+    assert (rounded.double() - exact).abs().max() > 1e-3  # what the sampler drew from before (measured 0.016)
