@@ -38,7 +38,7 @@ def kernel_specs():
 
     specs = (token_logprobs.aot_specs() + policy_loss.aot_specs() + logprobs_from_logits.aot_specs()
              + sample.aot_specs() + rms_norm.aot_specs() + rotary.aot_specs() + silu_mul.aot_specs())
-    for dtype in ("fp16", "bf16"):
+    for dtype in ("fp16", "bf16", "fp32"):  # fp32: full-precision dots (no TF32), FMA instead of tensor cores
         for head_dim, group in ((64, 1), (128, 2)):
             sig, const = paged_attention.AOT_SIGNATURE(dtype=dtype, page_size=16, head_dim=head_dim, group=group)
             specs.append((f"paged_attention[{dtype},d{head_dim},g{group}]", paged_attention._paged_attention_kernel,

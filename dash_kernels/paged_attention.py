@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from dash_kernels import backend
 from dash_kernels._ext import _C, use_cpu_kernel
+from dash_kernels.ops._triton_utils import dot_precision
 
 try:
     import triton
@@ -39,7 +40,7 @@ if triton is not None:
         Q, K_cache, V_cache, Out, Page_table, Context_lens, Cu_seqlens_q, scale,
         stride_qt, stride_qh, stride_kslot, stride_kh, stride_ot, stride_oh, stride_pt,
         GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -70,7 +71,7 @@ if triton is not None:
             kv_off = slot[:, None] * stride_kslot + kvh * stride_kh + offs_d[None, :]
             k = tl.load(K_cache + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             v = tl.load(V_cache + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_N]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_N]
             visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -78,11 +79,18 @@ if triton is not None:
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, v)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(Out + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                  out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def _dot_precision(cache_dtype: torch.dtype) -> str:
+    """The kernel computes in fp32 (operands upcast on load), and tl.dot on fp32 defaults to TF32 (10-bit mantissa).
+    bf16 / fp16 caches lose nothing to TF32 in QK^T (their values fit), so they keep the tensor cores; an fp32 cache
+    gets full fp32 products ("ieee") unless torch itself allows TF32 matmuls, like the fused log-prob kernels."""
+    return dot_precision(cache_dtype) if cache_dtype == torch.float32 else "tf32"
 
 
 def _block_d(head_dim: int) -> int:
@@ -96,7 +104,8 @@ def AOT_SIGNATURE(dtype: str = "fp16", page_size: int = 16, head_dim: int = 128,
            **{name: "i32" for name in ("stride_qt", "stride_qh", "stride_kslot", "stride_kh", "stride_ot",
                                         "stride_oh", "stride_pt")}}
     constexprs = {"GROUP": group, "PAGE_SIZE": page_size, "HEAD_DIM": head_dim, "BLOCK_M": _BLOCK_M,
-                  "BLOCK_N": _BLOCK_N, "BLOCK_D": _block_d(head_dim)}
+                  "BLOCK_N": _BLOCK_N, "BLOCK_D": _block_d(head_dim),
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     sig.update({name: "constexpr" for name in constexprs})
     return sig, constexprs
 
@@ -115,7 +124,7 @@ def paged_attention_fwd(q, k_cache, v_cache, page_table, context_lens, cu_seqlen
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         page_table.stride(0),
         GROUP=Hq // Hkv, PAGE_SIZE=page_size, HEAD_DIM=D,
-        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=_block_d(D),
+        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(k_cache.dtype),
     )
     return out
 

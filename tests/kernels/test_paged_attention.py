@@ -235,3 +235,22 @@ def test_triton_kernel_aot_compiles_without_spills(cap, ptxas_name, arch, tmp_pa
                           text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "0 bytes spill stores" in proc.stderr + proc.stdout
+
+
+def test_fp32_cache_gets_full_precision_dots_on_gpu():
+    """tl.dot on fp32 operands defaults to TF32 (10-bit mantissa, ~1e-3 relative): an fp32 cache must compile to
+    full fp32 products (FMA, no tensor-core mma) unless torch allows TF32; a bf16 cache keeps the tensor cores."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import dash_kernels.aot  # noqa: F401
+    from dash_kernels.paged_attention import AOT_SIGNATURE, _dot_precision, _paged_attention_kernel
+
+    assert _dot_precision(torch.float32) == ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
+    assert _dot_precision(torch.bfloat16) == "tf32"
+    for dtype, tensor_cores in (("fp32", False), ("bf16", True)):
+        sig, constexprs = AOT_SIGNATURE(dtype, page_size=16, head_dim=64, group=1)
+        kernel = triton.compile(ASTSource(fn=_paged_attention_kernel, signature=sig, constexprs=constexprs),
+                                target=GPUTarget("cuda", 80, 32))
+        assert ("mma.sync" in kernel.asm["ptx"]) is tensor_cores, dtype
