@@ -1,9 +1,13 @@
 """Loads the compiled extension dash_kernels._C once, at import.
 
 `HAS_C` says whether it is there; `require_c()` raises with the exact reinstall command when it is not;
-`use_cpu_kernel(...)` says whether the fp32 CPU kernels apply to some tensors. Importing _C registers the
+`use_cpu_kernel(...)` says whether the fp32 CPU kernels apply to some tensors; `on_tensor_device` wraps every Triton
+launcher. Importing _C registers the
 `torch.ops.dash.*` ops (store_kv, copy_pages, rms_norm, add_rms_norm_, rotary_, sample_rows) as a side effect.
 """
+
+import contextlib
+import functools
 
 import torch  # libtorch must be loaded before the extension's shared library
 
@@ -47,3 +51,18 @@ def use_triton_kernel(*tensors) -> bool:
     """Whether a Triton inference kernel (no backward) applies to `tensors`: the backend for their device resolves to
     "triton" (CUDA, or the interpreter when forced) and no tensor needs a gradient."""
     return backend.resolve(tensors[0].device) == "triton" and _no_grad(tensors)
+
+
+def on_tensor_device(launcher):
+    """Decorator for Triton launchers: run with the CUDA device of the first tensor argument current. Triton launches
+    on the current device and its current stream, not the tensors' (torch's and our C++ ops guard themselves), so a
+    model on cuda:1 with cuda:0 current would read foreign addresses. A no-op for CPU tensors (interpreter, tests)."""
+
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        guard = torch.cuda.device(first.device) if first is not None and first.is_cuda else contextlib.nullcontext()
+        with guard:
+            return launcher(*args, **kwargs)
+
+    return launch

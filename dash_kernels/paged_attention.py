@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dash_kernels import backend
-from dash_kernels._ext import _C, use_cpu_kernel
+from dash_kernels._ext import _C, on_tensor_device, use_cpu_kernel
 from dash_kernels.ops._triton_utils import dot_precision
 
 try:
@@ -110,6 +110,7 @@ def AOT_SIGNATURE(dtype: str = "fp16", page_size: int = 16, head_dim: int = 128,
     return sig, constexprs
 
 
+@on_tensor_device
 def paged_attention_fwd(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q, max_q_len, scale):
     """Triton launcher; arguments as in `paged_attention` (cu_seqlens_q: [B+1] int32, max_q_len: host int)."""
     T, Hq, D = q.shape

@@ -15,7 +15,7 @@ tests/kernels/interp_cases.py (interpreter) and `python -m dash_kernels.aot` (sm
 
 import torch
 
-from dash_kernels._ext import HAS_C, use_cpu_kernel, use_triton_kernel
+from dash_kernels._ext import HAS_C, on_tensor_device, use_cpu_kernel, use_triton_kernel
 
 try:
     import triton
@@ -49,6 +49,7 @@ if triton is not None:
         tl.store(Out + r * stride_o + offs, (w * normed).to(Out.dtype.element_ty), mask=ok)
 
 
+@on_tensor_device
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None) -> torch.Tensor:
     """Triton launcher. x, delta: [..., H] with unit stride on H; with delta, x += delta IN PLACE first."""
     H = x.shape[-1]

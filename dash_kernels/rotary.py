@@ -13,7 +13,7 @@ tests/kernels/interp_cases.py (interpreter) and `python -m dash_kernels.aot` (sm
 
 import torch
 
-from dash_kernels._ext import HAS_C, use_cpu_kernel, use_triton_kernel
+from dash_kernels._ext import HAS_C, on_tensor_device, use_cpu_kernel, use_triton_kernel
 
 try:
     import triton
@@ -49,6 +49,7 @@ if triton is not None:
         tl.store(p1 + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(dt), mask=ok)
 
 
+@on_tensor_device
 def rotary_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Triton launcher: rotates x [T, H, D] (unit stride on D) in place; cos, sin: [T, D]."""
     T, H, D = x.shape

@@ -24,7 +24,7 @@ tests/kernels/interp_cases.py (interpreter, run by test_triton_interpreter.py) a
 
 import torch
 
-from dash_kernels._ext import HAS_C, use_cpu_kernel, use_triton_kernel
+from dash_kernels._ext import HAS_C, on_tensor_device, use_cpu_kernel, use_triton_kernel
 
 try:
     import triton
@@ -108,6 +108,7 @@ def _block_s(S: int) -> int:
     return max(2, triton.next_power_of_2(max(S, 1)))
 
 
+@on_tensor_device
 def sample_rows_fwd(logits, temperature, u, stop_ids, stop_active):
     """Triton launcher; arguments as in `sample_rows` (stop_ids [B, S] int64, stop_active [B] bool, all given)."""
     B, V = logits.shape

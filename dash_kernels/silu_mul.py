@@ -13,7 +13,7 @@ and `python -m dash_kernels.aot` (sm_80 / sm_90).
 import torch
 import torch.nn.functional as F
 
-from dash_kernels._ext import use_triton_kernel
+from dash_kernels._ext import on_tensor_device, use_triton_kernel
 
 try:
     import triton
@@ -44,6 +44,7 @@ def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+@on_tensor_device
 def silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Triton launcher: gate (contiguous) <- silu(gate) * up in place; returns gate."""
     n = gate.numel()

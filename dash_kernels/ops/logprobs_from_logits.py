@@ -17,6 +17,7 @@ backward is a (row) x (vocab tile) grid. The torch backend does the same per row
 import torch
 
 from dash_kernels import backend as _backend
+from dash_kernels._ext import on_tensor_device
 from dash_kernels.ops._checks import check_shape, check_targets, check_temperature, check_tensor
 from dash_kernels.ops._triton_utils import jit, tl, triton
 from dash_kernels.reference import IGNORE_INDEX, token_logprobs_from_logits_ref
@@ -80,6 +81,7 @@ def _logprobs_from_logits_bwd_kernel(logits_ptr, grad_ptr, targets_ptr, rows_ptr
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
+@on_tensor_device
 def logprobs_from_logits_fwd(logits, targets, rows, inv_temp, backend):
     """norm [n, 2] (row max, log sum exp(z - max)), logp [n], entropy [n] (fp32) of the selected rows ([n] int64)
     of logits [N, V]."""
@@ -110,6 +112,7 @@ def logprobs_from_logits_fwd(logits, targets, rows, inv_temp, backend):
     return norm, out[0], out[1]
 
 
+@on_tensor_device
 def logprobs_from_logits_bwd(logits, targets, rows, norm, entropy, c, ch, inv_temp, backend):
     """grad_logits [N, V] in logits' dtype from per-row c = dL/dlogp and ch = dL/dH ([n]; ch may be None)."""
     grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)

@@ -24,6 +24,7 @@ Triton backend: forward kernel, then `_policy_coef_kernel`, then the recomputing
 import torch
 
 from dash_kernels import backend as _backend
+from dash_kernels._ext import on_tensor_device
 from dash_kernels.ops import _chunked
 from dash_kernels.ops._checks import check_linear, check_same_device, check_shape, check_temperature, check_tensor
 from dash_kernels.ops._triton_utils import jit, tl, triton
@@ -126,6 +127,7 @@ def _policy_coef_torch(logp, old, ref, adv, w, entropy, eps_low, eps_high, delta
     return w * term, w * dl, ch, clipped.to(logp.dtype), kl
 
 
+@on_tensor_device
 def policy_coef(logp, old, ref, adv, w, entropy, params, backend):
     """Stage 2 on the active rows ([n] fp32 each; old/ref may be None). params: (eps_low, eps_high, delta, beta,
     entropy_coef, kl_bias_correction). Returns (loss terms, c, cH or None, clipped as 0/1, kl), each [n] fp32."""

@@ -19,6 +19,7 @@ Design limits: targets equal to ignore_index give logp = entropy = 0 and no grad
 import torch
 
 from dash_kernels import backend as _backend
+from dash_kernels._ext import on_tensor_device
 from dash_kernels.ops import _chunked
 from dash_kernels.ops._checks import check_linear, check_temperature
 from dash_kernels.ops._triton_utils import dot_precision, jit, num_programs_target, offsets_2d, tl, triton
@@ -162,6 +163,7 @@ def _all_rows(rows, n, device):
     return torch.arange(n, device=device, dtype=torch.int64) if rows is None else rows
 
 
+@on_tensor_device
 def token_logprobs_fwd(hidden, weight, bias, targets, rows, inv_temp, backend, want_entropy=True):
     """logp [n], norm [n, 2], entropy [n] (fp32) for the selected `rows` ([n] int64, or None for all) of
     hidden [N, H]. norm = (row max m, log sum exp(z - m)), so lse = m + log s; the backward wants them apart.
@@ -201,6 +203,7 @@ def _merge_splits(part):
     return logp, torch.cat([top, log_total.unsqueeze(1)], 1), log_total - pz_top
 
 
+@on_tensor_device
 def token_logprobs_bwd(hidden, weight, bias, targets, rows, norm, entropy, grad_logp, grad_entropy, inv_temp,
                        backend, need_dh, need_dw, need_db):
     """Gradients (dh [N, H] in hidden's dtype, dw [V, H] fp32, db [V] fp32; None when not needed) given the

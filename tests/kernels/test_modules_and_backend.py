@@ -60,3 +60,38 @@ def test_override_switches_paths_on_the_same_inputs():
         with backend.use_backend(name):
             outs[name] = token_logprobs(inp["hidden"], inp["weight"], inp["targets"])
     assert torch.allclose(outs["torch"], outs["reference"], atol=1e-5)
+
+
+def test_triton_launchers_run_on_their_tensors_cuda_device(monkeypatch):
+    """Triton launches on the *current* CUDA device: every launcher is wrapped by on_tensor_device, which makes the
+    first tensor argument's device current. No GPU here: a tensor subclass claims to live on cuda:1 and
+    torch.cuda.device is replaced by a recorder."""
+    import contextlib
+
+    from dash_kernels import _ext, paged_attention, rms_norm, rotary, sample, silu_mul
+    from dash_kernels.ops import logprobs_from_logits, policy_loss, token_logprobs
+
+    launchers = [paged_attention.paged_attention_fwd, rms_norm.rms_norm_fwd, rotary.rotary_fwd,
+                 sample.sample_rows_fwd, silu_mul.silu_mul_fwd, logprobs_from_logits.logprobs_from_logits_fwd,
+                 logprobs_from_logits.logprobs_from_logits_bwd, policy_loss.policy_coef,
+                 token_logprobs.token_logprobs_fwd, token_logprobs.token_logprobs_bwd]
+    assert all(getattr(f, "__wrapped__", None) is not None for f in launchers)  # functools.wraps of the decorator
+
+    class OnCuda1(torch.Tensor):
+        is_cuda = property(lambda self: True)
+        device = property(lambda self: torch.device("cuda", 1))
+
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(dev):
+        entered.append(dev)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    seen = []
+    launch = _ext.on_tensor_device(lambda *a, **k: seen.append(len(entered)) or "out")
+    assert launch(3, torch.zeros(2).as_subclass(OnCuda1), torch.zeros(1)) == "out"
+    assert entered == [torch.device("cuda", 1)] and seen == [1]  # the launcher ran inside the guard
+    assert launch(torch.zeros(2), key=torch.zeros(1).as_subclass(OnCuda1)) == "out"  # first tensor: a CPU one
+    assert entered == [torch.device("cuda", 1)] and seen == [1, 1]
