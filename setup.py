@@ -56,6 +56,10 @@ def _extension():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         for arch in DEFAULT_CUDA_ARCHS:
             nvcc += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        # Plus PTX of the newest target, which the driver JIT-compiles for newer GPUs (sm_100, sm_120): machine code
+        # alone would leave them "no kernel image is available". Older GPUs (sm_75) need TORCH_CUDA_ARCH_LIST.
+        newest = DEFAULT_CUDA_ARCHS[-1]
+        nvcc += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
     nvcc += ["--threads", os.environ.get("NVCC_THREADS", "2")]
     return CUDAExtension(
         "dash_kernels._C",
