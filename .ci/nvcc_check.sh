@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compiles every csrc/*.cu for sm_80 and sm_90, plus the sm_90 PTX setup.py embeds (plain C ABI: no torch headers
 # needed) and fails on any register spill. Also syntax-checks the CUDA torch binding (csrc/*_cuda.cpp) against the
-# installed torch's headers; the CPU wheel lacks one generated header (c10/cuda/impl/cuda_cmake_macros.h), which we stub with an empty file.
+# installed torch's headers; the CPU wheel lacks one generated header (c10/cuda/impl/cuda_cmake_macros.h), which we
+# stub with an empty file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
