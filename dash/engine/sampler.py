@@ -34,6 +34,10 @@ from dash_kernels.sample import mask_stop_tokens, sample_from_logp, sample_rows
 DEFAULT_PAGE_SIZE = 16  # small pages waste little at short RL completions; the Triton kernel takes any size
 DEFAULT_MAX_NUM_SEQS = 1024  # a DASH step is 256 completions; more only adds host work per step
 DEFAULT_MAX_BATCHED_TOKENS = 16384  # prefill tokens per step: bounds the activation memory of one forward
+# Default KV pool on CUDA: at most this share of the free device memory (weights and optimizer state are already
+# allocated; the rest is left to the forward's activations). More pages than that are not needed: the scheduler
+# preempts instead.
+KV_MEMORY_FRACTION = 0.8
 
 
 def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], n: int = 1,
@@ -50,7 +54,8 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
         prompts: strings, or lists of token ids.
         n: samples per prompt (the GRPO group size G); the prompt is prefilled once and its pages shared.
         params: one SamplingParams for all prompts, or one per prompt.
-        page_size, num_pages: KV pool geometry; num_pages 0 / None sizes the pool so nothing is ever preempted.
+        page_size, num_pages: KV pool geometry; num_pages 0 / None sizes the pool so nothing is ever preempted, capped
+            on CUDA at KV_MEMORY_FRACTION of the free device memory (the scheduler then preempts).
         max_num_seqs, max_batched_tokens: per-step limits on running sequences and prefill tokens.
         group_fork: False prefills each of the n samples separately (for benchmarks and tests).
         prefix_caching: reuse the K/V of full prompt pages that an earlier prefill of this call computed for the same
@@ -67,12 +72,17 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
     stop_default = _default_stop_ids(model, tokenizer)
     table = SequenceTable(ids, plist, n, max_len, stop_default, device=next(model.parameters()).device)
     pages_per_seq = [-(-(len(p) + int(m)) // page_size) for p, m in zip(ids, table.max_new[::n].tolist())]
-    if not num_pages:
-        num_pages = n * sum(pages_per_seq)
-    elif num_pages < max(pages_per_seq):
+    default_pool = not num_pages
+    if default_pool:
+        device = next(model.parameters()).device
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # not run here: no GPU
+        num_pages = default_num_pages(n * sum(pages_per_seq), KVCache.bytes_per_page(model, page_size), free)
+    if num_pages < max(pages_per_seq):
         r = max(range(len(ids)), key=lambda i: pages_per_seq[i])
-        raise ValueError(f"num_pages={num_pages} is too small: prompt {r} needs {pages_per_seq[r]} pages of "
-                         f"{page_size} tokens for prompt + max_new_tokens = {len(ids[r]) + int(table.max_new[r * n])}")
+        limit = (f"the default pool ({KV_MEMORY_FRACTION:.0%} of free device memory) holds {num_pages} pages"
+                 if default_pool else f"num_pages={num_pages} is too small")
+        raise ValueError(f"{limit}: prompt {r} needs {pages_per_seq[r]} pages of {page_size} tokens for prompt + "
+                         f"max_new_tokens = {len(ids[r]) + int(table.max_new[r * n])}")
     cache = KVCache(model, num_pages, page_size)
     runner = ModelRunner(model, cache, max_len)
     sched = Scheduler(table, cache, max_num_seqs, max_batched_tokens, tokenizer, group_fork=group_fork,
@@ -96,6 +106,14 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
                      generated_tokens=int(table.num_gen.sum()), prompt_tokens=sum(len(p) for p in ids) * n,
                      cached_prompt_tokens=sched.num_cached_tokens)
     return table.outputs(tokenizer)
+
+
+def default_num_pages(needed: int, bytes_per_page: int, free_bytes: int | None) -> int:
+    """Pages of the default KV pool: every page the call could use (nothing is ever preempted), capped on a device
+    with `free_bytes` free at what fits in KV_MEMORY_FRACTION of them (>= 1; generate checks it holds one sequence)."""
+    if free_bytes is None:
+        return needed
+    return max(1, min(needed, int(free_bytes * KV_MEMORY_FRACTION) // bytes_per_page))
 
 
 def _sample(table: SequenceTable, batch: BatchRows, logits: torch.Tensor):

@@ -255,3 +255,18 @@ def test_bad_input_is_value_error_before_work(kwargs, match, model_pair, monkeyp
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         generate(model, None, args.pop("prompts"), **args)
+
+
+def test_default_pool_fits_in_free_device_memory(model_pair, make_prompts, monkeypatch):
+    """num_pages=0: every page the call could use, capped on CUDA (free bytes known) at KV_MEMORY_FRACTION of the free
+    memory; generate rejects a cap too small for one sequence before any work."""
+    import dash.engine.sampler as sampler_mod
+    from dash.engine.sampler import KV_MEMORY_FRACTION, default_num_pages
+
+    assert default_num_pages(300, 4096, None) == 300  # CPU: no cap
+    assert default_num_pages(300, 4096, 10 * 4096) == int(10 * KV_MEMORY_FRACTION)
+    assert default_num_pages(300, 4096, 10**9) == 300
+    assert default_num_pages(300, 4096, 0) == 1
+    monkeypatch.setattr(sampler_mod, "default_num_pages", lambda needed, per_page, free: 2)  # as if memory were short
+    with pytest.raises(ValueError, match="default pool .* holds 2 pages: prompt 0 needs 7 pages"):
+        generate(model_pair("qwen2")[1], None, make_prompts([5]), params=GREEDY, page_size=4)
