@@ -191,16 +191,18 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor
     Returns:
         (tokens (B,) int64, logp (B,) fp32 under the processed distribution).
     """
-    B = logits.shape[0]
+    B, dev = logits.shape[0], logits.device
     if stop_ids is None or stop_active is None:
-        stop_ids = torch.empty(B, 0, dtype=torch.long, device=logits.device)
-        stop_active = torch.zeros(B, dtype=torch.bool, device=logits.device)
+        stop_ids = torch.empty(B, 0, dtype=torch.long, device=dev)
+        stop_active = torch.zeros(B, dtype=torch.bool, device=dev)
+    # The per-row inputs follow the logits (no-ops when the caller already built them there, as the engine does).
+    temperature, u, stop_ids, stop_active = (t.to(dev) for t in (temperature, u, stop_ids, stop_active))
     if use_triton_kernel(logits):
-        return sample_rows_fwd(logits, temperature, u.to(logits.device), stop_ids, stop_active.to(logits.device))
+        return sample_rows_fwd(logits, temperature, u, stop_ids, stop_active)
     if use_cpu_kernel(logits, temperature):
         return torch.ops.dash.sample_rows(logits.contiguous(), temperature.contiguous(), u.double().contiguous(),
                                           stop_ids.contiguous(), stop_active.contiguous())
-    return sample_rows_ref(logits, temperature, u.to(logits.device), stop_ids, stop_active.to(logits.device))
+    return sample_rows_ref(logits, temperature, u, stop_ids, stop_active)
 
 
 if HAS_C:
