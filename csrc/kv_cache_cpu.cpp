@@ -3,11 +3,15 @@
 // Layout (one layer's cache): k_cache, v_cache are [num_pages, page_size, kv_heads, head_dim], contiguous.
 // A "slot" is page * page_size + offset; slot -1 means "no slot" (padding token, skipped).
 //
-//   store_kv(k[T, Hkv, D], v[T, Hkv, D], k_cache!, v_cache!, slot_mapping[T] int32)   writes token t to its slot
+//   store_kv(k[T, Hkv, D], v[T, Hkv, D], k_cache!, v_cache!, slot_mapping[T] int32, check_slots=True)
+//                                                                                      writes token t to its slot
 //   copy_pages(k_cache!, v_cache!, src[n] int32, dst[n] int32)                         copy-on-write of whole pages
 //
 // Inputs are validated here (TORCH_CHECK_VALUE -> Python ValueError) because a bad slot would be an out-of-bounds
-// write, which on CUDA is a device assert and on CPU silent memory corruption.
+// write, which on CUDA is a device assert and on CPU silent memory corruption. The slot range check reads the slots:
+// free on CPU (always done), two device->host syncs per call on CUDA, so there `check_slots=False` skips it for a
+// caller that guarantees the range (the sampler: its slots come from the page allocator, once per step, not per
+// layer).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -65,7 +69,7 @@ namespace {
 constexpr int64_t kGrainTokens = 64;
 
 void store_kv_cpu(const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& k_cache, at::Tensor& v_cache,
-                  const at::Tensor& slot_mapping) {
+                  const at::Tensor& slot_mapping, bool /*check_slots: the CPU check is free, always done*/) {
   check_store_kv_args(k_in, v_in, k_cache, v_cache, slot_mapping);
   const auto k = k_in.contiguous();
   const auto v = v_in.contiguous();
@@ -120,7 +124,8 @@ void copy_pages_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& 
 }  // namespace
 
 TORCH_LIBRARY(dash, m) {
-  m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+        "bool check_slots=True) -> ()");
   m.def("copy_pages(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor src, Tensor dst) -> ()");
 }
 

@@ -22,15 +22,16 @@ void check_copy_pages_args(const at::Tensor&, const at::Tensor&, const at::Tenso
 namespace {
 
 void store_kv_cuda(const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& k_cache, at::Tensor& v_cache,
-                   const at::Tensor& slot_mapping) {
+                   const at::Tensor& slot_mapping, bool check_slots) {
   check_store_kv_args(k_in, v_in, k_cache, v_cache, slot_mapping);
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const auto k = k_in.contiguous();
   const auto v = v_in.contiguous();
   const auto slots = slot_mapping.contiguous();
-  // Bounds check on the device tensor costs one small reduction; an unchecked bad slot is an illegal address.
+  // Bounds check on the device tensor: two reductions and two host syncs (an unchecked bad slot is an illegal
+  // address), skipped when the caller guarantees the range (check_slots=False, the sampler's per-layer calls).
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
-  if (slots.numel() > 0) {
+  if (check_slots && slots.numel() > 0) {
     TORCH_CHECK_VALUE(slots.min().item<int32_t>() >= -1 && slots.max().item<int32_t>() < num_slots,
                       "store_kv: slot_mapping has entries outside [-1, ", num_slots, ")");
   }

@@ -24,10 +24,11 @@ def _check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
         raise ValueError(f"store_kv: slot_mapping has entries outside [-1, {num_slots})")
 
 
-def store_kv_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
+def store_kv_ref(k, v, k_cache, v_cache, slot_mapping, check_slots: bool = True) -> None:
     """Reference: writes k[t], v[t] ([T, Hkv, D]) to slot slot_mapping[t] ([T] int32) of the caches, in place."""
     num_pages, page_size = k_cache.shape[:2]
-    _check_slots(slot_mapping, num_pages * page_size)
+    if check_slots or slot_mapping.device.type == "cpu":
+        _check_slots(slot_mapping, num_pages * page_size)
     keep = slot_mapping >= 0  # [T]
     slots = slot_mapping[keep].long()  # [T_kept]
     k_cache.view(num_pages * page_size, *k_cache.shape[2:])[slots] = k[keep]
@@ -45,19 +46,21 @@ def copy_pages_ref(k_cache, v_cache, src, dst) -> None:
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, check_slots: bool = True) -> None:
     """Writes the new keys/values of T tokens into the paged caches, in place.
 
     Args:
         k, v: [T, kv_heads, head_dim], same dtype as the caches.
         k_cache, v_cache: [num_pages, page_size, kv_heads, head_dim], contiguous; modified in place.
         slot_mapping: [T] int32, slot of each token (page * page_size + offset), -1 to skip.
+        check_slots: False skips the slot-range check off the CPU (on CUDA it costs two host syncs per call); only
+            for callers that guarantee every slot is in [-1, num_pages * page_size). CPU slots are always checked.
     Raises ValueError (naming the argument) on shape, dtype, device or slot-range errors.
     """
     if native_kv_ops(k_cache):
-        torch.ops.dash.store_kv(k, v, k_cache, v_cache, slot_mapping)
+        torch.ops.dash.store_kv(k, v, k_cache, v_cache, slot_mapping, check_slots)
     else:
-        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        store_kv_ref(k, v, k_cache, v_cache, slot_mapping, check_slots)
 
 
 def copy_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -71,7 +74,7 @@ def copy_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, 
 if HAS_C:
     # Fake (meta) kernels so torch.compile / opcheck can trace the in-place ops: they return nothing.
     @torch.library.register_fake("dash::store_kv")
-    def _store_kv_fake(k, v, k_cache, v_cache, slot_mapping):
+    def _store_kv_fake(k, v, k_cache, v_cache, slot_mapping, check_slots=True):
         return None
 
     @torch.library.register_fake("dash::copy_pages")

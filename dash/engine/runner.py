@@ -75,7 +75,9 @@ class ModelRunner:
             attn, mlp = layer.self_attn, layer.mlp
             q, k, v = attn.project(h)  # [T, Hq, D], [T, Hkv, D] x2
             rotary_(q, k, cos, sin)
-            kv.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+            # The allocator made these slots (in range by construction): no per-layer range check, which on CUDA
+            # would sync the host with the device twice per layer.
+            kv.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, check_slots=False)
             if ctx.is_prefill and ctx.page_table is not None:
                 o = paged_attention(q, k_cache, v_cache, ctx.page_table, ctx.context_lens, ctx.cu_seqlens,
                                     scale=attn.scale, max_q_len=ctx.max_seqlen)

@@ -72,14 +72,18 @@ def test_copy_pages_matches_reference(dtype):
     (dict(v=torch.randn(2, 2, 7)), "v shape"),
     (dict(k=torch.randn(2, 2, 8, dtype=torch.float64), v=torch.randn(2, 2, 8, dtype=torch.float64)), "dtype"),
 ])
-def test_store_kv_bad_input_raises_value_error(bad, match):
+@pytest.mark.parametrize("check_slots", [True, False])  # False skips the range check only off the CPU
+def test_store_kv_bad_input_raises_value_error(bad, match, check_slots):
     k_cache, v_cache = _caches(4, 16, 2, 8, torch.float32)
     before = k_cache.clone()
     args = dict(k=torch.randn(2, 2, 8), v=torch.randn(2, 2, 8), slots=torch.tensor([0, 1], dtype=torch.int32))
     args.update(bad)
     with pytest.raises(ValueError, match=match):
-        torch.ops.dash.store_kv(args["k"], args["v"], k_cache, v_cache, args["slots"])
+        torch.ops.dash.store_kv(args["k"], args["v"], k_cache, v_cache, args["slots"], check_slots)
     assert torch.equal(k_cache, before), "a rejected call must not have written anything"
+    if match == "slot_mapping":  # the reference checks the range of CPU slots whatever check_slots says, too
+        with pytest.raises(ValueError, match=match):
+            kv.store_kv_ref(args["k"], args["v"], k_cache, v_cache, args["slots"], check_slots)
 
 
 def test_copy_pages_bad_input_raises_value_error():
@@ -96,6 +100,7 @@ def test_opcheck_schema_and_fake_kernels():
     k_new, v_new = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
     slots = torch.tensor([1, 6, -1], dtype=torch.int32)
     torch.library.opcheck(torch.ops.dash.store_kv.default, (k_new, v_new, k_cache, v_cache, slots))
+    torch.library.opcheck(torch.ops.dash.store_kv.default, (k_new, v_new, k_cache, v_cache, slots, False))
     torch.library.opcheck(torch.ops.dash.copy_pages.default,
                           (k_cache, v_cache, torch.tensor([0], dtype=torch.int32), torch.tensor([2], dtype=torch.int32)))
 
