@@ -101,8 +101,8 @@ def test_opcheck_schema_and_fake_kernels():
     slots = torch.tensor([1, 6, -1], dtype=torch.int32)
     torch.library.opcheck(torch.ops.dash.store_kv.default, (k_new, v_new, k_cache, v_cache, slots))
     torch.library.opcheck(torch.ops.dash.store_kv.default, (k_new, v_new, k_cache, v_cache, slots, False))
-    torch.library.opcheck(torch.ops.dash.copy_pages.default,
-                          (k_cache, v_cache, torch.tensor([0], dtype=torch.int32), torch.tensor([2], dtype=torch.int32)))
+    src, dst = torch.tensor([0], dtype=torch.int32), torch.tensor([2], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.dash.copy_pages.default, (k_cache, v_cache, src, dst))
 
 
 def test_native_ops_only_where_they_have_a_kernel(monkeypatch):
