@@ -27,11 +27,16 @@ Checkpoints are written by rank 0 (replicas are identical), so a run can resume 
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# Ranks wait in their next collective while rank 0 alone evaluates and saves checkpoints: a long greedy evaluation
+# (500 prompts x 2048 tokens on a large model) can outlast NCCL's default 10-minute timeout.
+COLLECTIVE_TIMEOUT_MIN = 120
 
 
 @dataclass(slots=True)
@@ -49,14 +54,21 @@ class DistInfo:
         return self.rank == 0
 
 
+def process_group_backend(device: torch.device) -> str:
+    """gloo on CPU; on CUDA nccl for CUDA tensors plus gloo for CPU ones: the step's counts and flags are all-reduced
+    as small CPU tensors (all_reduce_sum / all_reduce_max), and an nccl-only group rejects any CPU collective."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(device: torch.device) -> DistInfo:
-    """Joins the torchrun process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1; a no-op otherwise."""
+    """Joins the torchrun process group (see process_group_backend) when WORLD_SIZE > 1; a no-op otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=process_group_backend(device),
+                                timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
     return info
 
 

@@ -141,3 +141,35 @@ def test_fsdp_run_resumes_exactly_from_sharded_checkpoint_and_on_one_process(tmp
              if "time/step_s" in x]
     assert steps == [1, 2, 3, 4]
     assert not torch.equal(_final_weights(resumed / "checkpoints" / "step-4"), _final_weights(step3))
+
+
+_BACKEND_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from dash.rl.distributed import DistInfo, all_reduce_sum
+backend = sys.argv[1]
+dist.init_process_group(backend=backend, init_method="file://" + sys.argv[2], rank=0, world_size=1)
+try:
+    print("SUM", all_reduce_sum([1.0, 2.5], DistInfo(0, 2, 0)))  # world 2 in DistInfo: takes the collective path
+except RuntimeError as exc:
+    print("ERROR", str(exc).splitlines()[0])
+dist.destroy_process_group()
+"""
+
+
+def test_cuda_process_group_keeps_a_cpu_backend_for_the_step_counts(tmp_path):
+    """The step's counts are all-reduced as CPU tensors; an nccl-only group (CUDA tensors only) rejects that, so on
+    CUDA the group is "cpu:gloo,cuda:nccl". No nccl in this torch: gloo stands in for nccl under the same device
+    map, which keeps the behaviour under test (which backend serves CPU tensors)."""
+    from dash.rl.distributed import process_group_backend
+
+    assert process_group_backend(torch.device("cpu")) == "gloo"
+    spec = process_group_backend(torch.device("cuda"))
+    assert spec == "cpu:gloo,cuda:nccl"
+    outputs = {}
+    for name, backend in (("ours", spec.replace("nccl", "gloo")), ("cuda only", "cuda:gloo")):
+        proc = subprocess.run([sys.executable, "-c", _BACKEND_SCRIPT, backend, str(tmp_path / name.replace(" ", "_"))],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs[name] = proc.stdout
+    assert "SUM [1.0, 2.5]" in outputs["ours"]
+    assert "ERROR" in outputs["cuda only"]  # what an nccl-only group did to every training step
