@@ -102,7 +102,7 @@ def _token_logprobs_fwd_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, ro
         run_m = new_m
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
     part = sel.to(tl.int64) * n_splits + pid_s
-    plane = n_rows.to(tl.int64) * n_splits
+    plane = tl.cast(n_rows, tl.int64) * n_splits  # not n_rows.to(): n_rows == 1 arrives as a plain int (JIT constexpr)
     tl.store(part_ptr + part, run_m, mask=sel_mask)
     tl.store(part_ptr + plane + part, run_s, mask=sel_mask)
     tl.store(part_ptr + 2 * plane + part, run_pz, mask=sel_mask)
