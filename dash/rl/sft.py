@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,9 @@ class PackedSFTBatch:
     positions: torch.Tensor
     targets: torch.Tensor
     loss_mask: torch.Tensor
+
+    def to(self, device: torch.device) -> PackedSFTBatch:
+        return PackedSFTBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def pack_sft_batch(
@@ -90,6 +93,7 @@ def pack_sft_batch(
 
 def sft_loss(model: CausalLM, batch: PackedSFTBatch) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the completion tokens of `batch` -> (loss, number of completion tokens)."""
+    batch = batch.to(next(model.parameters()).device)  # built on the CPU by pack_sft_batch
     hidden = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.positions)  # [T, H]
     logits = model.compute_logits(hidden[batch.loss_mask])  # [N, V], N = completion tokens
     n_tokens = int(batch.loss_mask.sum())
@@ -213,6 +217,7 @@ def greedy_decode(
     """
     was_training = model.training
     model.eval()
+    dev = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     out: list[str] = []
     for start in range(0, len(prompts), _DECODE_BATCH):
@@ -220,10 +225,11 @@ def greedy_decode(
         width = max(len(p) for p in enc)
         # Left padding puts every row's last prompt token in the last column; RoPE only sees position differences,
         # so shifting a row right by its pad count does not change its attention scores.
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in enc], dtype=torch.long)  # [B, L]
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in enc], dtype=torch.long)  # [B, L]
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in enc], dtype=torch.long, device=dev)  # [B, L]
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in enc], dtype=torch.long,
+                            device=dev)  # [B, L]
         ragged = bool((mask == 0).any())
-        done = torch.zeros(ids.shape[0], dtype=torch.bool)  # [B]
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)  # [B]
         for _ in range(max_new_tokens):
             logits = model.forward(ids, attention_mask=mask if ragged else None)  # [B, L, V]
             nxt = logits[:, -1, :].argmax(dim=-1)  # [B]
