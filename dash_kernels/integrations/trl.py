@@ -76,9 +76,15 @@ def _normalizer(trainer, inputs, mask, training):
 def dash_compute_loss(trainer, model, inputs):
     """Drop-in for `GRPOTrainer._compute_loss(model, inputs)`; falls back to TRL's when unsupported."""
     reason = unsupported_reason(trainer, inputs)
-    lm_head = model.get_output_embeddings()
+    if reason is None and trainer.accelerator.unwrap_model(model) is not model:
+        # DDP / DeepSpeed / FSDP1 wrappers: running the backbone outside the wrapper's forward would skip its
+        # gradient synchronisation (and a ZeRO-3 lm_head is an empty partition outside that forward).
+        reason = f"a wrapped model ({type(model).__name__})"
+    lm_head = model.get_output_embeddings() if reason is None else None
     if reason is None and type(lm_head.weight).__name__ == "DTensor":
         reason = "sharded (DTensor) lm_head"
+    if reason is None and (getattr(lm_head.weight, "ds_id", None) is not None or lm_head.weight.numel() == 0):
+        reason = "partitioned (DeepSpeed ZeRO-3) lm_head"
     if reason is not None:
         if not getattr(trainer, "_dash_fallback_warned", False):
             warnings.warn(f"dash_kernels: falling back to TRL's loss ({reason} is not supported by the fused path)")

@@ -109,6 +109,29 @@ def test_use_dash_loss_patches_and_falls_back(model_dir):
         cispo._compute_loss(cispo.model, inputs)
 
 
+def test_wrapped_model_falls_back_to_trl(model_dir):
+    """Under DDP / DeepSpeed the model TRL passes is a wrapper: the fused path must not run the backbone outside it
+    (the wrapper's gradient sync would be skipped), so the adapter falls back to TRL's loss, with a warning."""
+    trainer = use_dash_loss(_trainer(model_dir, loss_type="grpo"))
+    inputs = _inputs(False, False)
+
+    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel: no get_output_embeddings / base_model
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    wrapped = Wrapper(trainer.model)
+    trainer.accelerator.unwrap_model = lambda m: m.module if isinstance(m, Wrapper) else m
+    fallback = []
+    trainer._trl_compute_loss = lambda model, batch: fallback.append(model) or torch.zeros(())
+    with pytest.warns(UserWarning, match=r"falling back to TRL's loss \(a wrapped model \(Wrapper\)"):
+        trainer._compute_loss(wrapped, inputs)
+    assert fallback == [wrapped]
+
+
 def test_adapter_peak_memory_is_lower(model_dir):
     """Loss + backward of one batch: peak RSS rise of TRL's path vs ours, with a vocabulary large enough that
     the logits dominate (the model itself is tiny)."""
