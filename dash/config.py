@@ -30,7 +30,7 @@ class ModelLoadConfig:
     path: str = BUILTIN_TINY
     """Local HF folder (config.json + *.safetensors + tokenizer files), or `builtin:tiny-sft`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter dtype for training and sampling."""
+    """Parameter dtype for training and sampling (float16 is refused: the trainer does no loss scaling)."""
     device: str = "auto"
     """`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:N`."""
 
@@ -229,6 +229,11 @@ class DashConfig:
     def __post_init__(self):
         # DDP steps fp32 master weights for a 16-bit model (dash/rl/optim.py); FSDP2 would step the bf16 shards
         # themselves, where updates at small lr round away. Refuse rather than train silently without effect.
+        # fp16 needs loss scaling, which the trainer does not do: with the paper's step normaliser (~5e5 tokens) the
+        # per-token gradients are ~1e-7, below fp16's smallest normal (6e-5), so backward would underflow to zeros.
+        if self.model.dtype == "float16":
+            raise ConfigError("model.dtype=float16 is not supported for training (no loss scaling: the small per-token "
+                              "gradients underflow in fp16); use bfloat16 (same memory, fp32's exponent range)")
         if self.train.parallel == "fsdp" and self.model.dtype != "float32":
             raise ConfigError(f"train.parallel=fsdp needs model.dtype=float32 (got {self.model.dtype!r}): FSDP2 here "
                               "keeps no fp32 master weights, so 16-bit AdamW updates at small lr would round away")

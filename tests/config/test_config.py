@@ -89,3 +89,10 @@ def test_fsdp_with_a_16_bit_model_is_refused():
     with pytest.raises(ConfigError, match="train.parallel=fsdp needs model.dtype=float32"):
         load_config(None, ["--train.parallel=fsdp", "--model.dtype=bfloat16"])
     assert load_config(None, ["--train.parallel=fsdp"]).train.parallel == "fsdp"
+
+
+def test_fp16_training_is_refused():
+    """No loss scaling: fp16 gradients of the normalised loss underflow. bf16 (fp32's exponent range) is accepted."""
+    with pytest.raises(ConfigError, match="model.dtype=float16 is not supported"):
+        load_config(None, ["--model.dtype=float16"])
+    assert load_config(None, ["--model.dtype=bfloat16"]).model.dtype == "bfloat16"
