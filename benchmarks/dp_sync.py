@@ -48,6 +48,7 @@ from dash.config import load_config  # noqa: E402
 from dash.rl.distributed import all_reduce_grads, all_reduce_max, all_reduce_sum, shard_range  # noqa: E402
 from dash.rl.fsdp import pad_micro_batch  # noqa: E402
 from dash.rl.loss_norm import global_normalizer  # noqa: E402
+from dash.rl.optim import gradient_tensors  # noqa: E402
 from dash.rl.packing import collate, plan_balanced, plan_fixed  # noqa: E402
 from dash.rl.rollout import Rollout, group_advantages, keep_mask  # noqa: E402
 from dash.rl.step import PolicyUpdate  # noqa: E402
@@ -141,11 +142,11 @@ def train_phase(strategy: str, plan: str, cfg, update, ddp_update, rollout, keep
                 runner.backward(pad_micro_batch(device), None, None)
             else:
                 runner.backward(mb, norm, None)
-        if strategy == "per-mb-sync":
-            all_reduce_grads(update.model, info, [], average=True)  # DDP's semantics: mean of accumulated grads
+        if strategy == "per-mb-sync":  # DDP's semantics: mean of accumulated grads
+            all_reduce_grads(gradient_tensors(update.optimizer, update.model), info, [], average=True)
     compute_s = time.perf_counter() - t0
     if strategy in ("one-sync", "rebalance"):
-        all_reduce_grads(update.model, info, [], average=False)
+        all_reduce_grads(gradient_tensors(update.optimizer, update.model), info, [], average=False)
     else:  # DDP and its per-micro-batch emulation average over ranks: back to the sum, for the gradient check
         for p in update.model.parameters():
             if p.grad is not None:

@@ -99,12 +99,12 @@ def all_reduce_max(values: list[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_grads(model: torch.nn.Module, info: DistInfo, extras: list[float], average: bool) -> list[float]:
-    """Sums (or averages) every gradient over ranks in one flat all-reduce (a missing grad counts as zero); `extras`
-    (e.g. non-finite loss counts) ride along in the same call and come back summed."""
+def all_reduce_grads(params: list[torch.Tensor], info: DistInfo, extras: list[float], average: bool) -> list[float]:
+    """Sums (or averages) the `.grad` of every tensor in `params` (dash.rl.optim.gradient_tensors) over ranks in one
+    flat all-reduce (a missing grad counts as zero); `extras` (e.g. non-finite loss counts) ride along in the same
+    call and come back summed."""
     if not info.enabled:
         return extras
-    params = [p for p in model.parameters() if p.requires_grad]
     grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
     flat = torch.cat(grads + [torch.tensor(extras, dtype=torch.float32, device=grads[0].device)])
     dist.all_reduce(flat)

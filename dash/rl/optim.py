@@ -6,12 +6,21 @@ steps at lr 3e-6 on N(0, 0.02) weights, 3.9% of the bf16 weights had moved at al
 keeps fp32 master weights; so does this: AdamW runs on fp32 copies (its moments are fp32 too), and after each step the
 model's 16-bit parameters are refreshed from them. fp32 models use plain AdamW (no copy).
 
-Cost: 4 extra bytes per parameter for the copy (plus AdamW's 8, already fp32). Checkpoints carry the master weights,
-so a resumed run continues from exactly the same fp32 values. Not used with FSDP2, whose MixedPrecisionPolicy is the
-way to get the same effect there (see dash/rl/fsdp.py).
+Gradients are accumulated in fp32 as well: a post-accumulate-grad hook moves each backward's 16-bit gradient into the
+master's fp32 `.grad` and clears the parameter's, so the micro-batches of a step (32 in the paper presets) are summed
+in fp32, not rounded to bf16 after every addition (measured on CPU: 0.71% relative error for 32 bf16 additions, 0.17%
+for one final rounding). The step's gradients then live on the masters: `gradient_tensors` names them for the
+all-reduce and the clipping.
+
+Cost: 4 extra bytes per parameter for the copy and 4 for its gradient (plus AdamW's 8, already fp32). Checkpoints
+carry the master weights, so a resumed run continues from exactly the same fp32 values. Not used with FSDP2, whose
+MixedPrecisionPolicy is the way to get the same effect there (see dash/rl/fsdp.py).
 """
 
 from __future__ import annotations
+
+import functools
+import weakref
 
 import torch
 
@@ -19,16 +28,33 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 _MASTER_KEY = "dash_master_weights"
 
 
+def _accumulate_fp32(master_ref, param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook: add `param`'s fresh 16-bit gradient into its master's fp32 gradient, clear it."""
+    master = master_ref()
+    if master is None or param.grad is None:  # the optimizer is gone: leave the gradient where autograd put it
+        return
+    with torch.no_grad():
+        if master.grad is None:
+            master.grad = param.grad.to(torch.float32)
+        else:
+            master.grad.add_(param.grad)
+    param.grad = None
+
+
 class MasterWeightAdamW(torch.optim.AdamW):
-    """AdamW over fp32 copies of `params`; `step()` reads the params' 16-bit grads and writes back rounded weights.
+    """AdamW over fp32 copies of `params`, with fp32 gradient accumulation; `step()` writes back rounded weights.
 
     Behaves as an ordinary torch optimizer for schedulers and `zero_grad`; `state_dict()` adds the master weights.
+    Gradients accumulate on the masters (`gradient_tensors`); a gradient assigned to a parameter by hand is folded in
+    at `step()`. One MasterWeightAdamW per parameter set at a time (each registers a hook on the parameters).
     """
 
     def __init__(self, params, **adamw_kwargs):
         self.model_params = [p for p in params if p.requires_grad]
         masters = [p.detach().to(torch.float32).clone() for p in self.model_params]
         super().__init__(masters, **adamw_kwargs)
+        self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(_accumulate_fp32, weakref.ref(m)))
+                       for p, m in zip(self.model_params, self.masters)]
 
     @property
     def masters(self) -> list[torch.Tensor]:
@@ -39,7 +65,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
         if closure is not None:
             raise ValueError("MasterWeightAdamW.step: closures are not supported (the trainer never passes one)")
         for p, m in zip(self.model_params, self.masters):
-            m.grad = None if p.grad is None else p.grad.to(torch.float32)
+            if p.grad is not None:  # assigned by hand, not through backward: fold it in
+                m.grad = p.grad.to(torch.float32) if m.grad is None else m.grad.add_(p.grad)
+                p.grad = None
         super().step()
         for p, m in zip(self.model_params, self.masters):
             p.copy_(m)  # round to the model's dtype once, from the exact fp32 value
@@ -72,6 +100,14 @@ class MasterWeightAdamW(torch.optim.AdamW):
             for p, m, saved in zip(self.model_params, self.masters, masters):
                 m.copy_(saved)
                 p.copy_(saved)
+
+
+def gradient_tensors(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors whose `.grad` holds the step's gradients: the fp32 masters of a MasterWeightAdamW (see the module
+    docstring), else the model's trainable parameters. What the all-reduce and the clipping must read."""
+    if isinstance(optimizer, MasterWeightAdamW):
+        return optimizer.masters
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def make_adamw(params, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -30,7 +30,7 @@ from dash.config import DashConfig
 from dash.rl.distributed import DistInfo, all_reduce_grads, all_reduce_sum, shard_range
 from dash.rl.fsdp import full_value, gathered, is_sharded, pad_plans, reshard_all, zero_weight_backward
 from dash.rl.loss_norm import global_normalizer, paper_normalizer
-from dash.rl.optim import make_adamw
+from dash.rl.optim import gradient_tensors, make_adamw
 from dash.rl.packing import collate, plan_balanced, plan_fixed
 from dash.rl.rollout import Rollout, group_advantages, keep_mask
 
@@ -119,10 +119,11 @@ class PolicyUpdate:
             self.non_finite = int(all_reduce_sum([float(self.non_finite)], info)[0])
         elif info.enabled:
             average = self.cfg.loss.normalizer == "paper"  # paper: per-rank means, averaged like DDP
-            self.non_finite = int(all_reduce_grads(self.model, info, [float(self.non_finite)], average)[0])
+            self.non_finite = int(all_reduce_grads(gradient_tensors(self.optimizer, self.model), info,
+                                                   [float(self.non_finite)], average)[0])
         wait_s = time.perf_counter() - t0
         clip = self.cfg.train.grad_clip
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in gradient_tensors(self.optimizer, self.model) if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf) if params else torch.tensor(0.0)
         norm = full_value(norm)  # FSDP: a replicated DTensor
         skipped = bool(self.non_finite) or not torch.isfinite(norm)

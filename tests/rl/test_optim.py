@@ -81,3 +81,31 @@ def test_make_adamw_picks_by_dtype_and_plain_state_is_refused():
     plain_state = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4096))], lr=1e-3).state_dict()
     with pytest.raises(ValueError, match="no fp32 master weights"):
         opt.load_state_dict(plain_state)
+
+
+def test_micro_batch_gradients_accumulate_in_fp32():
+    """Gradients of K backward passes into a bf16 parameter are summed in fp32 on the master (each pass's gradient is
+    bf16, as autograd makes it; their sum is not rounded after every addition), and the parameter's .grad is cleared
+    so nothing is counted twice; gradient_tensors names the masters for the all-reduce and the clipping."""
+    from dash.rl.optim import gradient_tensors
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4096).bfloat16())
+    opt = MasterWeightAdamW([p], lr=1e-3, weight_decay=0.0)
+    model = torch.nn.Module()
+    model.p = p
+    assert gradient_tensors(opt, model) == opt.masters
+    parts = [torch.randn(4096) for _ in range(32)]
+    for c in parts:
+        (p.float() * c).sum().backward()  # d/dp = c, delivered to the bf16 leaf as bf16(c)
+        assert p.grad is None  # moved to the master by the hook
+    exact = torch.stack([c.bfloat16().double() for c in parts]).sum(0)  # [4096] the bf16 parts, summed exactly
+    ours = opt.masters[0].grad.double()
+    assert (ours - exact).abs().max() < 1e-5 * exact.abs().max()  # fp32 summation of 32 terms
+    bf16_sum = torch.zeros(4096, dtype=torch.bfloat16)
+    for c in parts:
+        bf16_sum += c.bfloat16()
+    assert (bf16_sum.double() - exact).abs().max() > 100 * (ours - exact).abs().max()  # what accumulating in p.grad did
+    opt.step()
+    opt.zero_grad()
+    assert opt.masters[0].grad is None and p.grad is None
