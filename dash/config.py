@@ -150,6 +150,9 @@ class TrainConfig:
     share_prompts: bool = True
     """Pack each prompt once per micro-batch for all its samples (both algorithms): the prompt's forward is shared,
     the loss and update are unchanged. false: one copy per sample, as the paper's code does."""
+    gradient_checkpointing: bool = False
+    """Keep only each decoder layer's input in the forward and recompute the layer in backward (the paper did): the
+    activations of a micro-batch shrink to one [T, H] tensor per layer, for about one more forward of compute."""
     lr: float = 3e-5
     """AdamW learning rate."""
     weight_decay: float = 0.0

@@ -29,9 +29,9 @@ installed and tested here). Tests:
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from dash.attention import SharedPrompts, varlen_attention
@@ -179,6 +179,8 @@ class CausalLM(nn.Module):
         self.model = DecoderModel(config)
         # Tied: no module, so the state dict has no duplicate and equals what HF saves.
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
+        # Recompute each decoder layer in backward instead of keeping its activations (train.gradient_checkpointing).
+        self.gradient_checkpointing = False
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -233,8 +235,13 @@ class CausalLM(nn.Module):
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
         cos, sin = self.model.rotary_emb(positions)  # [T, D] each, fp32
         x = self.model.embed_tokens(input_ids)  # [T, H]
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cu_seqlens, max_seqlen, shared)
+            if checkpointed:  # saves only x; backward reruns the layer (deterministic ops: the same activations)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, shared,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cu_seqlens, max_seqlen, shared)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

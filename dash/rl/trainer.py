@@ -67,6 +67,7 @@ class Trainer:
             device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(device)
         self.model = load_model(folder, dtype=resolve_dtype(cfg.model.dtype), device=device).train()
+        self.model.gradient_checkpointing = cfg.train.gradient_checkpointing
         if fsdp and self.dist.enabled:  # one process: nothing to shard, only the checkpoint format differs
             shard_model(self.model, average_grads=cfg.loss.normalizer == "paper")
         self.tokenizer = load_tokenizer(folder)

@@ -203,3 +203,32 @@ def test_fp32_logits_of_a_bf16_model_are_not_rounded(row_block, monkeypatch):
     assert (ours.double() - exact).abs().max() < 1e-5
     rounded = model.compute_logits(hidden).float()
     assert (rounded.double() - exact).abs().max() > 1e-3  # what the sampler drew from before (measured 0.016)
+
+
+def test_gradient_checkpointing_same_gradients_fewer_saved_activations():
+    """model.gradient_checkpointing (train.gradient_checkpointing): the layers are recomputed in backward, so the
+    gradients are the same (the recompute runs the same deterministic ops) while autograd keeps far fewer bytes."""
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(model_type="qwen2", vocab_size=50, hidden_size=64, intermediate_size=192,
+                                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2))
+    ids = torch.randint(0, 50, (sum(LENGTHS),))
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in LENGTHS])
+    runs = {}
+    for checkpointed in (False, True):
+        model.gradient_checkpointing = checkpointed
+        model.zero_grad()
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model.compute_logits(model.forward_packed(ids, cu, positions)).logsumexp(-1).sum()
+        loss.backward()
+        runs[checkpointed] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved))
+    (loss_a, grads_a, bytes_a), (loss_b, grads_b, bytes_b) = runs[False], runs[True]
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    assert bytes_b < bytes_a / 2, (bytes_a, bytes_b)
