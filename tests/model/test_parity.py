@@ -52,8 +52,8 @@ def test_varlen_attention_matches_reference(lengths):
 
 
 def test_flash_dispatch(monkeypatch):
-    """flash-attn is used only when it imported AND the tensors are fp16 / bf16 on CUDA; otherwise SDPA (tested by faking
-    both)."""
+    """flash-attn is used only when it imported AND the tensors are fp16 / bf16 on CUDA; otherwise SDPA (tested by
+    faking both)."""
     T, D, lengths = 9, 8, [4, 5]
     q, k, v = torch.randn(T, 4, D), torch.randn(T, 2, D), torch.randn(T, 2, D)
     cu = torch.tensor([0, 4, 9], dtype=torch.int64)
