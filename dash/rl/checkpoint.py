@@ -126,26 +126,57 @@ def _single_process_ok():
 
 
 def _publish(tmp: Path, final: Path, trainer_state: dict, step: int) -> None:
-    """Adds trainer_state.pt to the complete temporary folder, renames it into place, then repoints `latest`."""
+    """Adds trainer_state.pt to the complete temporary folder, renames it into place, then repoints `latest`.
+
+    Every intermediate state leaves a complete checkpoint where `latest` points: a re-saved step (a rerun of a
+    finished run writes the step `latest` names) first moves the old folder aside, and deletes it only after the new
+    one is in place and named. Left-over temporary folders of killed saves are removed once a save completes.
+    """
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
-    if final.exists():  # re-saving a step (e.g. after a resume): replace the old folder
-        shutil.rmtree(final)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}-replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)  # `latest` may name `final`: find_checkpoint falls back to the newest complete one
     os.replace(tmp, final)
     pointer_tmp = final.parent / f".{LATEST}.tmp"
     pointer_tmp.write_text(final.name + "\n")
     os.replace(pointer_tmp, final.parent / LATEST)
+    for stale in final.parent.glob(".step-*"):  # `old`, and the temporary folders of saves killed midway
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _step_number(path: Path) -> int | None:
+    """N of a `step-N` folder, or of `.step-N-replaced` (a re-saved step's previous folder, kept until the new one is
+    published); None for anything else."""
+    name = path.name.removeprefix(".").removesuffix("-replaced")
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / STATE_FILE).is_file() and ((path / MODEL_DIR).is_dir() or (path / SHARDED_DIR).is_dir())
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """`path` may be a checkpoint folder, or a run / checkpoints folder whose `latest` names one."""
+    """`path` may be a checkpoint folder, or a run / checkpoints folder whose `latest` names one. When `latest` is
+    missing or names no complete checkpoint (a save killed between its renames), the highest complete `step-N`."""
     path = Path(path)
     for root in (path, path / "checkpoints"):
-        if (root / LATEST).is_file():
-            path = root / (root / LATEST).read_text().strip()
-            break
-    if not (path / STATE_FILE).is_file() or not ((path / MODEL_DIR).is_dir() or (path / SHARDED_DIR).is_dir()):
+        if not root.is_dir() or _is_complete(root):
+            continue
+        named = root / (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+        if named is not None and _is_complete(named):
+            return named
+        steps = sorted((p for p in (*root.glob("step-*"), *root.glob(".step-*-replaced"))
+                        if _step_number(p) is not None and _is_complete(p)),
+                       key=lambda p: (_step_number(p), not p.name.startswith(".")))
+        if steps:
+            if named is not None:
+                warnings.warn(f"--resume: {named} is not a complete checkpoint; resuming from {steps[-1]}")
+            return steps[-1]
+    if not _is_complete(path):
         raise FileNotFoundError(f"--resume: {path} is not a checkpoint (no {STATE_FILE} and {MODEL_DIR}/ or "
-                                f"{SHARDED_DIR}/ in it)")
+                                f"{SHARDED_DIR}/ in it) and holds no complete step-N checkpoint")
     return path
 
 

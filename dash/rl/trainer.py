@@ -110,10 +110,11 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}", kept=f"{metrics['rollout/kept_frac']:.2f}")
             done = self.step == cfg.train.steps
-            if (cfg.log.eval_every and self.step % cfg.log.eval_every == 0) or done:
-                self.evaluate()
+            # Checkpoint first: an evaluation that fails cannot cost the steps since the last checkpoint.
             if (cfg.log.ckpt_every and self.step % cfg.log.ckpt_every == 0) or done:
                 self.save_checkpoint()
+            if (cfg.log.eval_every and self.step % cfg.log.eval_every == 0) or done:
+                self.evaluate()
         bar.close()
         return self.history
 
