@@ -10,6 +10,7 @@ overrides from the command line. Every key is checked: an unknown section or key
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 BUILTIN_TINY = "builtin:tiny-sft"  # the SFT warm start shipped in dash/assets/tiny-sft
+MAX_REWARD_TIMEOUT_S = 1e6  # the reward guard's OS timer overflows far above this; no reward call needs days
 
 
 class ConfigError(ValueError):
@@ -79,8 +81,9 @@ class DataConfig:
         for part in self.reward.split("+"):
             if part.strip() not in available_rewards():
                 raise ConfigError(f"data.reward: {part.strip()!r} is not one of {available_rewards()}")
-        if self.reward_timeout_s <= 0 or self.max_prompt_tokens < 0:
-            raise ConfigError("data.reward_timeout_s must be > 0 and data.max_prompt_tokens >= 0")
+        if not 0 < self.reward_timeout_s <= MAX_REWARD_TIMEOUT_S or self.max_prompt_tokens < 0:
+            raise ConfigError(f"data.reward_timeout_s must be in (0, {MAX_REWARD_TIMEOUT_S:g}] (the OS timer's range) "
+                              "and data.max_prompt_tokens >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -182,6 +185,9 @@ class TrainConfig:
             _positive(f"train.{name}", getattr(self, name))
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.token_budget < 0:
             raise ConfigError("train.lr must be > 0; train.weight_decay, grad_clip, token_budget must be >= 0")
+        if self.group_size < 2:
+            raise ConfigError(f"train.group_size must be >= 2, got {self.group_size}: advantages are relative to the "
+                              "group, so with one sample per prompt every advantage is 0 and no step learns anything")
         if self.micro_batch_size % self.group_size:
             raise ConfigError(f"train.micro_batch_size ({self.micro_batch_size}) must be a multiple of "
                               f"train.group_size ({self.group_size}) so micro-batches hold whole groups")
@@ -267,11 +273,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return float(value)  # YAML `1` for a float field is fine; the reverse (1.5 for an int) is not
     if tp is float and isinstance(value, str):
         try:  # PyYAML (YAML 1.1) reads `3e-6` without a dot as a string; accept it for float fields only
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    if tp is float and not math.isfinite(value):  # NaN passes every `< 0` range check, then poisons the run
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     return value
 
 

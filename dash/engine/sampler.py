@@ -158,6 +158,10 @@ def _check_inputs(model, tokenizer, prompts, n, params, page_size, max_num_seqs,
     ids = []
     for i, (p, sp) in enumerate(zip(prompts, plist)):
         sp.check(f"request {i}")
+        if sp.stop and tokenizer is None:
+            raise ValueError(f"request {i}: stop strings {sp.stop!r} need a tokenizer to decode the completions")
+        if any(not 0 <= t < cfg.vocab_size for t in sp.stop_token_ids or []):
+            raise ValueError(f"request {i}: stop_token_ids must be in [0, {cfg.vocab_size}), got {sp.stop_token_ids}")
         if isinstance(p, str):
             if tokenizer is None:
                 raise ValueError(f"request {i}: a string prompt needs a tokenizer")

@@ -53,8 +53,11 @@ class SamplingParams:
         if self.min_new_tokens < 0 or self.max_new_tokens < 1:
             raise ValueError(f"{where}: need min_new_tokens >= 0 and max_new_tokens >= 1, got "
                              f"{self.min_new_tokens} and {self.max_new_tokens}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"{where}: stop strings must be non-empty strings, got {self.stop!r}")
+        if isinstance(self.stop, (str, bytes)) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"{where}: stop must be a list of non-empty strings (e.g. [\"\\n\\n\"]), got "
+                             f"{self.stop!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"{where}: seed must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass(slots=True)

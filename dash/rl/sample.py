@@ -12,10 +12,12 @@ import torch
 from dash.rl.rollout import Rollout
 
 _SEED_STRIDE = 1_000_003  # a prime > prompts per step, so (step, index) pairs never share a seed
+_SEED_MODULUS = 2**63
 
 
 def prompt_seed(run_seed: int, step: int, index: int) -> int:
-    return (run_seed * 7919 + step) * _SEED_STRIDE + index
+    # Modulo 2**63: a request seed is an int64 (any run seed works; the values of smaller seeds are unchanged).
+    return ((run_seed * 7919 + step) * _SEED_STRIDE + index) % _SEED_MODULUS
 
 
 class RolloutSampler:

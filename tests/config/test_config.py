@@ -96,3 +96,22 @@ def test_fp16_training_is_refused():
     with pytest.raises(ConfigError, match="model.dtype=float16 is not supported"):
         load_config(None, ["--model.dtype=float16"])
     assert load_config(None, ["--model.dtype=bfloat16"]).model.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--train.lr=nan", "train.lr: must be a finite number"),
+    ("--loss.beta=nan", "loss.beta: must be a finite number"),
+    ("--sampling.temperature=.inf", "sampling.temperature: must be a finite number"),
+    ("--data.reward_timeout_s=1e12", "data.reward_timeout_s must be in"),
+    ("--train.group_size=1", "train.group_size must be >= 2"),
+])
+def test_values_that_would_break_a_run_later_are_refused_at_load(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_any_run_seed_gives_int64_request_seeds():
+    from dash.rl.sample import prompt_seed
+
+    assert prompt_seed(0, 3, 5) == 3 * 1_000_003 + 5  # small seeds: the values earlier runs used
+    assert 0 <= prompt_seed(2_000_000_000, 10**6, 63) < 2**63

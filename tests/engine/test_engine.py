@@ -245,6 +245,10 @@ def test_next_call_sees_updated_weights(model_pair, make_prompts):
     (dict(num_pages=2, page_size=4), "num_pages=2 is too small: prompt 0 needs 3 pages"),
     (dict(prompts=[[500]]), "request 0: token ids"),
     (dict(prompts="abc"), "prompts must be"),
+    (dict(params=SamplingParams(stop="12")), "request 0: stop must be a list"),  # not the stops "1" and "2"
+    (dict(params=SamplingParams(stop=["\n"])), "request 0: stop strings .* need a tokenizer"),
+    (dict(params=SamplingParams(stop_token_ids=[10**6], min_new_tokens=2, top_k=5)), "request 0: stop_token_ids"),
+    (dict(params=SamplingParams(seed=2**63)), "request 0: seed must be in"),
 ])
 def test_bad_input_is_value_error_before_work(kwargs, match, model_pair, monkeypatch):
     _, model = model_pair("llama")
