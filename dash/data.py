@@ -136,13 +136,20 @@ def read_records(path: str | Path, fmt: str = "auto") -> Iterator[tuple[int, Any
     if _is_parquet(path, fmt):
         yield from _parquet_records(path)
         return
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # decoded line by line: one bad line costs that line, not the file
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield line_no, ValueError(f"not UTF-8 ({exc.reason} at byte {exc.start})")
+                continue
             if line.strip():
                 try:
                     yield line_no, json.loads(line)
                 except ValueError as exc:
                     yield line_no, exc
+                except RecursionError:  # json's recursive decoder on absurdly nested input
+                    yield line_no, ValueError("JSON nested too deeply")
 
 
 def _is_parquet(path: str | Path, fmt: str) -> bool:

@@ -76,7 +76,8 @@ class Trainer:
         self.ref_model = None
         if cfg.loss.beta > 0:
             self.ref_model = frozen_copy(load_model(ref_folder, dtype=resolve_dtype(cfg.model.dtype), device=device))
-        self.train_data, self.test_examples = load_task(cfg.data, self.tokenizer)
+        self.train_data, self.test_examples = load_task(cfg.data, self.tokenizer,
+                                                        self.model.config.max_position_embeddings)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         self.update = PolicyUpdate(cfg, self.model, self.optimizer, self.scheduler, self.ref_model)
         self.sampler = RolloutSampler(self.model, self.tokenizer, cfg.sampling, get_reward(cfg.data.reward),

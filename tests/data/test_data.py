@@ -191,3 +191,34 @@ def test_with_a_real_hf_tokenizer(tmp_path):
     )
     chat, _ = load_examples(DatasetConfig(path=str(path), chat_template="always", answer_parser="arith"), tokenizer=tok)
     assert chat[0].prompt == "12+34="
+
+
+def test_a_bad_line_costs_that_line_not_the_file(tmp_path):
+    """Invalid UTF-8 and absurdly nested JSON are bad rows (skipped and counted), not errors that end the load."""
+    path = tmp_path / "rows.jsonl"
+    good = json.dumps({"prompt": "1+1?", "answer": "2"}).encode()
+    path.write_bytes(b"\n".join([good, b'{"prompt": "\xff\xfe", "answer": "1"}', b"[" * 200_000, good]) + b"\n")
+    records = dict(read_records(path))
+    assert isinstance(records[2], ValueError) and "UTF-8" in str(records[2])
+    assert isinstance(records[3], ValueError) and "nested" in str(records[3])
+    examples, stats = load_examples(DatasetConfig(path=str(path), answer_parser="math"))
+    assert len(examples) == 2 and stats.skipped == {"bad_record": 2}
+
+
+def test_trainer_data_skips_prompts_the_model_cannot_fit(tmp_path):
+    """load_task with the model's context: a prompt of context - 1 tokens or more is skipped at load (with
+    data.max_prompt_tokens off), where it used to reach the sampler and end the run at the step that drew it."""
+    from dash.config import DataConfig
+    from dash.rl.task_data import load_task
+    from dash.tokenizer import build_arith_tokenizer
+
+    tok = build_arith_tokenizer()
+    rows = [{"prompt": "1+2=", "answer": "3"}] * 6 + [{"prompt": "1+" * 40 + "2=", "answer": "42"}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(task="jsonl", train_path=str(path), reward="math", test_size=2)
+    train, test = load_task(cfg, tok, max_context=32)
+    prompts = [e.prompt for e in (*test, *train.examples)]
+    assert len(prompts) == 6 and all(len(tok.encode(p, add_special_tokens=False)) < 32 for p in prompts)
+    train, test = load_task(cfg, tok)  # no context given: every row kept, as before
+    assert len(test) + len(train.examples) == 7
