@@ -122,8 +122,12 @@ class SafeReward:
             return 0.0
         finally:
             self.stats.seconds += time.perf_counter() - start
-        if isinstance(value, numbers.Real) and math.isfinite(float(value)):
-            return float(value)
+        try:  # float() of a huge int or Fraction raises OverflowError: an invalid reward, not a crash
+            score = float(value) if isinstance(value, numbers.Real) else math.nan
+        except OverflowError:
+            score = math.nan
+        if math.isfinite(score):
+            return score
         self.stats.note("invalid", f"{self.name} returned {value!r:.80}")
         return 0.0
 

@@ -39,6 +39,21 @@ from dash.rl.step import PolicyUpdate, build_optimizer, frozen_copy, run_step
 from dash.runtime import resolve_device, resolve_dtype, resolve_model_path, seed_everything
 
 
+def check_before_loading(cfg: DashConfig, folder: Path) -> None:
+    """What the config cannot know alone, checked before any weights or data are read: the data files exist, and a
+    completion fits the model's context (one capped there would still be normalised by the uncapped length)."""
+    if cfg.data.task != "arith":
+        for key in ("train_path", "test_path"):
+            path = getattr(cfg.data, key)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"data.{key}: no such file {path}")
+    from dash.model_io import read_config  # as setup() imports model_io: lazily
+
+    context = read_config(folder).max_position_embeddings
+    if cfg.sampling.max_new_tokens >= context:
+        raise ConfigError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} must be below the model's context "
+                          f"({context} tokens, {folder}/config.json), which also holds the prompt")
+
 class Trainer:
     def __init__(self, cfg: DashConfig, quiet: bool = False):
         self.cfg = cfg
@@ -66,11 +81,12 @@ class Trainer:
         if device.type == "cuda" and self.dist.enabled:  # one GPU per rank
             device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(device)
+        check_before_loading(cfg, folder)
+        self.tokenizer = load_tokenizer(folder)  # before the weights: a missing tokenizer file fails fast
         self.model = load_model(folder, dtype=resolve_dtype(cfg.model.dtype), device=device).train()
         self.model.gradient_checkpointing = cfg.train.gradient_checkpointing
         if fsdp and self.dist.enabled:  # one process: nothing to shard, only the checkpoint format differs
             shard_model(self.model, average_grads=cfg.loss.normalizer == "paper")
-        self.tokenizer = load_tokenizer(folder)
         # The KL reference is the initial policy; it is not even built when beta == 0.
         ref_folder = resolve_model_path(cfg.model.path)
         self.ref_model = None

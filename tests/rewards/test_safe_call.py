@@ -1,5 +1,6 @@
 """SafeReward: a raising, hanging or misbehaving reward scores 0.0, is counted, and never kills the run."""
 
+import fractions
 import math
 import signal
 import sys
@@ -51,7 +52,8 @@ def test_keyboard_interrupt_still_stops_the_run():
         SafeReward(interrupted)("x", "y")
 
 
-@pytest.mark.parametrize("value", [None, "1.0", math.nan, math.inf, [1.0]])
+@pytest.mark.parametrize("value", [None, "1.0", math.nan, math.inf, [1.0], 10**400,  # float() overflows
+                                   fractions.Fraction(10**400, 3)])
 def test_invalid_return_values(value):
     safe = SafeReward(lambda c, a: value)
     assert safe("x", "y") == 0.0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dash.cli import main as cli_main
-from dash.config import load_config
+from dash.config import ConfigError, load_config
 from dash.model_io import save_model
 from dash.rewards import register_reward
 from dash.rl.optim import MasterWeightAdamW
@@ -188,3 +188,17 @@ def test_gradient_checkpointing_trains_to_the_same_weights(model_dir, tmp_path):
         runs[flag] = _weights(tr.model)
         tr.close()
     assert all(torch.equal(runs["false"][k], runs["true"][k]) for k in runs["false"])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--sampling.max_new_tokens=100000", "sampling.max_new_tokens=100000 must be below the model's context"),
+    ("--data.task=jsonl", "data.train_path: no such file"),
+])
+def test_settings_the_model_or_disk_contradict_fail_before_loading(model_dir, tmp_path, monkeypatch, override, match):
+    import dash.model_io
+
+    monkeypatch.setattr(dash.model_io, "load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    extra = [override] + (["--data.train_path=/nonexistent/train.jsonl"] if "jsonl" in override else [])
+    tr = Trainer(_cfg(model_dir, tmp_path, *extra), quiet=True)
+    with pytest.raises(ConfigError, match=match):
+        tr.setup()
