@@ -133,6 +133,7 @@ def _publish(tmp: Path, final: Path, trainer_state: dict, step: int) -> None:
     one is in place and named. Left-over temporary folders of killed saves are removed once a save completes.
     """
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
+    _fsync_tree(tmp)  # on disk before any rename can make it reachable (a power loss, not only a killed process)
     old = None
     if final.exists():
         old = final.parent / f".{final.name}-replaced"
@@ -140,10 +141,34 @@ def _publish(tmp: Path, final: Path, trainer_state: dict, step: int) -> None:
         os.replace(final, old)  # `latest` may name `final`: find_checkpoint falls back to the newest complete one
     os.replace(tmp, final)
     pointer_tmp = final.parent / f".{LATEST}.tmp"
-    pointer_tmp.write_text(final.name + "\n")
+    with open(pointer_tmp, "w") as f:
+        f.write(final.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(pointer_tmp, final.parent / LATEST)
+    _fsync_dir(final.parent)  # the renames themselves
     for stale in final.parent.glob(".step-*"):  # `old`, and the temporary folders of saves killed midway
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for path in sorted(p for p in folder.rglob("*") if p.is_dir()):
+        _fsync_dir(path)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync elsewhere
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _step_number(path: Path) -> int | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,6 +38,22 @@ from dash.rl.metrics import MetricsLogger
 from dash.rl.sample import RolloutSampler
 from dash.rl.step import PolicyUpdate, build_optimizer, frozen_copy, run_step
 from dash.runtime import resolve_device, resolve_dtype, resolve_model_path, seed_everything
+
+
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config_to_dict trees, leaving out `log.*` (where output goes,
+    how often it is written: nothing the run computes depends on it)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = prefix + key
+        if name == "log":
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name} ({a!r} -> {b!r})")
+    return out
 
 
 def check_before_loading(cfg: DashConfig, folder: Path) -> None:
@@ -111,6 +128,10 @@ class Trainer:
             set_rng_state(state["rng"])
             self.step = state["step"]
             self._say(f"resumed from {ckpt} at step {self.step}")
+            changed = config_changes(state.get("config", {}), config_to_dict(cfg))
+            if changed:  # allowed (e.g. more steps), but the run no longer continues the saved one exactly
+                warnings.warn(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; the run "
+                              "continues, but may differ from what the saved run would have done")
         # Set-up leaves ~440k long-lived Python objects (the tiny task's 100k examples, torch / transformers
         # internals); each automatic full collection scanned them all: ~160 ms, 3 times per 30 tiny-task DASH steps
         # (~16 ms a step, 10% of it). Frozen, they are skipped; a step's own garbage is still collected. close() thaws.

@@ -68,3 +68,31 @@ def test_latest_naming_a_missing_folder_falls_back_to_the_newest_complete_step(t
     (root / "step-1" / ckpt.STATE_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="no complete step-N"):
         find_checkpoint(tmp_path)
+
+
+def test_a_published_checkpoint_is_fsynced_before_latest_names_it(tmp_path, parts, monkeypatch):
+    """Every file of the checkpoint and the `latest` pointer reach the disk (fsync) before the pointer is renamed in:
+    after a power loss `latest` cannot name files that were still only in the page cache."""
+    real_fsync, real_replace, events = ckpt.os.fsync, ckpt.os.replace, []
+
+    def fsync(fd):
+        events.append(("fsync", ckpt.os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "fsync", fsync)
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    _save(tmp_path, 1, parts, "one")
+    root = tmp_path / "checkpoints"
+    before = [path for kind, path in events[: events.index(("replace", str(root / "latest")))] if kind == "fsync"]
+    synced = set()  # files synced inside the temporary folder (.step-1-XXXX/...), before it became step-1
+    for path in map(ckpt.Path, before):
+        parts = path.relative_to(root).parts if path.is_relative_to(root) else ()
+        if len(parts) > 1 and parts[0].startswith(".step-1-"):
+            synced.add(ckpt.Path(*parts[1:]).as_posix())
+    published = {p.relative_to(root / "step-1").as_posix() for p in (root / "step-1").rglob("*") if p.is_file()}
+    assert published and published <= synced
+    assert str(root / ".latest.tmp") in before

@@ -202,3 +202,15 @@ def test_settings_the_model_or_disk_contradict_fail_before_loading(model_dir, tm
     tr = Trainer(_cfg(model_dir, tmp_path, *extra), quiet=True)
     with pytest.raises(ConfigError, match=match):
         tr.setup()
+
+
+def test_resume_with_a_changed_config_warns_naming_the_keys(model_dir, tmp_path):
+    first = Trainer(_cfg(model_dir, tmp_path), quiet=True)
+    first.setup()
+    first.train_step()
+    first.save_checkpoint()
+    first.close()
+    again = Trainer(_cfg(model_dir, tmp_path, "--train.seed=5", "--log.eval_every=2"), quiet=True)
+    with pytest.warns(UserWarning, match=r"differs from the checkpoint's in train\.seed \(0 -> 5\); the run"):
+        again.setup(resume=str(tmp_path))
+    again.close()
