@@ -86,13 +86,6 @@ if triton is not None:
                  out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-def _dot_precision(cache_dtype: torch.dtype) -> str:
-    """The kernel computes in fp32 (operands upcast on load), and tl.dot on fp32 defaults to TF32 (10-bit mantissa).
-    bf16 / fp16 caches lose nothing to TF32 in QK^T (their values fit), so they keep the tensor cores; an fp32 cache
-    gets full fp32 products ("ieee") unless torch itself allows TF32 matmuls, like the fused log-prob kernels."""
-    return dot_precision(cache_dtype) if cache_dtype == torch.float32 else "tf32"
-
-
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dimension >= 16
 
@@ -125,7 +118,10 @@ def paged_attention_fwd(q, k_cache, v_cache, page_table, context_lens, cu_seqlen
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         page_table.stride(0),
         GROUP=Hq // Hkv, PAGE_SIZE=page_size, HEAD_DIM=D,
-        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(k_cache.dtype),
+        # The kernel computes in fp32 (operands upcast on load), where tl.dot defaults to TF32 (10-bit mantissa).
+        # bf16 / fp16 caches lose nothing to TF32 (their values fit) and keep the tensor cores; an fp32 cache gets
+        # full fp32 products ("ieee") unless torch itself allows TF32 matmuls, as in the fused log-prob kernels.
+        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=_block_d(D), DOT_PRECISION=dot_precision(k_cache.dtype),
     )
     return out
 
@@ -217,7 +213,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return paged_attention_fwd(q, k_cache, v_cache, page_table.to(torch.int32).contiguous(),
                                    context_lens.to(torch.int32), cu_seqlens_q.to(torch.int32), max_q_len, scale)
-    if impl == "torch" and use_cpu_kernel(q, k_cache, v_cache):
+    if use_cpu_kernel(q, k_cache, v_cache):
         # fp32 CPU: the C++ loop reads the pages in place (no gather, no padding of query runs; ~6x faster than the
         # SDPA reference for decode at batch 256). The engine already passes contiguous int32 metadata, so the
         # conversions below are no-ops there.

@@ -245,10 +245,11 @@ def test_fp32_cache_gets_full_precision_dots_on_gpu():
     from triton.compiler import ASTSource
 
     import dash_kernels.aot  # noqa: F401
-    from dash_kernels.paged_attention import AOT_SIGNATURE, _dot_precision, _paged_attention_kernel
+    from dash_kernels.ops._triton_utils import dot_precision
+    from dash_kernels.paged_attention import AOT_SIGNATURE, _paged_attention_kernel
 
-    assert _dot_precision(torch.float32) == ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
-    assert _dot_precision(torch.bfloat16) == "tf32"
+    assert dot_precision(torch.float32) == ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
+    assert dot_precision(torch.bfloat16) == "tf32"
     for dtype, tensor_cores in (("fp32", False), ("bf16", True)):
         sig, constexprs = AOT_SIGNATURE(dtype, page_size=16, head_dim=64, group=1)
         kernel = triton.compile(ASTSource(fn=_paged_attention_kernel, signature=sig, constexprs=constexprs),
