@@ -28,17 +28,23 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 _MASTER_KEY = "dash_master_weights"
 
 
-def _accumulate_fp32(master_ref, param: torch.Tensor) -> None:
-    """Post-accumulate-grad hook: add `param`'s fresh 16-bit gradient into its master's fp32 gradient, clear it."""
-    master = master_ref()
-    if master is None or param.grad is None:  # the optimizer is gone: leave the gradient where autograd put it
+@torch.no_grad()
+def _move_grad(param: torch.Tensor, master: torch.Tensor) -> None:
+    """Adds `param`'s 16-bit gradient (if any) into `master`'s fp32 gradient and clears it from `param`."""
+    if param.grad is None:
         return
-    with torch.no_grad():
-        if master.grad is None:
-            master.grad = param.grad.to(torch.float32)
-        else:
-            master.grad.add_(param.grad)
+    if master.grad is None:
+        master.grad = param.grad.to(torch.float32)
+    else:
+        master.grad.add_(param.grad)
     param.grad = None
+
+
+def _accumulate_fp32(master_ref, param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook: moves each backward's gradient onto the master (see _move_grad)."""
+    master = master_ref()
+    if master is not None:  # the optimizer is gone: leave the gradient where autograd put it
+        _move_grad(param, master)
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
@@ -65,9 +71,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         if closure is not None:
             raise ValueError("MasterWeightAdamW.step: closures are not supported (the trainer never passes one)")
         for p, m in zip(self.model_params, self.masters):
-            if p.grad is not None:  # assigned by hand, not through backward: fold it in
-                m.grad = p.grad.to(torch.float32) if m.grad is None else m.grad.add_(p.grad)
-                p.grad = None
+            _move_grad(p, m)  # a gradient assigned by hand, not through backward: fold it in
         super().step()
         for p, m in zip(self.model_params, self.masters):
             p.copy_(m)  # round to the model's dtype once, from the exact fp32 value
