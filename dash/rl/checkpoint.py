@@ -134,7 +134,6 @@ def _publish(tmp: Path, final: Path, trainer_state: dict, step: int) -> None:
     """
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
     _fsync_tree(tmp)  # on disk before any rename can make it reachable (a power loss, not only a killed process)
-    old = None
     if final.exists():
         old = final.parent / f".{final.name}-replaced"
         shutil.rmtree(old, ignore_errors=True)
@@ -152,12 +151,12 @@ def _publish(tmp: Path, final: Path, trainer_state: dict, step: int) -> None:
 
 
 def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
+    for path in folder.rglob("*"):
+        if path.is_dir():
+            _fsync_dir(path)
+        else:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    for path in sorted(p for p in folder.rglob("*") if p.is_dir()):
-        _fsync_dir(path)
     _fsync_dir(folder)
 
 
