@@ -71,11 +71,11 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
     cfg = model.config
     max_len = cfg.max_position_embeddings
     stop_default = _default_stop_ids(model, tokenizer)
-    table = SequenceTable(ids, plist, n, max_len, stop_default, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    table = SequenceTable(ids, plist, n, max_len, stop_default, device=device)
     pages_per_seq = [-(-(len(p) + int(m)) // page_size) for p, m in zip(ids, table.max_new[::n].tolist())]
     default_pool = not num_pages
     if default_pool:
-        device = next(model.parameters()).device
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # not run here: no GPU
         num_pages = default_num_pages(n * sum(pages_per_seq), KVCache.bytes_per_page(model, page_size), free)
     if num_pages < max(pages_per_seq):

@@ -91,9 +91,14 @@ def pack_sft_batch(
     )
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters; the CPU for a parameterless stand-in (the tests' oracle models)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def sft_loss(model: CausalLM, batch: PackedSFTBatch) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the completion tokens of `batch` -> (loss, number of completion tokens)."""
-    batch = batch.to(next(model.parameters(), torch.empty(0)).device)  # built on the CPU by pack_sft_batch
+    batch = batch.to(_device_of(model))  # built on the CPU by pack_sft_batch
     hidden = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.positions)  # [T, H]
     logits = model.compute_logits(hidden[batch.loss_mask])  # [N, V], N = completion tokens
     n_tokens = int(batch.loss_mask.sum())
@@ -217,7 +222,7 @@ def greedy_decode(
     """
     was_training = model.training
     model.eval()
-    dev = next(model.parameters(), torch.empty(0)).device  # parameterless stand-ins (tests) decode on the CPU
+    dev = _device_of(model)
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     out: list[str] = []
     for start in range(0, len(prompts), _DECODE_BATCH):

@@ -71,6 +71,7 @@ def check_before_loading(cfg: DashConfig, folder: Path) -> None:
         raise ConfigError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} must be below the model's context "
                           f"({context} tokens, {folder}/config.json), which also holds the prompt")
 
+
 class Trainer:
     def __init__(self, cfg: DashConfig, quiet: bool = False):
         self.cfg = cfg
