@@ -18,6 +18,8 @@
 #include <ATen/Dispatch.h>
 #include <cstring>
 
+#include "cpu_ops.h"
+
 namespace dash {
 
 // Shared argument checks (device-independent); also used by the CUDA binding.
@@ -68,6 +70,8 @@ namespace {
 // OpenMP dispatch overhead below the copy cost.
 constexpr int64_t kGrainTokens = 64;
 
+}  // namespace
+
 void store_kv_cpu(const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& k_cache, at::Tensor& v_cache,
                   const at::Tensor& slot_mapping, bool /*check_slots: the CPU check is free, always done*/) {
   check_store_kv_args(k_in, v_in, k_cache, v_cache, slot_mapping);
@@ -97,6 +101,8 @@ void store_kv_cpu(const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& k_
     }
   });
 }
+
+namespace {
 
 void copy_pages_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& src_in, const at::Tensor& dst_in) {
   check_copy_pages_args(k_cache, v_cache, src_in, dst_in);

@@ -2,12 +2,10 @@
 // shared library is loaded (kv_cache_cpu.cpp, kv_cache_cuda.cpp); pybind11 objects are added to `m` here.
 #include <torch/extension.h>
 
+#include "cpu_ops.h"
+
 namespace dash {
 void bind_page_allocator(pybind11::module_& m);  // csrc/page_allocator.cpp
-at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                               const at::Tensor& page_table, const at::Tensor& context_lens,
-                               const std::optional<at::Tensor>& cu_seqlens_q,
-                               double scale);  // csrc/paged_attention_cpu.cpp
 }  // namespace dash
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -18,8 +16,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &dash::paged_attention_cpu, pybind11::arg("q"), pybind11::arg("k_cache"),
         pybind11::arg("v_cache"), pybind11::arg("page_table"), pybind11::arg("context_lens"),
         pybind11::arg("cu_seqlens_q"), pybind11::arg("scale"),
+        // Without the GIL: the engine runs batch shards of one step on several Python threads (dash/engine/shards.py).
+        pybind11::call_guard<pybind11::gil_scoped_release>(),
         "CPU fp32 paged attention (decode, or causal query runs when cu_seqlens_q is given) read in place from the "
         "KV pages (csrc/paged_attention_cpu.cpp).");
+  m.def("decoder_layer", &dash::decoder_layer_cpu, pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("eps"),
+        pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
+        pybind11::arg("slot_mapping"), pybind11::arg("page_table"), pybind11::arg("context_lens"),
+        pybind11::arg("cu_seqlens_q"), pybind11::arg("scale"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "One fp32 CPU decoder layer on the paged KV cache, x updated in place (csrc/decoder_layer_cpu.cpp).");
 #ifdef DASH_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

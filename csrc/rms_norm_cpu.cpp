@@ -16,6 +16,7 @@
 #include <cmath>
 
 #include "cpu_math.h"
+#include "cpu_ops.h"
 
 namespace dash {
 namespace {
@@ -43,6 +44,8 @@ void check_args(const char* op, const at::Tensor& x, const at::Tensor& weight) {
                     op, ": weight must be contiguous fp32 CPU [H=", x.size(-1), "], got ", weight.sizes());
 }
 
+}  // namespace
+
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_args("rms_norm", x, weight);
   at::Tensor out = at::empty_like(x);
@@ -68,8 +71,6 @@ at::Tensor add_rms_norm_cpu(at::Tensor& x, const at::Tensor& delta, const at::Te
   });
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dash, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include "cpu_math.h"
+#include "cpu_ops.h"
 
 namespace dash {
 namespace {
@@ -34,6 +35,8 @@ DASH_CPU_CLONES void rotate_tokens(int64_t begin, int64_t end, int64_t H, int64_
   }
 }
 
+}  // namespace
+
 void rotary_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
   for (const auto* t : {&q, &k}) {
     TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3,
@@ -54,8 +57,6 @@ void rotary_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::T
     rotate_tokens(b, e, Hkv, D, k.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>());
   });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dash, m) { m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()"); }
 

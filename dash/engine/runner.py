@@ -1,29 +1,28 @@
 """Runs one scheduled step of the live model against the paged KV cache: the only engine file that touches the
 model's parameters and device memory.
 
-The model is `dash.model.CausalLM`, used as-is: its embedding, `Attention.project` (projections, q/k norm), `o_proj`,
-MLP projections and lm_head are called piece by piece here with the layers' own parameters. What is replaced is the
-glue between them, by inference kernels from dash_kernels (C++ for fp32 CPU, Triton on CUDA, the same torch code as
-the model elsewhere): RMSNorm fused with the residual add (`add_rms_norm_`, the residual stream x is updated in
-place), RoPE in place on q and k (`rotary_`), SiLU * up in place (`silu_mul_`), and the attention. The parameters
-are read at every step, so a `generate` call after an optimizer step sees the new weights with no copy, reload or
-sync (the trainer and the sampler share one `nn.Module`).
+The model is `dash.model.CausalLM`, used as-is: its embedding, each decoder layer's parameters (listed once per call
+in `dash_kernels.decoder_layer.LAYER_WEIGHTS` order, the tensors themselves, not copies) and its final norm and
+lm_head. The layer chain is `dash_kernels.decoder_layer`: RMSNorm (C++ for fp32 CPU, Triton on CUDA), the model's
+projections as GEMMs, q/k norm, RoPE in place, the attention below, the residual adds and SwiGLU. The parameters are
+read at every step, so a `generate` call after an optimizer step sees the new weights with no copy, reload or sync
+(the trainer and the sampler share one `nn.Module`).
 
 Attention per step:
-- prefill: `store_kv` writes the new K/V to their pages. With no prefix-cache hit in the step, the K/V are exactly the
-  projections just computed: causal varlen attention over them (`dash.attention.varlen_attention`). With a hit
-  (`ctx.page_table` set), the prefix lives only in the pages: `dash_kernels.paged_attention` with per-sequence query
-  runs reads it. On fp32 CPU a prefill without a hit also takes the paged path when its runs are short or ragged
-  (`paged_prefill`, see `Scheduler`): the C++ kernel reads the pages in place, where SDPA pads the runs to the
-  longest one. Pages another entry of the same step shares are written by that entry in the same layer before any
-  attention of the layer runs, so in-step sharing needs no ordering between entries.
-- decode: `store_kv` writes the new token first, then the pages are read by flash-attn's `flash_attn_with_kvcache`
-  (CUDA, flash-attn installed, fp16 / bf16, page_size a multiple of 256; untested here, no GPU), else
-  `dash_kernels.paged_attention` (its Triton kernel on CUDA, the C++ kernel for fp32 CPU, gather + SDPA otherwise).
+- paged (`decoder_layer_`): a decode step, and a prefill with page tables (a prefix-cache hit, or on fp32 CPU short /
+  ragged runs, see `Scheduler.paged_prefill`). The new K/V are stored first, then read in place with the other
+  tokens' by `dash_kernels.paged_attention` (its Triton kernel on CUDA; on fp32 CPU the whole layer is one C++ call).
+  Pages another entry of the same step shares are written by that entry in the same layer before any attention of
+  the layer runs, so in-step sharing needs no ordering between entries.
+- fresh (`decoder_layer_ref` with `_attend_fresh`): a prefill without page tables runs causal varlen attention over
+  the K/V it just computed (`dash.attention.varlen_attention`); a decode step with flash-attn installed on CUDA
+  (fp16 / bf16, page_size a multiple of 256) reads the pages with `flash_attn_with_kvcache` (untested here, no GPU).
 Logits are computed for the sampled rows only (last prefill token / every decode token), in fp32.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
@@ -31,10 +30,8 @@ from dash.attention import flash_attn_supports, varlen_attention
 from dash.engine.kv_cache import Context, KVCache
 from dash_kernels import kv
 from dash_kernels._ext import use_cpu_kernel
-from dash_kernels.paged_attention import paged_attention
-from dash_kernels.rms_norm import add_rms_norm_, rms_norm
-from dash_kernels.rotary import rotary_
-from dash_kernels.silu_mul import silu_mul_
+from dash_kernels.decoder_layer import decoder_layer_, decoder_layer_ref
+from dash_kernels.rms_norm import rms_norm
 
 try:  # optional, CUDA only; its paged KV needs page_size % 256 == 0 (FA2's block-table constraint)
     from flash_attn import flash_attn_with_kvcache
@@ -50,13 +47,17 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.use_flash = (flash_attn_with_kvcache is not None and self.device.type == "cuda"
                           and cache.page_size % _FLASH_PAGE_MULTIPLE == 0 and flash_attn_supports(cache.k[0]))
-        # Prefill attention from the pages even without a prefix hit where that kernel can be the fast one (the C++
-        # loop on fp32 CPU; the scheduler picks per step); on CUDA varlen flash attention stays the no-hit path.
+        # fp32 CPU (the C++ kernels): prefill attention from the pages even without a prefix hit where that kernel
+        # can be the fast one (the scheduler picks per step; a paged step is also one C++ call per layer). On CUDA
+        # varlen flash attention stays the no-hit prefill path.
         self.paged_prefill = use_cpu_kernel(cache.k[0])
         # RoPE tables for every position of this call, looked up per step: computing cos/sin of [T, D] angles costs
         # ~6 small ops per step, a row gather costs 2. Same values as the model's own tables (same function).
         with torch.no_grad():
             self.cos, self.sin = model.model.rotary_emb(torch.arange(max_len, device=self.device))  # [max_len, D]
+        layers = model.model.layers
+        self.weights = [layer_weights(layer) for layer in layers]  # read once per call: the weights cannot change
+        self.eps, self.scale = model.config.rms_norm_eps, layers[0].self_attn.scale
 
     @torch.inference_mode()
     def run(self, ctx: Context) -> torch.Tensor:
@@ -65,38 +66,38 @@ class ModelRunner:
         if not ctx.is_prefill:
             self.cache.copy_on_write(ctx.cow_src, ctx.cow_dst)
         inner = self.model.model
-        layers = inner.layers
         cos, sin = self.cos[ctx.positions], self.sin[ctx.positions]  # [T, D] each
         x = inner.embed_tokens(ctx.input_ids)  # [T, H]: the residual stream, a fresh tensor updated in place below
-        T = x.shape[0]
-        norm = layers[0].input_layernorm
-        h = rms_norm(x, norm.weight, norm.eps)  # [T, H]: the current sub-block's normed input
-        for i, (layer, k_cache, v_cache) in enumerate(zip(layers, self.cache.k, self.cache.v)):
-            attn, mlp = layer.self_attn, layer.mlp
-            q, k, v = attn.project(h)  # [T, Hq, D], [T, Hkv, D] x2
-            rotary_(q, k, cos, sin)
-            # The allocator made these slots (in range by construction): no per-layer range check, which on CUDA
-            # would sync the host with the device twice per layer.
-            kv.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, check_slots=False)
-            if ctx.is_prefill and ctx.page_table is not None:
-                o = paged_attention(q, k_cache, v_cache, ctx.page_table, ctx.context_lens, ctx.cu_seqlens,
-                                    scale=attn.scale, max_q_len=ctx.max_seqlen)
-            elif ctx.is_prefill:
-                o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, attn.scale)  # [T, Hq, D]
-            elif self.use_flash:  # not exercised on this CPU-only box
-                o = flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=ctx.context_lens,
-                                            block_table=ctx.page_table, softmax_scale=attn.scale, causal=True)[:, 0]
+        for w, k_cache, v_cache in zip(self.weights, self.cache.k, self.cache.v):
+            if self._is_paged(ctx):
+                # The allocator made the slots (in range by construction): no per-layer range check, which on CUDA
+                # would sync the host with the device twice per layer.
+                decoder_layer_(x, w, self.eps, cos, sin, k_cache, v_cache, ctx.slot_mapping, ctx.page_table,
+                               ctx.context_lens, ctx.cu_seqlens if ctx.is_prefill else None, self.scale,
+                               max_q_len=ctx.max_seqlen if ctx.is_prefill else 1, check_slots=False)
             else:
-                o = paged_attention(q, k_cache, v_cache, ctx.page_table, ctx.context_lens, scale=attn.scale)
-            norm = layer.post_attention_layernorm
-            h = add_rms_norm_(x, attn.o_proj(o.reshape(T, -1)), norm.weight, norm.eps)  # x += attn
-            gate = mlp.gate_proj(h)  # [T, I]
-            mlp_out = mlp.down_proj(silu_mul_(gate, mlp.up_proj(h)))  # [T, H]
-            if i + 1 < len(layers):
-                norm = layers[i + 1].input_layernorm
-                h = add_rms_norm_(x, mlp_out, norm.weight, norm.eps)  # x += mlp
-            else:
-                x.add_(mlp_out)
+                decoder_layer_ref(x, w, self.eps, cos, sin, partial(self._attend_fresh, ctx, k_cache, v_cache))
         if ctx.logits_index is not None:
             x = x[ctx.logits_index]  # [E, H]: only the last token of each prefill is sampled
         return self.model.compute_logits_fp32(rms_norm(x, inner.norm.weight, inner.norm.eps))  # [R, V]
+
+    def _is_paged(self, ctx: Context) -> bool:
+        return ctx.page_table is not None and (ctx.is_prefill or not self.use_flash)
+
+    def _attend_fresh(self, ctx: Context, k_cache, v_cache, q, k, v) -> torch.Tensor:
+        """Attention of a step without page tables, or of a flash-attn decode: [T, Hq, D]."""
+        kv.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, check_slots=False)
+        if ctx.is_prefill:
+            return varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, self.scale)
+        return flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=ctx.context_lens,  # not run here
+                                       block_table=ctx.page_table, softmax_scale=self.scale, causal=True)[:, 0]
+
+
+def layer_weights(layer) -> list[torch.Tensor | None]:
+    """A `dash.model.DecoderLayer`'s parameters in LAYER_WEIGHTS order (the tensors themselves, None if absent)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    q_norm = None if attn.q_norm is None else attn.q_norm.weight
+    k_norm = None if attn.k_norm is None else attn.k_norm.weight
+    return [layer.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias,
+            attn.v_proj.weight, attn.v_proj.bias, q_norm, k_norm, attn.o_proj.weight, attn.o_proj.bias,
+            layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]

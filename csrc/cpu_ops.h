@@ -1,0 +1,35 @@
+// The fp32 CPU kernels of the sampler's forward, callable from C++ as well as through their Python bindings:
+// csrc/decoder_layer_cpu.cpp chains them into one call per decoder layer. Each function checks its arguments
+// (ValueError naming the op) and parallelises over torch's intra-op threads of the calling thread.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace dash {
+
+// csrc/rms_norm_cpu.cpp: weight * (x / sqrt(mean(x^2) + eps)) over the last dim; the add_ variant first does x += delta.
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor add_rms_norm_cpu(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, double eps);
+
+// csrc/rotary_cpu.cpp: RoPE ("rotate half") in place on q [T, Hq, D] and k [T, Hkv, D].
+void rotary_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin);
+
+// csrc/kv_cache_cpu.cpp: token t's K/V rows into cache slot slot_mapping[t] (-1: skipped).
+void store_kv_cpu(const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& k_cache, at::Tensor& v_cache,
+                  const at::Tensor& slot_mapping, bool check_slots);
+
+// csrc/paged_attention_cpu.cpp: attention of q [T, Hq, D] over the paged cache (decode, or causal query runs).
+at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const at::Tensor& page_table, const at::Tensor& context_lens,
+                               const std::optional<at::Tensor>& cu_seqlens_q, double scale);
+
+// csrc/decoder_layer_cpu.cpp: one decoder layer over the residual stream x [T, H], in place (chains the above).
+void decoder_layer_cpu(at::Tensor& x, const std::vector<std::optional<at::Tensor>>& w, double eps,
+                       const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                       const at::Tensor& slot_mapping, const at::Tensor& page_table, const at::Tensor& context_lens,
+                       const std::optional<at::Tensor>& cu_seqlens_q, double scale);
+
+}  // namespace dash

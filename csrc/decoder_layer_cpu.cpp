@@ -1,0 +1,98 @@
+// `decoder_layer_cpu`: one pre-norm GQA decoder layer (Llama / Qwen2 / Qwen3) of the sampler's fp32 CPU forward, in
+// one call, on a step whose attention reads the paged KV cache (decode, or prefill with query runs). Bound as
+// dash_kernels._C.decoder_layer (csrc/module.cpp); dash_kernels/decoder_layer.py is the Python side, with the
+// reference beside it (the same chain as torch calls). Tests: tests/kernels/test_decoder_layer.py.
+//
+//   x[T, H] (residual stream, updated in place):
+//     h = rms_norm(x) ; q, k, v = h W_q (+b), h W_k (+b), h W_v (+b) ; [q, k = rms_norm_D(q), rms_norm_D(k)]
+//     rope(q, k) ; store k, v at slot_mapping ; o = paged_attention(q, cache)
+//     x += o W_o (+b) ; h = rms_norm(x) ; x += (silu(h W_gate) * h W_up) W_down
+//
+// Why one call: the same chain issued op by op from Python costs ~15 dispatches and their Python glue per layer,
+// more than the ops themselves at a tiny model's decode step; and it holds the GIL between every two ops, which
+// serialises the engine's batch shards (dash/engine/shards.py run one step's sequences on several threads). This
+// function runs without the GIL from start to end. The GEMMs are torch's (at::linear, the same MKL calls as the
+// Python path), the rest are this library's CPU kernels (csrc/cpu_ops.h), so the results equal the Python chain's
+// up to the summation order inside RMSNorm (the reference uses torch ops for the q/k norms).
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cpu_ops.h"
+
+namespace dash {
+namespace {
+
+// The order of the weights list; dash_kernels/decoder_layer.py LAYER_WEIGHTS names the same slots.
+enum LayerWeight : int {
+  kInputNorm,
+  kQ,
+  kQBias,
+  kK,
+  kKBias,
+  kV,
+  kVBias,
+  kQNorm,
+  kKNorm,
+  kO,
+  kOBias,
+  kPostNorm,
+  kGate,
+  kUp,
+  kDown,
+  kNumWeights
+};
+
+// Slots that every layer has (the biases and the q/k norms may be None).
+constexpr LayerWeight kRequired[] = {kInputNorm, kQ, kK, kV, kO, kPostNorm, kGate, kUp, kDown};
+
+[[noreturn]] void value_error(const std::string& msg) { throw pybind11::value_error("decoder_layer: " + msg); }
+
+bool fp32_cpu(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }
+
+}  // namespace
+
+void decoder_layer_cpu(at::Tensor& x, const std::vector<std::optional<at::Tensor>>& w, double eps,
+                       const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                       const at::Tensor& slot_mapping, const at::Tensor& page_table, const at::Tensor& context_lens,
+                       const std::optional<at::Tensor>& cu_seqlens_q, double scale) {
+  if (w.size() != kNumWeights) {
+    value_error("weights must list " + std::to_string(kNumWeights) + " slots (LAYER_WEIGHTS), got " +
+                std::to_string(w.size()));
+  }
+  for (LayerWeight i : kRequired) {
+    if (!w[i].has_value()) value_error("weight slot " + std::to_string(i) + " is required, got None");
+  }
+  for (const auto& t : w) {
+    if (t.has_value() && !fp32_cpu(*t)) value_error("weights must be fp32 CPU tensors");
+  }
+  if (!fp32_cpu(x) || !x.is_contiguous() || x.dim() != 2) value_error("x must be a contiguous fp32 CPU [T, H]");
+  if (k_cache.dim() != 4) value_error("caches must be [num_pages, page_size, Hkv, D]");
+  const int64_t T = x.size(0), Hkv = k_cache.size(2), D = k_cache.size(3);
+  if (w[kQ]->dim() != 2 || w[kQ]->size(0) % D != 0 || w[kK]->size(0) != Hkv * D || w[kV]->size(0) != Hkv * D) {
+    value_error("q / k / v projections do not produce whole heads of the cache's head_dim " + std::to_string(D) +
+                " (k / v: " + std::to_string(Hkv) + " heads)");
+  }
+  // Attention block. The projections are fresh contiguous tensors, so their [T, heads, D] views are contiguous too.
+  at::Tensor h = rms_norm_cpu(x, *w[kInputNorm], eps);             // [T, H]
+  at::Tensor q = at::linear(h, *w[kQ], w[kQBias]).view({T, -1, D});  // [T, Hq, D]
+  at::Tensor k = at::linear(h, *w[kK], w[kKBias]).view({T, Hkv, D});  // [T, Hkv, D]
+  at::Tensor v = at::linear(h, *w[kV], w[kVBias]).view({T, Hkv, D});  // [T, Hkv, D]
+  if (w[kQNorm].has_value() != w[kKNorm].has_value()) value_error("q_norm and k_norm come together (Qwen3)");
+  if (w[kQNorm].has_value()) {
+    q = rms_norm_cpu(q, *w[kQNorm], eps);
+    k = rms_norm_cpu(k, *w[kKNorm], eps);
+  }
+  rotary_cpu(q, k, cos, sin);
+  store_kv_cpu(k, v, k_cache, v_cache, slot_mapping, /*check_slots=*/true);
+  at::Tensor o = paged_attention_cpu(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q, scale);
+  h = add_rms_norm_cpu(x, at::linear(o.view({T, -1}), *w[kO], w[kOBias]), *w[kPostNorm], eps);  // x += attn
+  // MLP block (SwiGLU), in place on the gate's buffer.
+  at::Tensor gate = at::linear(h, *w[kGate]);  // [T, I]
+  at::silu_(gate).mul_(at::linear(h, *w[kUp]));
+  x.add_(at::linear(gate, *w[kDown]));  // x += mlp
+}
+
+}  // namespace dash

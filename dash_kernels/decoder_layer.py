@@ -1,0 +1,103 @@
+"""One decoder layer of the sampler's forward on a paged KV cache: `decoder_layer_(x, weights, ...)`, x in place.
+
+The layer is the pre-norm GQA block of Llama / Qwen2 / Qwen3 (optional q/k/v and o biases, optional Qwen3 q/k
+RMSNorm over head_dim, SwiGLU MLP):
+
+    h = rms_norm(x); q, k, v = proj(h); [q, k = q_norm(q), k_norm(k)]; rope(q, k); o = attend(q, k, v)
+    x += o_proj(o); h = rms_norm(x); x += down(silu(gate(h)) * up(h))
+
+Layers (no autograd: inference only):
+- `decoder_layer_ref`: the chain in torch ops and this package's public inference ops (C++ on fp32 CPU, Triton on
+  CUDA), with the attention given as a callable, so the engine also runs its varlen and flash-attn steps through it;
+- the C++ op `_C.decoder_layer` (csrc/decoder_layer_cpu.cpp): the same chain in one call without the GIL, for fp32
+  CPU steps whose attention reads the pages (decode, or prefill with per-sequence query runs). It exists for the
+  Python glue between ~15 small ops, which costs more than the ops at a tiny model's decode step, and so that batch
+  shards of one step can run on several threads at once (dash/engine/shards.py);
+- `decoder_layer_`: the public function, the C++ op where it applies, else the reference with paged attention.
+Both paths call the same kernels in the same order on fp32 CPU, so their results are bitwise equal there.
+
+`weights` lists the layer's tensors in LAYER_WEIGHTS order, None for an absent bias or q/k norm; all RMSNorms share
+`eps`. Tests: tests/kernels/test_decoder_layer.py; the engine's HF parity tests run every fp32 CPU decode through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dash_kernels import kv
+from dash_kernels._ext import _C, use_cpu_kernel
+from dash_kernels.paged_attention import paged_attention
+from dash_kernels.rms_norm import add_rms_norm_, rms_norm
+from dash_kernels.rotary import rotary_
+from dash_kernels.silu_mul import silu_mul_
+
+__all__ = ["LAYER_WEIGHTS", "decoder_layer_", "decoder_layer_ref"]
+
+# Slot order of `weights` (csrc/decoder_layer_cpu.cpp's LayerWeight enum): [out, in] matrices, [n] biases / norms.
+LAYER_WEIGHTS = ("input_norm", "q", "q_bias", "k", "k_bias", "v", "v_bias", "q_norm", "k_norm", "o", "o_bias",
+                 "post_norm", "gate", "up", "down")
+_OPTIONAL = {"q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "o_bias"}
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) -> o [T, Hq, D]
+
+
+def decoder_layer_ref(x: torch.Tensor, weights: Sequence[torch.Tensor | None], eps: float, cos: torch.Tensor,
+                      sin: torch.Tensor, attend: Attend) -> None:
+    """x [T, H] <- the layer's output, in place. cos / sin: [T, D] RoPE tables of the tokens' positions.
+
+    attend(q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) stores the new K/V where the step keeps them and returns the
+    attention output [T, Hq, D].
+    """
+    w = dict(zip(LAYER_WEIGHTS, weights, strict=True))
+    T, D = x.shape[0], cos.shape[-1]
+    h = rms_norm(x, w["input_norm"], eps)  # [T, H]
+    q = F.linear(h, w["q"], w["q_bias"]).view(T, -1, D)  # [T, Hq, D]
+    k = F.linear(h, w["k"], w["k_bias"]).view(T, -1, D)  # [T, Hkv, D]
+    v = F.linear(h, w["v"], w["v_bias"]).view(T, -1, D)  # [T, Hkv, D]
+    if w["q_norm"] is not None:  # Qwen3
+        q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
+    rotary_(q, k, cos, sin)
+    o = attend(q, k, v)
+    h = add_rms_norm_(x, F.linear(o.reshape(T, -1), w["o"], w["o_bias"]), w["post_norm"], eps)  # x += attn
+    gate = F.linear(h, w["gate"])  # [T, I]
+    x.add_(F.linear(silu_mul_(gate, F.linear(h, w["up"])), w["down"]))  # x += mlp
+
+
+def decoder_layer_(x: torch.Tensor, weights: Sequence[torch.Tensor | None], eps: float, cos: torch.Tensor,
+                   sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   page_table: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None = None,
+                   scale: float | None = None, max_q_len: int | None = None, check_slots: bool = True) -> torch.Tensor:
+    """The layer over x [T, H] in place (returned), attention read from the paged cache after storing the new K/V.
+
+    Args:
+        weights: LAYER_WEIGHTS order, None for an absent optional slot.
+        k_cache, v_cache: [num_pages, page_size, Hkv, D]; slot_mapping: [T] int32 slot of each token's K/V.
+        page_table, context_lens, cu_seqlens_q, scale, max_q_len: as `dash_kernels.paged_attention` (cu_seqlens_q
+            None: decode, one token per sequence).
+        check_slots: False skips the slot range check on CUDA (two host syncs) for a caller whose slots come from
+            the page allocator; CPU always checks.
+    """
+    if len(weights) != len(LAYER_WEIGHTS):
+        raise ValueError(f"decoder_layer_: weights must have {len(LAYER_WEIGHTS)} slots {LAYER_WEIGHTS}, "
+                         f"got {len(weights)}")
+    missing = [n for n, t in zip(LAYER_WEIGHTS, weights) if t is None and n not in _OPTIONAL]
+    if missing:
+        raise ValueError(f"decoder_layer_: weights {missing} are required, got None")
+    scale = cos.shape[-1] ** -0.5 if scale is None else scale
+    present = [t for t in weights if t is not None]
+    if use_cpu_kernel(x, k_cache, *present) and x.is_contiguous():
+        meta = [t if t is None or (t.dtype == torch.int32 and t.is_contiguous()) else t.to(torch.int32).contiguous()
+                for t in (slot_mapping, page_table, context_lens, cu_seqlens_q)]
+        _C.decoder_layer(x, list(weights), eps, cos.contiguous(), sin.contiguous(), k_cache, v_cache, *meta, scale)
+        return x
+
+    def attend(q, k, v):
+        kv.store_kv(k, v, k_cache, v_cache, slot_mapping, check_slots=check_slots)
+        return paged_attention(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q, scale=scale,
+                               max_q_len=max_q_len)
+
+    decoder_layer_ref(x, weights, eps, cos, sin, attend)
+    return x
