@@ -16,7 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &dash::paged_attention_cpu, pybind11::arg("q"), pybind11::arg("k_cache"),
         pybind11::arg("v_cache"), pybind11::arg("page_table"), pybind11::arg("context_lens"),
         pybind11::arg("cu_seqlens_q"), pybind11::arg("scale"),
-        // Without the GIL: the engine runs batch shards of one step on several Python threads (dash/engine/shards.py).
+        // Without the GIL: a long call must not stall the process's other Python threads.
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "CPU fp32 paged attention (decode, or causal query runs when cu_seqlens_q is given) read in place from the "
         "KV pages (csrc/paged_attention_cpu.cpp).");

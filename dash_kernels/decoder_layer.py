@@ -11,8 +11,7 @@ Layers (no autograd: inference only):
   CUDA), with the attention given as a callable, so the engine also runs its varlen and flash-attn steps through it;
 - the C++ op `_C.decoder_layer` (csrc/decoder_layer_cpu.cpp): the same chain in one call without the GIL, for fp32
   CPU steps whose attention reads the pages (decode, or prefill with per-sequence query runs). It exists for the
-  Python glue between ~15 small ops, which costs more than the ops at a tiny model's decode step, and so that batch
-  shards of one step can run on several threads at once (dash/engine/shards.py);
+  Python glue between ~15 small ops, which costs more than the ops at a tiny model's decode step;
 - `decoder_layer_`: the public function, the C++ op where it applies, else the reference with paged attention.
 Both paths call the same kernels in the same order on fp32 CPU, so their results are bitwise equal there.
 
