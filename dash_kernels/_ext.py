@@ -47,6 +47,13 @@ def use_cpu_kernel(*tensors) -> bool:
             and backend.resolve(tensors[0].device) == "torch")
 
 
+def as_int32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Index metadata as the C++ kernels read it: contiguous int32 (None passes through; already so: no copy)."""
+    if t is None or (t.dtype == torch.int32 and t.is_contiguous()):
+        return t
+    return t.to(torch.int32).contiguous()
+
+
 def use_triton_kernel(*tensors) -> bool:
     """Whether a Triton inference kernel (no backward) applies to `tensors`: the backend for their device resolves to
     "triton" (CUDA, or the interpreter when forced) and no tensor needs a gradient."""

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dash_kernels import kv
-from dash_kernels._ext import _C, use_cpu_kernel
+from dash_kernels._ext import _C, as_int32, use_cpu_kernel
 from dash_kernels.paged_attention import paged_attention
 from dash_kernels.rms_norm import add_rms_norm_, rms_norm
 from dash_kernels.rotary import rotary_
@@ -88,8 +88,7 @@ def decoder_layer_(x: torch.Tensor, weights: Sequence[torch.Tensor | None], eps:
     scale = cos.shape[-1] ** -0.5 if scale is None else scale
     present = [t for t in weights if t is not None]
     if use_cpu_kernel(x, k_cache, *present) and x.is_contiguous():
-        meta = [t if t is None or (t.dtype == torch.int32 and t.is_contiguous()) else t.to(torch.int32).contiguous()
-                for t in (slot_mapping, page_table, context_lens, cu_seqlens_q)]
+        meta = [as_int32(t) for t in (slot_mapping, page_table, context_lens, cu_seqlens_q)]
         _C.decoder_layer(x, list(weights), eps, cos.contiguous(), sin.contiguous(), k_cache, v_cache, *meta, scale)
         return x
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dash_kernels import backend
-from dash_kernels._ext import _C, on_tensor_device, use_cpu_kernel
+from dash_kernels._ext import _C, as_int32, on_tensor_device, use_cpu_kernel
 from dash_kernels.ops._triton_utils import dot_precision
 
 try:
@@ -217,8 +217,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         # fp32 CPU: the C++ loop reads the pages in place (no gather, no padding of query runs; ~6x faster than the
         # SDPA reference for decode at batch 256). The engine already passes contiguous int32 metadata, so the
         # conversions below are no-ops there.
-        meta = [t if t is None or (t.dtype == torch.int32 and t.is_contiguous()) else t.to(torch.int32).contiguous()
-                for t in (page_table, context_lens, cu_seqlens_q)]
+        meta = [as_int32(t) for t in (page_table, context_lens, cu_seqlens_q)]
         return _C.paged_attention(q if q.is_contiguous() else q.contiguous(), k_cache, v_cache, *meta,
                                   q.shape[-1] ** -0.5 if scale is None else scale)
     return paged_attention_ref(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q, scale)
