@@ -15,8 +15,8 @@ Entry points:
   are packed end to end (with `shared`, the samples of one prompt share its rows: dash.attention.SharedPrompts); the
   lm_head is NOT applied (dash_kernels fuses it with the log-prob so [T, V] logits never exist).
 - `forward(input_ids[B, L], attention_mask[B, L]) -> logits[B, L, V]`: padded convenience for evals and tests.
-- `Attention.project` (projections + q/k norm) is separate from RoPE and the attention call so the paged-KV sampler
-  can reuse the projections and bring its own in-place RoPE and attention.
+- The paged-KV sampler does not call these modules' forwards: it reads each layer's parameters and runs its own
+  inference chain (dash_kernels.decoder_layer, dash/engine/runner.py).
 
 Departures from HF: padded `forward` takes positions from the mask (so left padding is handled like HF `generate`
 does), and logits at pad positions are the lm_head of a zero vector (meaningless, as in HF).
@@ -77,7 +77,7 @@ apply_rope = rotary_ref
 
 
 class Attention(nn.Module):
-    """GQA self-attention. `project_qkv` (shared with the sampler) + `varlen_attention` + `o_proj`."""
+    """GQA self-attention: `project_qkv` + `varlen_attention` + `o_proj`."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -99,19 +99,14 @@ class Attention(nn.Module):
     def project_qkv(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (T, H) normed hidden; cos/sin: (T, D) -> q (T, Hq, D), k (T, Hkv, D) with RoPE, v (T, Hkv, D)."""
-        q, k, v = self.project(x)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (T, H) normed hidden -> q (T, Hq, D), k (T, Hkv, D) before RoPE (q/k norm applied), v (T, Hkv, D)."""
+        """x: (T, H) normed hidden; cos/sin: (T, D) -> q (T, Hq, D), k (T, Hkv, D) with q/k norm and RoPE, v."""
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return q, k, v
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
