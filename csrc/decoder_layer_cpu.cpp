@@ -9,7 +9,8 @@
 //     x += o W_o (+b) ; h = rms_norm(x) ; x += (silu(h W_gate) * h W_up) W_down
 //
 // Why one call: the same chain issued op by op from Python costs ~15 dispatches and their Python glue per layer,
-// more than the ops themselves at a tiny model's decode step (batch 8: 2.1x -> 2.7x HF generate in an A/B run).
+// more than the ops themselves at a tiny model's decode step (benchmarks/sampler.py, tiny model, batch 8: 2.28x HF
+// generate before, git f38a4a5, 2.66x after, git 704b3e5).
 // It runs without the GIL, so other Python threads (a reward worker, a data loader) run meanwhile. The GEMMs are
 // torch's (at::linear, the same MKL calls as the Python path) and the rest are this library's CPU kernels
 // (csrc/cpu_ops.h), which the reference chain also calls on fp32 CPU: the results are bitwise equal.
@@ -69,6 +70,7 @@ void decoder_layer_cpu(at::Tensor& x, const std::vector<std::optional<at::Tensor
   for (const auto& t : w) {
     if (t.has_value() && !fp32_cpu(*t)) value_error("weights must be fp32 CPU tensors");
   }
+  if (w[kQNorm].has_value() != w[kKNorm].has_value()) value_error("q_norm and k_norm come together (Qwen3)");
   if (!fp32_cpu(x) || !x.is_contiguous() || x.dim() != 2) value_error("x must be a contiguous fp32 CPU [T, H]");
   if (k_cache.dim() != 4) value_error("caches must be [num_pages, page_size, Hkv, D]");
   const int64_t T = x.size(0), Hkv = k_cache.size(2), D = k_cache.size(3);
@@ -81,7 +83,6 @@ void decoder_layer_cpu(at::Tensor& x, const std::vector<std::optional<at::Tensor
   at::Tensor q = at::linear(h, *w[kQ], w[kQBias]).view({T, -1, D});  // [T, Hq, D]
   at::Tensor k = at::linear(h, *w[kK], w[kKBias]).view({T, Hkv, D});  // [T, Hkv, D]
   at::Tensor v = at::linear(h, *w[kV], w[kVBias]).view({T, Hkv, D});  // [T, Hkv, D]
-  if (w[kQNorm].has_value() != w[kKNorm].has_value()) value_error("q_norm and k_norm come together (Qwen3)");
   if (w[kQNorm].has_value()) {
     q = rms_norm_cpu(q, *w[kQNorm], eps);
     k = rms_norm_cpu(k, *w[kKNorm], eps);

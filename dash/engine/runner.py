@@ -68,8 +68,9 @@ class ModelRunner:
         inner = self.model.model
         cos, sin = self.cos[ctx.positions], self.sin[ctx.positions]  # [T, D] each
         x = inner.embed_tokens(ctx.input_ids)  # [T, H]: the residual stream, a fresh tensor updated in place below
+        paged = ctx.page_table is not None and (ctx.is_prefill or not self.use_flash)
         for w, k_cache, v_cache in zip(self.weights, self.cache.k, self.cache.v):
-            if self._is_paged(ctx):
+            if paged:
                 # The allocator made the slots (in range by construction): no per-layer range check, which on CUDA
                 # would sync the host with the device twice per layer.
                 decoder_layer_(x, w, self.eps, cos, sin, k_cache, v_cache, ctx.slot_mapping, ctx.page_table,
@@ -80,9 +81,6 @@ class ModelRunner:
         if ctx.logits_index is not None:
             x = x[ctx.logits_index]  # [E, H]: only the last token of each prefill is sampled
         return self.model.compute_logits_fp32(rms_norm(x, inner.norm.weight, inner.norm.eps))  # [R, V]
-
-    def _is_paged(self, ctx: Context) -> bool:
-        return ctx.page_table is not None and (ctx.is_prefill or not self.use_flash)
 
     def _attend_fresh(self, ctx: Context, k_cache, v_cache, q, k, v) -> torch.Tensor:
         """Attention of a step without page tables, or of a flash-attn decode: [T, Hq, D]."""
