@@ -31,7 +31,7 @@ demo: install
 	$(PY) benchmarks/train_curve.py --config configs/tiny-add.yaml --eval-every 50 --out runs/train_curve_add
 
 bench: install
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/fused_loss.py
 
 # Compile every csrc/*.cu for sm_80 and sm_90 with nvcc and fail on register spills (no GPU needed).
 cuda-check:

@@ -1,8 +1,8 @@
 """Log-prob + policy-loss forward+backward: naive torch vs TRL-style vs torch's linear_cross_entropy vs dash_kernels.
 
-    .venv/bin/python benchmarks/kernels.py                      # full shapes, 2 rounds; about 10 minutes on 2 cores
-    .venv/bin/python benchmarks/kernels.py --quick              # small shapes, a smoke run (~1 minute)
-    .venv/bin/python benchmarks/kernels.py --out benchmarks/results/kernels   # also writes kernels.md / kernels.json
+    .venv/bin/python benchmarks/fused_loss.py                      # full shapes, 2 rounds; about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/fused_loss.py --quick              # small shapes, a smoke run (~1 minute)
+    .venv/bin/python benchmarks/fused_loss.py --out benchmarks/results/fused_loss   # also writes kernels.md / kernels.json
 
 Every variant computes the same thing from the last hidden states: per-token log-probs of the sampled tokens under
 lm_head (fp32, temperature 1), then the DAPO-normalised PPO-clip loss of `dash_kernels.reference.policy_loss` (beta 0),
@@ -292,7 +292,7 @@ def _emit(table, summary, out):
     if out:
         note = ("Shared 2-core box: other jobs stretch wall times unevenly (see each variant's `all_ms` per round), so "
                 "the CPU-time columns are the steadier comparison. Best round per variant.\n")
-        Path(out).with_suffix(".md").write_text("# benchmarks/kernels.py\n\n" + note + "\n```\n" + table +
+        Path(out).with_suffix(".md").write_text("# benchmarks/fused_loss.py\n\n" + note + "\n```\n" + table +
                                                 "\n```\n\n```json\n" + json.dumps(summary) + "\n```\n")
         Path(out).with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
 
