@@ -26,10 +26,21 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
                                const at::Tensor& page_table, const at::Tensor& context_lens,
                                const std::optional<at::Tensor>& cu_seqlens_q, double scale);
 
-// csrc/decoder_layer_cpu.cpp: one decoder layer over the residual stream x [T, H], in place (chains the above).
+// csrc/linear_cpu.cpp: AVX-512 GEMMs on weights packed once per generate call (has_avx512() false: not usable).
+bool has_avx512();
+at::Tensor pack_linear_cpu(const at::Tensor& w);                             // [N, K] -> [ceil(N/32), K, 32]
+at::Tensor pack_gate_up_cpu(const at::Tensor& gate, const at::Tensor& up);  // 2 x [I, K] -> [ceil(I/16), K, 32]
+at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t n_out,
+                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out,
+                             bool accumulate);                                // x [M, K] -> [M, n_out]
+at::Tensor gate_up_silu_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t n_out);  // silu(g) * u
+
+// csrc/decoder_layer_cpu.cpp: one decoder layer over the residual stream x [T, H], in place (chains the above);
+// `packed` (empty: at::linear) holds pack_linear / pack_gate_up weights in PackedWeight order.
 void decoder_layer_cpu(at::Tensor& x, const std::vector<std::optional<at::Tensor>>& w, double eps,
                        const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
                        const at::Tensor& slot_mapping, const at::Tensor& page_table, const at::Tensor& context_lens,
-                       const std::optional<at::Tensor>& cu_seqlens_q, double scale);
+                       const std::optional<at::Tensor>& cu_seqlens_q, double scale,
+                       const std::vector<at::Tensor>& packed);
 
 }  // namespace dash

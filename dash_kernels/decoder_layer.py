@@ -14,6 +14,9 @@ Layers (no autograd: inference only):
   Python glue between ~15 small ops, which costs more than the ops at a tiny model's decode step;
 - `decoder_layer_`: the public function, the C++ op where it applies, else the reference with paged attention.
 Both paths call the same kernels in the same order on fp32 CPU, so their results are bitwise equal there.
+`pack_layer(weights)` packs a layer's projections for `dash_kernels.linear`'s AVX-512 GEMMs (None where they do not
+run); given as `packed`, the C++ op runs its GEMMs on them, with the residual adds and SwiGLU in the GEMMs'
+epilogues: the same math, equal to the reference chain up to the GEMMs' summation order.
 
 `weights` lists the layer's tensors in LAYER_WEIGHTS order, None for an absent bias or q/k norm; all RMSNorms share
 `eps`. Tests: tests/kernels/test_decoder_layer.py; the engine's HF parity tests run every fp32 CPU decode through it.
@@ -28,16 +31,19 @@ import torch.nn.functional as F
 
 from dash_kernels import kv
 from dash_kernels._ext import _C, as_int32, use_cpu_kernel
+from dash_kernels.linear import pack_gate_up, pack_linear, packed_gemm_available
 from dash_kernels.paged_attention import paged_attention
 from dash_kernels.rms_norm import add_rms_norm_, rms_norm
 from dash_kernels.rotary import rotary_
 from dash_kernels.silu_mul import silu_mul_
 
-__all__ = ["LAYER_WEIGHTS", "decoder_layer_", "decoder_layer_ref"]
+__all__ = ["LAYER_WEIGHTS", "PACKED_WEIGHTS", "decoder_layer_", "decoder_layer_ref", "pack_layer"]
 
 # Slot order of `weights` (csrc/decoder_layer_cpu.cpp's LayerWeight enum): [out, in] matrices, [n] biases / norms.
 LAYER_WEIGHTS = ("input_norm", "q", "q_bias", "k", "k_bias", "v", "v_bias", "q_norm", "k_norm", "o", "o_bias",
                  "post_norm", "gate", "up", "down")
+# Order of pack_layer's list (csrc/decoder_layer_cpu.cpp's PackedWeight enum).
+PACKED_WEIGHTS = ("q", "k", "v", "o", "gate_up", "down")
 _OPTIONAL = {"q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "o_bias"}
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) -> o [T, Hq, D]
@@ -65,10 +71,21 @@ def decoder_layer_ref(x: torch.Tensor, weights: Sequence[torch.Tensor | None], e
     x.add_(F.linear(silu_mul_(gate, F.linear(h, w["up"])), w["down"]))  # x += mlp
 
 
+def pack_layer(weights: Sequence[torch.Tensor | None]) -> list[torch.Tensor] | None:
+    """The layer's projection weights (LAYER_WEIGHTS order) packed for the C++ layer's AVX-512 GEMMs, in
+    PACKED_WEIGHTS order; None where those GEMMs do not run (not fp32 CPU, no AVX-512, reference backend)."""
+    w = dict(zip(LAYER_WEIGHTS, weights, strict=True))
+    if not packed_gemm_available(*(t for t in weights if t is not None)):
+        return None
+    plain = [pack_linear(w[name]).data for name in ("q", "k", "v", "o")]
+    return [*plain, pack_gate_up(w["gate"], w["up"]).data, pack_linear(w["down"]).data]
+
+
 def decoder_layer_(x: torch.Tensor, weights: Sequence[torch.Tensor | None], eps: float, cos: torch.Tensor,
                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                    page_table: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None = None,
-                   scale: float | None = None, max_q_len: int | None = None, check_slots: bool = True) -> torch.Tensor:
+                   scale: float | None = None, max_q_len: int | None = None, check_slots: bool = True,
+                   packed: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """The layer over x [T, H] in place (returned), attention read from the paged cache after storing the new K/V.
 
     Args:
@@ -78,6 +95,8 @@ def decoder_layer_(x: torch.Tensor, weights: Sequence[torch.Tensor | None], eps:
             None: decode, one token per sequence).
         check_slots: False skips the slot range check on CUDA (two host syncs) for a caller whose slots come from
             the page allocator; CPU always checks.
+        packed: `pack_layer(weights)` (None: torch's GEMMs). Used by the C++ op; the reference chain, taken where
+            the op does not apply, reads `weights`.
     """
     if len(weights) != len(LAYER_WEIGHTS):
         raise ValueError(f"decoder_layer_: weights must have {len(LAYER_WEIGHTS)} slots {LAYER_WEIGHTS}, "
@@ -89,7 +108,8 @@ def decoder_layer_(x: torch.Tensor, weights: Sequence[torch.Tensor | None], eps:
     present = [t for t in weights if t is not None]
     if use_cpu_kernel(x, k_cache, *present) and x.is_contiguous():
         meta = [as_int32(t) for t in (slot_mapping, page_table, context_lens, cu_seqlens_q)]
-        _C.decoder_layer(x, list(weights), eps, cos.contiguous(), sin.contiguous(), k_cache, v_cache, *meta, scale)
+        _C.decoder_layer(x, list(weights), eps, cos.contiguous(), sin.contiguous(), k_cache, v_cache, *meta, scale,
+                         list(packed) if packed is not None else [])
         return x
 
     def attend(q, k, v):

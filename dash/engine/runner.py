@@ -30,7 +30,7 @@ from dash.attention import flash_attn_supports, varlen_attention
 from dash.engine.kv_cache import Context, KVCache
 from dash_kernels import kv
 from dash_kernels._ext import use_cpu_kernel
-from dash_kernels.decoder_layer import decoder_layer_, decoder_layer_ref
+from dash_kernels.decoder_layer import decoder_layer_, decoder_layer_ref, pack_layer
 from dash_kernels.rms_norm import rms_norm
 
 try:  # optional, CUDA only; its paged KV needs page_size % 256 == 0 (FA2's block-table constraint)
@@ -39,6 +39,9 @@ except ImportError:  # pragma: no cover - depends on the environment
     flash_attn_with_kvcache = None
 
 _FLASH_PAGE_MULTIPLE = 256
+# Largest layer weights (fp32 bytes, all layers) the runner packs for a call: the packed copy doubles their memory
+# while the call runs. 4 GiB covers fp32 models up to ~1B parameters, far past what samples usefully on a CPU.
+PACKED_WEIGHTS_BUDGET_BYTES = 4 << 30
 
 
 class ModelRunner:
@@ -57,6 +60,11 @@ class ModelRunner:
             self.cos, self.sin = model.model.rotary_emb(torch.arange(max_len, device=self.device))  # [max_len, D]
         layers = model.model.layers
         self.weights = [layer_weights(layer) for layer in layers]  # read once per call: the weights cannot change
+        # fp32 CPU with AVX-512: the projections packed for dash_kernels.linear's GEMMs (2-3x MKL's AVX2 code on AMD),
+        # a derived copy that lives for this call only; above the budget, or elsewhere, torch's GEMMs read the weights.
+        with torch.no_grad():
+            packable = self.paged_prefill and _weight_bytes(self.weights) <= PACKED_WEIGHTS_BUDGET_BYTES
+            self.packed = [pack_layer(w) if packable else None for w in self.weights]
         self.eps, self.scale = model.config.rms_norm_eps, layers[0].self_attn.scale
 
     @torch.inference_mode()
@@ -69,13 +77,13 @@ class ModelRunner:
         cos, sin = self.cos[ctx.positions], self.sin[ctx.positions]  # [T, D] each
         x = inner.embed_tokens(ctx.input_ids)  # [T, H]: the residual stream, a fresh tensor updated in place below
         paged = ctx.page_table is not None and (ctx.is_prefill or not self.use_flash)
-        for w, k_cache, v_cache in zip(self.weights, self.cache.k, self.cache.v):
+        for w, packed, k_cache, v_cache in zip(self.weights, self.packed, self.cache.k, self.cache.v):
             if paged:
                 # The allocator made the slots (in range by construction): no per-layer range check, which on CUDA
                 # would sync the host with the device twice per layer.
                 decoder_layer_(x, w, self.eps, cos, sin, k_cache, v_cache, ctx.slot_mapping, ctx.page_table,
                                ctx.context_lens, ctx.cu_seqlens if ctx.is_prefill else None, self.scale,
-                               max_q_len=ctx.max_seqlen if ctx.is_prefill else 1, check_slots=False)
+                               max_q_len=ctx.max_seqlen if ctx.is_prefill else 1, check_slots=False, packed=packed)
             else:
                 decoder_layer_ref(x, w, self.eps, cos, sin, partial(self._attend_fresh, ctx, k_cache, v_cache))
         if ctx.logits_index is not None:
@@ -89,6 +97,10 @@ class ModelRunner:
             return varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, self.scale)
         return flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=ctx.context_lens,  # not run here
                                        block_table=ctx.page_table, softmax_scale=self.scale, causal=True)[:, 0]
+
+
+def _weight_bytes(weights: list[list[torch.Tensor | None]]) -> int:
+    return sum(t.numel() * t.element_size() for layer in weights for t in layer if t is not None)
 
 
 def layer_weights(layer) -> list[torch.Tensor | None]:

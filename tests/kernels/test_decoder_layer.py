@@ -15,7 +15,7 @@ import dash_kernels
 from dash.engine.runner import layer_weights
 from dash.model import DecoderLayer, ModelConfig, RotaryEmbedding
 from dash_kernels import _C, backend
-from dash_kernels.decoder_layer import LAYER_WEIGHTS, decoder_layer_, decoder_layer_ref
+from dash_kernels.decoder_layer import LAYER_WEIGHTS, decoder_layer_, decoder_layer_ref, pack_layer
 from dash_kernels.kv import store_kv
 from dash_kernels.paged_attention import paged_attention
 from tests.kernels.kernel_testing import assert_close_to_ref
@@ -113,8 +113,12 @@ def test_cpp_layer_equals_reference_chain(variant, step):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_prefill_then_decode_matches_training_layer(variant):
-    """The engine's use: prefill whole prompts into the pages, then one decode token each, vs the model's layer."""
+@pytest.mark.parametrize("gemm", ["torch", "packed"])
+def test_prefill_then_decode_matches_training_layer(variant, gemm):
+    """The engine's use: prefill whole prompts into the pages, then one decode token each, vs the model's layer; with
+    torch's GEMMs and with the packed AVX-512 ones (residual adds and SwiGLU in their epilogues)."""
+    if gemm == "packed" and not _C.has_avx512():
+        pytest.skip("this CPU has no AVX-512: the sampler keeps torch's GEMMs")
     config, layer = make_layer(variant)
     full = [n + 1 for n in LENS]  # prompt + the decoded token
     x_full = torch.randn(sum(full), config.hidden_size, generator=torch.Generator().manual_seed(5))  # [sum(full), H]
@@ -134,6 +138,8 @@ def test_prefill_then_decode_matches_training_layer(variant):
     ref64, naive = model_out(torch.float64), model_out(torch.float32)
 
     weights = detached(layer)
+    packed = pack_layer(weights) if gemm == "packed" else None
+    assert (packed is not None) == (gemm == "packed")
     eps, scale = config.rms_norm_eps, config.head_dim ** -0.5
     table, slot = paged_layout(full)
     k_cache, v_cache = caches(config, table.numel())
@@ -144,12 +150,12 @@ def test_prefill_then_decode_matches_training_layer(variant):
     cu = torch.tensor([0] + LENS).cumsum(0).to(torch.int32)
     with torch.inference_mode():
         decoder_layer_(x_pre, weights, eps, cos, sin, k_cache, v_cache, slots, table,
-                       torch.tensor(LENS, dtype=torch.int32), cu, scale)
+                       torch.tensor(LENS, dtype=torch.int32), cu, scale, packed=packed)
         x_dec = x_full[last].clone()
         cos, sin = rope(config, pos_full[last])
         slots = torch.tensor([slot(b, n) for b, n in enumerate(LENS)], dtype=torch.int32)
         decoder_layer_(x_dec, weights, eps, cos, sin, k_cache, v_cache, slots, table,
-                       torch.tensor(full, dtype=torch.int32), None, scale)
+                       torch.tensor(full, dtype=torch.int32), None, scale, packed=packed)
     atol = 2e-6 * ref64.abs().max().item()
     assert_close_to_ref(f"{variant} prefill", x_pre, naive[prompt_rows], ref64[prompt_rows], atol=atol)
     assert_close_to_ref(f"{variant} decode", x_dec, naive[last], ref64[last], atol=atol)
@@ -172,6 +178,10 @@ def test_public_function_takes_the_cpp_op_only_where_it_applies(monkeypatch):
             outs[mode] = decoder_layer_(x.clone(), weights, config.rms_norm_eps, cos, sin, k_cache, v_cache, slots,
                                         table, *args)
     assert torch.allclose(outs["torch"], outs["reference"], rtol=1e-5, atol=1e-5)
+    assert pack_layer(weights) is None  # still forced to the reference: no packing
+    monkeypatch.setattr(backend, "override", None)
+    assert (pack_layer(weights) is not None) == bool(_C.has_avx512())
+    assert pack_layer([None if w is None else w.double() for w in weights]) is None
     monkeypatch.setattr(backend, "override", None)
     k64, v64 = (t.double() for t in caches(config, table.numel()))
     with torch.inference_mode():
@@ -205,4 +215,6 @@ def test_bad_weights_are_rejected_before_any_work():
     wrong_heads = torch.zeros(k_cache.shape[0], PAGE, 3, config.head_dim)
     with pytest.raises(ValueError, match="whole heads"):
         _C.decoder_layer(x, weights, 1e-6, cos, sin, wrong_heads, wrong_heads.clone(), *meta, None, 0.1)
+    with pytest.raises(ValueError, match="packed must list 6 weights"):
+        _C.decoder_layer(x, weights, 1e-6, cos, sin, k_cache, v_cache, *meta, None, 0.1, [torch.zeros(1, 1, 32)])
     assert torch.count_nonzero(k_cache) == 0  # nothing was stored by the rejected calls
