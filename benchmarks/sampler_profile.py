@@ -4,8 +4,9 @@
 
 The call and HF's call are timed without instruments (best of --repeats interleaved rounds). The breakdown comes from
 one more call under torch.profiler (which adds its own per-op cost, so its stages are reported against that call):
-- linear: the self time of every aten::mm / aten::addmm, the q/k/v/o, MLP and lm_head GEMMs (the same ones HF runs),
-  whether issued from Python or from the C++ decoder layer (csrc/decoder_layer_cpu.cpp, which calls at::linear);
+- linear: the self time of every aten::mm / aten::addmm / dash::linear_packed, the q/k/v/o, MLP and lm_head GEMMs
+  (the same ones HF runs), whether torch's or the packed AVX-512 ones of the C++ decoder layer (csrc/linear_cpu.cpp,
+  with the residual adds and SwiGLU in their epilogues);
 - attention: the paged attention kernel (a profiler event of its own) and any varlen SDPA of a prefill;
 - sample: the fused token sampling op; schedule / postprocess: the host-side scheduler (wall-clock wrappers);
 - other: the rest of the profiled call (norms, RoPE, SiLU, KV stores, embedding, Python).
@@ -36,8 +37,8 @@ from sampler import NEW_TOKENS, PROMPT_LEN, TEMPERATURE, _git_sha, build, emit, 
 BATCH = 256
 STAGES = ["linear", "attention", "sample", "schedule", "postprocess"]
 # Profiler event names (self time) per kernel stage.
-PROFILED = {"linear": ("aten::mm", "aten::addmm"), "attention": ("dash::paged_attention", "scaled_dot_product"),
-            "sample": ("dash::sample_rows",)}
+PROFILED = {"linear": ("aten::mm", "aten::addmm", "dash::linear_packed"),
+            "attention": ("dash::paged_attention", "scaled_dot_product"), "sample": ("dash::sample_rows",)}
 
 
 def _timed(owner, name: str, stage: str, acc: dict) -> None:

@@ -17,6 +17,7 @@
 // it). Epilogues: store (acc + bias), accumulate (out += acc + bias: the residual add) and silu_mul.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <immintrin.h>
 
@@ -157,6 +158,7 @@ void pack_panels(at::Tensor& packed, int64_t K, RowOf row_of) {
 template <Epilogue E>
 void run(const char* op, const at::Tensor& x, const at::Tensor& packed, int64_t n_out,
          const std::optional<at::Tensor>& bias, at::Tensor& out) {
+  RECORD_FUNCTION("dash::linear_packed", std::vector<c10::IValue>());  // benchmarks/sampler_profile.py's GEMM stage
   if (!has_avx512()) value_error(std::string(op) + ": needs a CPU with AVX-512 (has_avx512() is false)");
   check_fp32_cpu(op, "x", x, 2);
   check_fp32_cpu(op, "packed", packed, 3);

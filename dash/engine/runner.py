@@ -31,6 +31,7 @@ from dash.engine.kv_cache import Context, KVCache
 from dash_kernels import kv
 from dash_kernels._ext import use_cpu_kernel
 from dash_kernels.decoder_layer import decoder_layer_, decoder_layer_ref, pack_layer
+from dash_kernels.linear import linear_packed, pack_linear, packed_gemm_available
 from dash_kernels.rms_norm import rms_norm
 
 try:  # optional, CUDA only; its paged KV needs page_size % 256 == 0 (FA2's block-table constraint)
@@ -60,11 +61,15 @@ class ModelRunner:
             self.cos, self.sin = model.model.rotary_emb(torch.arange(max_len, device=self.device))  # [max_len, D]
         layers = model.model.layers
         self.weights = [layer_weights(layer) for layer in layers]  # read once per call: the weights cannot change
-        # fp32 CPU with AVX-512: the projections packed for dash_kernels.linear's GEMMs (2-3x MKL's AVX2 code on AMD),
-        # a derived copy that lives for this call only; above the budget, or elsewhere, torch's GEMMs read the weights.
+        # fp32 CPU with AVX-512: the projections and the lm_head packed for dash_kernels.linear's GEMMs (2-3x MKL's
+        # AVX2 code on AMD), a derived copy that lives for this call only; above the budget, or elsewhere, torch's
+        # GEMMs read the weights.
         with torch.no_grad():
-            packable = self.paged_prefill and _weight_bytes(self.weights) <= PACKED_WEIGHTS_BUDGET_BYTES
+            head = model.lm_head_weight  # [V, H]
+            packable = (self.paged_prefill and packed_gemm_available(head)
+                        and _weight_bytes([*self.weights, [head]]) <= PACKED_WEIGHTS_BUDGET_BYTES)
             self.packed = [pack_layer(w) if packable else None for w in self.weights]
+            self.packed_head = pack_linear(head) if packable else None
         self.eps, self.scale = model.config.rms_norm_eps, layers[0].self_attn.scale
 
     @torch.inference_mode()
@@ -88,7 +93,10 @@ class ModelRunner:
                 decoder_layer_ref(x, w, self.eps, cos, sin, partial(self._attend_fresh, ctx, k_cache, v_cache))
         if ctx.logits_index is not None:
             x = x[ctx.logits_index]  # [E, H]: only the last token of each prefill is sampled
-        return self.model.compute_logits_fp32(rms_norm(x, inner.norm.weight, inner.norm.eps))  # [R, V]
+        h = rms_norm(x, inner.norm.weight, inner.norm.eps)  # [R, H]
+        if self.packed_head is not None:
+            return linear_packed(h, self.packed_head)  # [R, V] fp32
+        return self.model.compute_logits_fp32(h)  # [R, V]
 
     def _attend_fresh(self, ctx: Context, k_cache, v_cache, q, k, v) -> torch.Tensor:
         """Attention of a step without page tables, or of a flash-attn decode: [T, Hq, D]."""

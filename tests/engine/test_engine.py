@@ -274,3 +274,27 @@ def test_default_pool_fits_in_free_device_memory(model_pair, make_prompts, monke
     monkeypatch.setattr(sampler_mod, "default_num_pages", lambda needed, per_page, free: 2)  # as if memory were short
     with pytest.raises(ValueError, match="default pool .* holds 2 pages: prompt 0 needs 7 pages"):
         generate(model_pair("qwen2")[1], None, make_prompts([5]), params=GREEDY, page_size=4)
+
+
+@pytest.mark.parametrize("budget", ["default", "zero"])
+def test_runner_packs_weights_for_the_avx512_gemms_within_its_budget(budget, model_pair, make_prompts, monkeypatch):
+    """fp32 CPU with AVX-512: every layer and the lm_head are packed for the call (dash_kernels.linear); with a zero
+    budget nothing is, and torch's GEMMs run. Both match HF greedy; the reference backend never packs."""
+    from dash_kernels import _C
+
+    hf, model = model_pair("qwen3")
+    if budget == "zero":
+        monkeypatch.setattr(runner_mod, "PACKED_WEIGHTS_BUDGET_BYTES", 0)
+    runners = []
+    real_init = runner_mod.ModelRunner.__init__
+    monkeypatch.setattr(runner_mod.ModelRunner, "__init__",
+                        lambda self, *a, **k: runners.append(self) or real_init(self, *a, **k))
+    prompts = make_prompts(LENGTHS)
+    outs = generate(model, None, prompts, params=GREEDY, page_size=4)
+    packs = budget == "default" and bool(_C.has_avx512())
+    assert all((p is not None) == packs for p in runners[0].packed) and (runners[0].packed_head is not None) == packs
+    for prompt, out in zip(prompts, outs):
+        assert out[0].token_ids == hf_greedy(hf, prompt, GREEDY.max_new_tokens)
+    with backend.use_backend("reference"):
+        generate(model, None, prompts[:1], params=GREEDY, page_size=4)
+    assert runners[-1].packed_head is None and runners[-1].packed == [None] * len(runners[-1].packed)
