@@ -8,10 +8,11 @@
 #include <cstdint>
 #include <cstring>
 
-// On x86-64 Linux the hot loops are compiled twice, for x86-64-v3 (AVX2 + FMA) and for the SSE2 baseline, and the
-// loader picks one (target_clones): the wheel still runs on any x86-64.
+// On x86-64 Linux the hot loops are compiled three times, for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the
+// SSE2 baseline, and the loader picks one (target_clones): the wheel still runs on any x86-64. The loops keep their
+// own partial sums (kLanes), so the three give the same bits.
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define DASH_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define DASH_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DASH_CPU_CLONES
 #endif
