@@ -66,7 +66,7 @@ def test_two_process_update_equals_single_process(tmp_path, mode, skew):
     out = tmp_path / "update.pt"
     flags = (["--fsdp"] if mode == "fsdp" else []) + ([] if skew else ["--both-ranks-train"])
     proc = _torchrun("update", out, *flags)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-8000:]  # room for both ranks' faulthandler stacks
     got = torch.load(out)
     rank1 = torch.load(str(out) + ".rank1")
     assert got["metrics"]["rollout/rank_kept_frac"] > 0.0
