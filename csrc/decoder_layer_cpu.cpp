@@ -19,6 +19,7 @@
 // Tried and dropped: splitting a step's batch over Python threads with one intra-op thread each (a shard per core).
 // It was no faster at batch 256, because torch's GEMMs and these kernels already scale ~2x over 2 threads there.
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 
 #include <optional>
 #include <string>
@@ -52,12 +53,91 @@ enum LayerWeight : int {
 // The order of the optional packed weights (dash_kernels/decoder_layer.py PACKED_WEIGHTS, made by pack_layer).
 enum PackedWeight : int { kPackedQ, kPackedK, kPackedV, kPackedO, kPackedGateUp, kPackedDown, kNumPacked };
 
+// Rows per thread below which a decode step stays one pass (a split's fork / join would cost more than it saves).
+constexpr int64_t kMinRowsPerThread = 8;
+
 // Slots that every layer has (the biases and the q/k norms may be None).
 constexpr LayerWeight kRequired[] = {kInputNorm, kQ, kK, kV, kO, kPostNorm, kGate, kUp, kDown};
 
 [[noreturn]] void value_error(const std::string& msg) { throw pybind11::value_error("decoder_layer: " + msg); }
 
 bool fp32_cpu(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }
+
+// Scratch for one layer_rows call, carved from a per-thread buffer that lives as long as the thread: a step's
+// intermediates (~1 KB a row at the tiny model) then reuse memory that is already mapped. Allocated fresh, buffers
+// past glibc's mmap threshold came back as new pages every step (~8000 page faults a tiny-model batch-256 call, 4-10
+// ms of ~50). A step needing more than kMaxWorkspaceFloats allocates as before, so no thread keeps more than 64 MiB.
+constexpr int64_t kMaxWorkspaceFloats = int64_t{1} << 24;
+
+class Workspace {
+ public:
+  explicit Workspace(int64_t floats) {
+    thread_local std::vector<float> buffer;
+    if (floats > kMaxWorkspaceFloats) return;
+    if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+    next_ = buffer.data();
+  }
+  // A [rows, cols] fp32 tensor on the next free floats (a fresh tensor when the step is too large).
+  at::Tensor take(int64_t rows, int64_t cols) {
+    if (next_ == nullptr) return at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
+    at::Tensor t = at::from_blob(next_, {rows, cols}, at::TensorOptions().dtype(at::kFloat));
+    next_ += rows * cols;
+    return t;
+  }
+
+ private:
+  float* next_ = nullptr;
+};
+
+// The layer over the rows of x (all of a step's, or one thread's block of a decode step's), x updated in place.
+void layer_rows(at::Tensor& x, const std::vector<std::optional<at::Tensor>>& w, const std::vector<at::Tensor>& packed,
+                double eps, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                const at::Tensor& slot_mapping, const at::Tensor& page_table, const at::Tensor& context_lens,
+                const std::optional<at::Tensor>& cu_seqlens_q, double scale, int64_t D, int64_t Hkv) {
+  const int64_t T = x.size(0), H = x.size(1), Nq = w[kQ]->size(0), Nkv = Hkv * D, I = w[kGate]->size(0);
+  if (packed.empty()) {  // torch's GEMMs, each output a fresh tensor
+    at::Tensor h = rms_norm_cpu(x, *w[kInputNorm], eps);                  // [T, H]
+    at::Tensor q = at::linear(h, *w[kQ], w[kQBias]).view({T, -1, D});    // [T, Hq, D]
+    at::Tensor k = at::linear(h, *w[kK], w[kKBias]).view({T, Hkv, D});   // [T, Hkv, D]
+    at::Tensor v = at::linear(h, *w[kV], w[kVBias]).view({T, Hkv, D});   // [T, Hkv, D]
+    if (w[kQNorm].has_value()) {
+      q = rms_norm_cpu(q, *w[kQNorm], eps);
+      k = rms_norm_cpu(k, *w[kKNorm], eps);
+    }
+    rotary_cpu(q, k, cos, sin);
+    store_kv_cpu(k, v, k_cache, v_cache, slot_mapping, /*check_slots=*/true);
+    at::Tensor o = paged_attention_cpu(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q, scale);
+    h = add_rms_norm_cpu(x, at::linear(o.view({T, -1}), *w[kO], w[kOBias]), *w[kPostNorm], eps);  // x += attn
+    at::Tensor gate = at::linear(h, *w[kGate]);  // [T, I]: SwiGLU in place on the gate's buffer
+    at::silu_(gate).mul_(at::linear(h, *w[kUp]));
+    x.add_(at::linear(gate, *w[kDown]));  // x += mlp
+    return;
+  }
+  // Packed AVX-512 GEMMs (csrc/linear_cpu.cpp), the residual adds and SwiGLU in their epilogues; every intermediate
+  // in the workspace: h [T, H] (reused after attention), q, k, v, o, the q/k norm outputs, act [T, I].
+  const bool qk_norm = w[kQNorm].has_value();
+  Workspace ws(T * (H + 2 * Nq + 2 * Nkv + I + (qk_norm ? Nq + Nkv : 0)));
+  at::Tensor h = rms_norm_into_cpu(x, *w[kInputNorm], eps, ws.take(T, H));
+  at::Tensor q = ws.take(T, Nq), k = ws.take(T, Nkv), v = ws.take(T, Nkv);
+  linear_packed_cpu(h, packed[kPackedQ], Nq, w[kQBias], q, false);
+  linear_packed_cpu(h, packed[kPackedK], Nkv, w[kKBias], k, false);
+  linear_packed_cpu(h, packed[kPackedV], Nkv, w[kVBias], v, false);
+  q = q.view({T, -1, D});  // [T, Hq, D]
+  k = k.view({T, Hkv, D});  // [T, Hkv, D]
+  v = v.view({T, Hkv, D});
+  if (qk_norm) {
+    q = rms_norm_into_cpu(q, *w[kQNorm], eps, ws.take(T, Nq).view({T, -1, D}));
+    k = rms_norm_into_cpu(k, *w[kKNorm], eps, ws.take(T, Nkv).view({T, Hkv, D}));
+  }
+  rotary_cpu(q, k, cos, sin);
+  store_kv_cpu(k, v, k_cache, v_cache, slot_mapping, /*check_slots=*/true);
+  at::Tensor o = paged_attention_into_cpu(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q, scale,
+                                          ws.take(T, Nq).view({T, -1, D}));
+  linear_packed_cpu(o.view({T, Nq}), packed[kPackedO], H, w[kOBias], x, /*accumulate=*/true);  // x += attn
+  h = rms_norm_into_cpu(x, *w[kPostNorm], eps, h);
+  at::Tensor act = gate_up_silu_packed_cpu(h, packed[kPackedGateUp], I, ws.take(T, I));  // [T, I]
+  linear_packed_cpu(act, packed[kPackedDown], H, std::nullopt, x, /*accumulate=*/true);  // x += mlp
+}
 
 }  // namespace
 
@@ -79,7 +159,7 @@ void decoder_layer_cpu(at::Tensor& x, const std::vector<std::optional<at::Tensor
   if (w[kQNorm].has_value() != w[kKNorm].has_value()) value_error("q_norm and k_norm come together (Qwen3)");
   if (!fp32_cpu(x) || !x.is_contiguous() || x.dim() != 2) value_error("x must be a contiguous fp32 CPU [T, H]");
   if (k_cache.dim() != 4) value_error("caches must be [num_pages, page_size, Hkv, D]");
-  const int64_t T = x.size(0), H = x.size(1), Hkv = k_cache.size(2), D = k_cache.size(3);
+  const int64_t T = x.size(0), Hkv = k_cache.size(2), D = k_cache.size(3);
   if (w[kQ]->dim() != 2 || w[kQ]->size(0) % D != 0 || w[kK]->size(0) != Hkv * D || w[kV]->size(0) != Hkv * D) {
     value_error("q / k / v projections do not produce whole heads of the cache's head_dim " + std::to_string(D) +
                 " (k / v: " + std::to_string(Hkv) + " heads)");
@@ -89,35 +169,28 @@ void decoder_layer_cpu(at::Tensor& x, const std::vector<std::optional<at::Tensor
                 std::to_string(packed.size()));
   }
   const bool use_packed = !packed.empty();
-  // y = h W^T (+ b): the packed AVX-512 GEMM (csrc/linear_cpu.cpp) when the caller packed the weights, else torch's.
-  auto project = [&](const at::Tensor& h, PackedWeight p, LayerWeight wi, LayerWeight bi) {
-    return use_packed ? linear_packed_cpu(h, packed[p], w[wi]->size(0), w[bi], std::nullopt, false)
-                      : at::linear(h, *w[wi], w[bi]);
-  };
-  // Attention block. The projections are fresh contiguous tensors, so their [T, heads, D] views are contiguous too.
-  at::Tensor h = rms_norm_cpu(x, *w[kInputNorm], eps);                 // [T, H]
-  at::Tensor q = project(h, kPackedQ, kQ, kQBias).view({T, -1, D});    // [T, Hq, D]
-  at::Tensor k = project(h, kPackedK, kK, kKBias).view({T, Hkv, D});   // [T, Hkv, D]
-  at::Tensor v = project(h, kPackedV, kV, kVBias).view({T, Hkv, D});   // [T, Hkv, D]
-  if (w[kQNorm].has_value()) {
-    q = rms_norm_cpu(q, *w[kQNorm], eps);
-    k = rms_norm_cpu(k, *w[kKNorm], eps);
-  }
-  rotary_cpu(q, k, cos, sin);
-  store_kv_cpu(k, v, k_cache, v_cache, slot_mapping, /*check_slots=*/true);
-  at::Tensor o = paged_attention_cpu(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q, scale).view({T, -1});
-  if (use_packed) {  // x += o W_o^T (+ b) in the GEMM's epilogue, then h = rms_norm(x)
-    linear_packed_cpu(o, packed[kPackedO], H, w[kOBias], x, /*accumulate=*/true);
-    h = rms_norm_cpu(x, *w[kPostNorm], eps);
-    at::Tensor act = gate_up_silu_packed_cpu(h, packed[kPackedGateUp], w[kGate]->size(0));  // [T, I]
-    linear_packed_cpu(act, packed[kPackedDown], H, std::nullopt, x, /*accumulate=*/true);    // x += mlp
+  // A decode step on packed weights runs as one parallel region: each thread takes a contiguous block of rows through
+  // the whole layer, the kernels inside running serially on it (at::parallel_for is serial within a region). Decode
+  // rows are independent within a layer (each reads its own sequence's pages, written in earlier steps or by itself),
+  // and the packed GEMM gives a row the same bits in any block, so the result equals one pass over all rows. It
+  // replaces ~11 fork / join points per layer with one. Prefill keeps one pass: a step's entries may read pages
+  // another entry writes in the same layer (prefix sharing within the step), which needs every store before any
+  // attention. torch's GEMMs keep one pass too (their bits may depend on M).
+  const int64_t threads = at::get_num_threads();
+  if (use_packed && !cu_seqlens_q.has_value() && threads > 1 && T >= kMinRowsPerThread * threads) {
+    at::parallel_for(0, threads, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = T * b / threads, n = T * (b + 1) / threads - r0;
+        at::Tensor xb = x.narrow(0, r0, n);
+        layer_rows(xb, w, packed, eps, cos.narrow(0, r0, n), sin.narrow(0, r0, n), k_cache, v_cache,
+                   slot_mapping.narrow(0, r0, n), page_table.narrow(0, r0, n), context_lens.narrow(0, r0, n),
+                   std::nullopt, scale, D, Hkv);
+      }
+    });
     return;
   }
-  h = add_rms_norm_cpu(x, at::linear(o, *w[kO], w[kOBias]), *w[kPostNorm], eps);  // x += attn
-  // MLP block (SwiGLU), in place on the gate's buffer.
-  at::Tensor gate = at::linear(h, *w[kGate]);  // [T, I]
-  at::silu_(gate).mul_(at::linear(h, *w[kUp]));
-  x.add_(at::linear(gate, *w[kDown]));  // x += mlp
+  layer_rows(x, w, packed, eps, cos, sin, k_cache, v_cache, slot_mapping, page_table, context_lens, cu_seqlens_q,
+             scale, D, Hkv);
 }
 
 }  // namespace dash

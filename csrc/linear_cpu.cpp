@@ -240,8 +240,9 @@ at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int6
   return y;
 }
 
-at::Tensor gate_up_silu_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t n_out) {
-  at::Tensor y = at::empty({x.size(0), n_out}, x.options());
+at::Tensor gate_up_silu_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t n_out,
+                                   const std::optional<at::Tensor>& out) {
+  at::Tensor y = out.has_value() ? *out : at::empty({x.size(0), n_out}, x.options());
   run<Epilogue::kSiluMul>("gate_up_silu_packed", x, packed, n_out, std::nullopt, y);
   return y;
 }

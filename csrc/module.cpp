@@ -36,8 +36,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "x [M, K] W^T (+ bias) on a packed weight, into out (or out += when accumulate).");
   m.def("gate_up_silu_packed", &dash::gate_up_silu_packed_cpu, pybind11::arg("x"), pybind11::arg("packed"),
-        pybind11::arg("n_out"), pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "silu(x W_gate^T) * (x W_up^T) [M, I] on a pack_gate_up weight.");
+        pybind11::arg("n_out"), pybind11::arg("out") = std::nullopt,
+        pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "silu(x W_gate^T) * (x W_up^T) [M, I] on a pack_gate_up weight (into out when given).");
 #ifdef DASH_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

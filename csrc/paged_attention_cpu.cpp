@@ -200,6 +200,13 @@ DASH_CPU_CLONES void attend_tasks(int64_t begin, int64_t end, const Geometry& ge
 at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& page_table, const at::Tensor& context_lens,
                                const std::optional<at::Tensor>& cu_seqlens_q, double scale) {
+  return paged_attention_into_cpu(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q, scale,
+                                  at::empty_like(q));
+}
+
+at::Tensor paged_attention_into_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                    const at::Tensor& page_table, const at::Tensor& context_lens,
+                                    const std::optional<at::Tensor>& cu_seqlens_q, double scale, at::Tensor out) {
   // A torch.profiler event (free when no profiler runs): it is called from C++ too, outside the dispatcher.
   RECORD_FUNCTION("dash::paged_attention", std::vector<c10::IValue>());
   auto fp32_cpu = [](const at::Tensor& t) {
@@ -254,7 +261,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
     }
     max_keys = std::max<int64_t>(max_keys, lens[b]);
   }
-  at::Tensor out = at::empty_like(q);
+  if (out.sizes() != q.sizes() || !fp32_cpu(out)) value_error("paged_attention: out must be contiguous fp32 like q");
   if (T == 0) return out;
   const Geometry geo{Hq, Hkv, G, D, ps, W, Hkv * D, ps * Hkv * D, static_cast<float>(scale)};
   const float* qp = q.data_ptr<float>();

@@ -47,8 +47,13 @@ void check_args(const char* op, const at::Tensor& x, const at::Tensor& weight) {
 }  // namespace
 
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return rms_norm_into_cpu(x, weight, eps, at::empty_like(x));
+}
+
+at::Tensor rms_norm_into_cpu(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor out) {
   check_args("rms_norm", x, weight);
-  at::Tensor out = at::empty_like(x);
+  TORCH_CHECK_VALUE(out.sizes() == x.sizes() && out.is_contiguous() && out.scalar_type() == at::kFloat,
+                    "rms_norm: out must be contiguous fp32 shaped like x ", x.sizes());
   const int64_t H = x.size(-1), N = H ? x.numel() / H : 0;
   float* xp = const_cast<float*>(x.data_ptr<float>());  // read only: kAdd=false never writes x
   at::parallel_for(0, N, cpu::row_grain(H), [&](int64_t b, int64_t e) {

@@ -62,13 +62,26 @@ class KVCache:
         cfg = model.config
         param = next(model.parameters())
         shape = (num_pages, page_size, cfg.num_key_value_heads, cfg.head_dim)
-        # Zeros, not empty: the CPU path gathers whole pages and masks the unused slots in SDPA, and a masked
-        # NaN from uninitialised memory would still poison the output (0 * NaN). Freed pages keep finite old values.
-        self.k = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in range(cfg.num_hidden_layers)]
+        layers = cfg.num_hidden_layers
+        self._pool = _take_cpu_pool(shape, layers, param.dtype) if param.device.type == "cpu" else None
+        if self._pool is None:
+            # Zeros, not empty: the CPU path gathers whole pages and masks the unused slots in SDPA, and a masked
+            # NaN from uninitialised memory would still poison the output (0 * NaN). Freed pages keep finite old
+            # values (so does a recycled pool).
+            self._pool = tuple([torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in range(layers)]
+                               for _ in range(2))
+        self.k = [t[:num_pages] for t in self._pool[0]]  # [num_pages, page_size, Hkv, D] per layer
+        self.v = [t[:num_pages] for t in self._pool[1]]
         self.allocator = require_c().PageAllocator(num_pages, page_size)
         self.page_size = page_size
         self.num_pages = num_pages
+
+    def recycle(self) -> None:
+        """End of the call: a CPU pool is kept for the next call (see _CPU_POOLS); the cache is unusable after."""
+        if self._pool is not None and self._pool[0][0].device.type == "cpu":
+            _CPU_POOLS[:] = [self._pool]
+        self._pool = None
+        self.k = self.v = []
 
     @staticmethod
     def bytes_per_page(model, page_size: int) -> int:
@@ -81,3 +94,28 @@ class KVCache:
         if src.numel():
             for k, v in zip(self.k, self.v):
                 kv.copy_pages(k, v, src, dst)
+
+
+# The last CPU call's K/V tensors, handed to the next call whose geometry fits: the pool's pages are then already
+# mapped, where fresh zeros cost a page fault per 4 KiB at first touch (3000 of them, a few ms, for the tiny model's
+# batch-256 call of ~50 ms). One pool is kept (the last), holding its memory between calls; only on the CPU, since on
+# a GPU the trainer needs that memory between sampling calls. A running call owns its pool (taken off this list), so
+# concurrent calls never share one.
+_CPU_POOLS: list = []
+
+
+def _take_cpu_pool(shape: tuple, layers: int, dtype: torch.dtype):
+    """The kept pool if it has `layers` layers of `dtype` pages shaped like shape[1:] and at least shape[0] pages."""
+    try:
+        pool = _CPU_POOLS.pop()
+    except IndexError:
+        return None
+    k0 = pool[0][0]
+    if len(pool[0]) == layers and k0.dtype == dtype and k0.shape[1:] == shape[1:] and k0.shape[0] >= shape[0]:
+        return pool
+    return None  # does not fit: dropped, the new call allocates (and later keeps) its own
+
+
+def release_cpu_pool() -> None:
+    """Free the K/V memory kept for the next CPU generate call."""
+    _CPU_POOLS.clear()

@@ -91,16 +91,19 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
     show = sys.stderr.isatty() if progress is None else progress
     steps = prefills = peak = 0
     with tqdm(total=table.num_seqs, desc="generate", unit="seq", disable=not show) as bar:
-        while not sched.is_finished():
-            ctx, seq_ids, rows = sched.schedule()
-            peak = max(peak, num_pages - cache.allocator.num_free_pages)
-            logits = runner.run(ctx)  # [R, V] fp32 (R = T for a prefill, B for a decode step)
-            if rows is not None:
-                logits = logits[rows.to(runner.device)]
-            tokens, logprobs = _sample(table, table.rows(seq_ids), logits)
-            bar.update(sched.postprocess(seq_ids, tokens.cpu(), logprobs.cpu()))
-            steps += 1
-            prefills += ctx.is_prefill
+        try:
+            while not sched.is_finished():
+                ctx, seq_ids, rows = sched.schedule()
+                peak = max(peak, num_pages - cache.allocator.num_free_pages)
+                logits = runner.run(ctx)  # [R, V] fp32 (R = T for a prefill, B for a decode step)
+                if rows is not None:
+                    logits = logits[rows.to(runner.device)]
+                tokens, logprobs = _sample(table, table.rows(seq_ids), logits)
+                bar.update(sched.postprocess(seq_ids, tokens.cpu(), logprobs.cpu()))
+                steps += 1
+                prefills += ctx.is_prefill
+        finally:
+            cache.recycle()
     if stats is not None:
         stats.update(steps=steps, prefill_steps=prefills, decode_steps=steps - prefills, num_pages=num_pages,
                      peak_pages=peak, preemptions=sched.num_preemptions,

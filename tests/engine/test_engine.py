@@ -298,3 +298,32 @@ def test_runner_packs_weights_for_the_avx512_gemms_within_its_budget(budget, mod
     with backend.use_backend("reference"):
         generate(model, None, prompts[:1], params=GREEDY, page_size=4)
     assert runners[-1].packed_head is None and runners[-1].packed == [None] * len(runners[-1].packed)
+
+
+def test_cpu_kv_pool_is_reused_by_the_next_fitting_call(model_pair, make_prompts, monkeypatch):
+    """A CPU call hands its K/V pool to the next call whose geometry fits (no fresh pages to fault in); the stale
+    K/V it holds change nothing; a call that needs more pages allocates its own; a running call owns its pool."""
+    from dash.engine import kv_cache
+
+    hf, model = model_pair("qwen2")
+    kv_cache.release_cpu_pool()
+    caches = []
+    real_init = kv_cache.KVCache.__init__
+    monkeypatch.setattr(kv_cache.KVCache, "__init__",
+                        lambda self, *a, **k: real_init(self, *a, **k) or caches.append(self._pool[0][0]))
+    prompts = make_prompts(LENGTHS)
+    first = generate(model, None, prompts, params=GREEDY, page_size=4)
+    assert len(kv_cache._CPU_POOLS) == 1
+    again = generate(model, None, prompts[:2], params=GREEDY, page_size=4)  # fewer pages: the same pool
+    assert caches[1] is caches[0] and len(kv_cache._CPU_POOLS) == 1
+    assert [o[0].token_ids for o in again] == [o[0].token_ids for o in first[:2]]
+    for prompt, out in zip(prompts[:2], again):
+        assert out[0].token_ids == hf_greedy(hf, prompt, GREEDY.max_new_tokens)
+    generate(model, None, prompts, n=3, params=GREEDY, page_size=4)  # 3x the pages: a new pool, kept afterwards
+    assert caches[2].shape[0] > caches[0].shape[0] and kv_cache._CPU_POOLS[0][0][0] is caches[2]
+    generate(model, None, prompts, params=GREEDY, page_size=8)  # another page size: not reused
+    assert caches[3].shape[1] == 8 and kv_cache._CPU_POOLS[0][0][0] is caches[3]
+    taken = kv_cache.KVCache(model, 4, 8)  # a running call holds the pool: the next one gets another
+    assert kv_cache._CPU_POOLS == [] and kv_cache.KVCache(model, 4, 8).k[0].data_ptr() != taken.k[0].data_ptr()
+    kv_cache.release_cpu_pool()
+    assert kv_cache._CPU_POOLS == []

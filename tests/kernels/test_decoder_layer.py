@@ -218,3 +218,40 @@ def test_bad_weights_are_rejected_before_any_work():
     with pytest.raises(ValueError, match="packed must list 6 weights"):
         _C.decoder_layer(x, weights, 1e-6, cos, sin, k_cache, v_cache, *meta, None, 0.1, [torch.zeros(1, 1, 32)])
     assert torch.count_nonzero(k_cache) == 0  # nothing was stored by the rejected calls
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_packed_decode_split_over_threads_equals_one_pass(variant):
+    """A decode step on packed weights with 2 threads runs each thread's block of rows through the whole layer (one
+    parallel region); 1 thread runs one pass over all rows. Rows are independent and the packed GEMM is row-invariant,
+    so x and the caches must be bitwise equal; and both within the fp32 error of the torch-GEMM layer."""
+    if not _C.has_avx512():
+        pytest.skip("this CPU has no AVX-512: the sampler keeps torch's GEMMs (one pass)")
+    config, layer = make_layer(variant)
+    weights = detached(layer)
+    packed = pack_layer(weights)
+    lens = [int(n) for n in torch.randint(1, 30, (37,), generator=torch.Generator().manual_seed(9))]  # 37 rows
+    table, slot = paged_layout([n + 1 for n in lens])
+    k0, v0 = caches(config, table.numel())
+    k0.normal_(generator=torch.Generator().manual_seed(2))
+    v0.normal_(generator=torch.Generator().manual_seed(3))
+    slots = torch.tensor([slot(b, n) for b, n in enumerate(lens)], dtype=torch.int32)
+    context = torch.tensor([n + 1 for n in lens], dtype=torch.int32)
+    x = torch.randn(len(lens), config.hidden_size, generator=torch.Generator().manual_seed(4))
+    cos, sin = rope(config, torch.tensor(lens))
+    eps, scale = config.rms_norm_eps, config.head_dim ** -0.5
+    outs = {}
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, use_packed in ((1, True), (2, True), (1, False)):
+            torch.set_num_threads(n_threads)
+            xs, ks, vs = x.clone(), k0.clone(), v0.clone()
+            _C.decoder_layer(xs, weights, eps, cos, sin, ks, vs, slots, table, context, None, scale,
+                             packed if use_packed else [])
+            outs[n_threads, use_packed] = xs, ks, vs
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(outs[1, True], outs[2, True]):
+        assert torch.equal(a, b)
+    torch_x, packed_x = outs[1, False][0], outs[1, True][0]
+    assert torch.allclose(packed_x, torch_x, rtol=1e-5, atol=1e-5 * torch_x.abs().max().item())
