@@ -19,7 +19,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstring>

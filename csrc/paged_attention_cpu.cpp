@@ -27,11 +27,17 @@
 // -fno-trapping-math so `x < c ? c : x` becomes a SIMD select. On x86-64 Linux the task loop is also compiled for
 // x86-64-v3 (AVX2 + FMA) and picked when the library loads (target_clones): 1.3x over the SSE2 build, which still
 // runs on any x86-64. B=256, Hq=4, Hkv=2, D=32, context 20-40, 1 thread: 0.15 ms per call with hot caches (the
-// previous scalar loop: 0.52 ms), ~0.5 ms with cold ones (1.4 ms).
+// previous scalar loop: 0.52 ms), ~0.5 ms with cold ones (1.4 ms). On an AVX-512 CPU, head dims 32 / 64 / 128 take
+// attend_tasks_avx512 instead (benchmarks/paged_attention.py decode, batch 256, 1 thread, medians of 9, three
+// alternated runs: D=64 0.24-0.32 ms vs 0.48-0.55 for the vec4 loop; D=32 within noise of it).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -151,6 +157,20 @@ constexpr int64_t kRowBlock = 16;  // V rows per accumulate call: a block stays 
 
 inline int64_t round_up_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
+// Probabilities in place, per head g: p = exp(s - max) / sum over the n scores of row g of s [G, n_pad]. Padding
+// repeats s[g, 0] (the max is unchanged), then is zeroed.
+inline void softmax_rows(float* __restrict s, int64_t G, int64_t n, int64_t n_pad) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = s + g * n_pad;
+    std::fill(sg + n, sg + n_pad, sg[0]);
+    const float mx = max_lanes(sg, n_pad);
+    for (int64_t t = 0; t < n_pad; ++t) sg[t] = exp_nonpositive(sg[t] - mx);
+    std::fill(sg + n, sg + n_pad, 0.f);
+    const float inv = 1.f / sum_lanes(sg, n_pad);
+    for (int64_t t = 0; t < n_pad; ++t) sg[t] *= inv;
+  }
+}
+
 // Tasks [begin, end) (task = t * Hkv + h); see the file comment. seq_of[t] / keys_of[t]: token t's sequence and its
 // number of visible keys. s: scratch for G * round_up_lanes(max keys) floats; each head's row of scores is padded to
 // a multiple of kLanes so every loop over it is whole vectors.
@@ -173,16 +193,7 @@ DASH_CPU_CLONES void attend_tasks(int64_t begin, int64_t end, const Geometry& ge
         for (int64_t g = 0; g < G; ++g) s[g * n_pad + t0 + r] = dot_d<kD>(qg + g * D, k, D) * geo.scale;
       }
     }
-    // Probabilities in place: p = exp(s - max) / sum. Padding repeats s[g, 0] (the max is unchanged), then is zeroed.
-    for (int64_t g = 0; g < G; ++g) {
-      float* sg = s + g * n_pad;
-      std::fill(sg + n, sg + n_pad, sg[0]);
-      const float mx = max_lanes(sg, n_pad);
-      for (int64_t t = 0; t < n_pad; ++t) sg[t] = exp_nonpositive(sg[t] - mx);
-      std::fill(sg + n, sg + n_pad, 0.f);
-      const float inv = 1.f / sum_lanes(sg, n_pad);
-      for (int64_t t = 0; t < n_pad; ++t) sg[t] *= inv;
-    }
+    softmax_rows(s, G, n, n_pad);
     // Pass 2: out[g] = sum_t p[g, t] v[t], in blocks of rows that stay in L1 while the G heads read them.
     std::fill(og, og + G * D, 0.f);
     for (int64_t t0 = 0, rows = 0; t0 < n; t0 += rows) {
@@ -192,6 +203,65 @@ DASH_CPU_CLONES void attend_tasks(int64_t begin, int64_t end, const Geometry& ge
     }
   }
 }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DASH_PAGED_AVX512 1
+// The task loop above with AVX-512 intrinsics, for head dims of whole 16-float vectors (kD = 32, 64, 128; picked at
+// run time when the CPU has AVX-512): a K or V row is kD / 16 registers, loaded once for the G query heads, where
+// the 4-float vector-extension loop (the only width its SSE2 clone can afford) reloads it per head in 4-float pieces.
+// Same passes and softmax; the dot products sum in another order, so bits differ from the portable loop (not between
+// decode and prefill, nor between thread counts: both take this loop).
+template <int kD>
+__attribute__((target("avx512f,fma"))) void attend_tasks_avx512(
+    int64_t begin, int64_t end, const Geometry& geo, const float* __restrict q, const float* __restrict k_cache,
+    const float* __restrict v_cache, const int32_t* __restrict page_table, const int32_t* __restrict seq_of,
+    const int32_t* __restrict keys_of, float* __restrict out, float* __restrict s) {
+  constexpr int V = kD / 16;  // vectors per row
+  const int64_t G = geo.G, ps = geo.page_size, stride = geo.row_stride;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t t = task / geo.Hkv, h = task % geo.Hkv, n = keys_of[t], n_pad = round_up_lanes(n);
+    const int32_t* pages = page_table + seq_of[t] * geo.W;
+    const float* qg = q + (t * geo.Hq + h * G) * kD;  // [G, kD]
+    float* og = out + (t * geo.Hq + h * G) * kD;      // [G, kD]
+    for (int64_t t0 = 0; t0 < n; t0 += ps) {  // pass 1: scores
+      const float* k = k_cache + pages[t0 / ps] * geo.page_stride + h * kD;
+      const int64_t rows = std::min(ps, n - t0);
+      for (int64_t r = 0; r < rows; ++r, k += stride) {
+        __m512 kr[V];
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) kr[v] = _mm512_loadu_ps(k + 16 * v);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qr = qg + g * kD;
+          __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qr), kr[0]);
+#pragma GCC unroll 8
+          for (int v = 1; v < V; ++v) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * v), kr[v], acc);
+          s[g * n_pad + t0 + r] = _mm512_reduce_add_ps(acc) * geo.scale;
+        }
+      }
+    }
+    softmax_rows(s, G, n, n_pad);
+    std::fill(og, og + G * kD, 0.f);
+    for (int64_t t0 = 0, rows = 0; t0 < n; t0 += rows) {  // pass 2: out[g] = sum_t p[g, t] v[t]
+      rows = std::min({kRowBlock, n - t0, ps - t0 % ps});
+      const float* v0 = v_cache + pages[t0 / ps] * geo.page_stride + (t0 % ps) * stride + h * kD;
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 acc[V];
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) acc[v] = _mm512_loadu_ps(og + g * kD + 16 * v);
+        const float* p = s + g * n_pad + t0;
+        const float* vr = v0;
+        for (int64_t i = 0; i < rows; ++i, vr += stride) {
+          const __m512 w = _mm512_set1_ps(p[i]);
+#pragma GCC unroll 8
+          for (int v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 16 * v), acc[v]);
+        }
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) _mm512_storeu_ps(og + g * kD + 16 * v, acc[v]);
+      }
+    }
+  }
+}
+#endif
 
 [[noreturn]] void value_error(const std::string& msg) { throw pybind11::value_error(msg); }
 
@@ -272,10 +342,21 @@ at::Tensor paged_attention_into_cpu(const at::Tensor& q, const at::Tensor& k_cac
   const int32_t* ko = keys_of.data();
   const int64_t macs_per_task = std::max<int64_t>(1, 2 * G * D * total_keys / T);  // QK and PV, mean key count
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerChunk / macs_per_task);
+  const bool avx512 = has_avx512();
   at::parallel_for(0, T * Hkv, grain, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scratch;  // grows to the largest G * context seen by this thread, never shrinks
     const size_t need = static_cast<size_t>(G * round_up_lanes(max_keys));
     if (scratch.size() < need) scratch.resize(need);
+#ifdef DASH_PAGED_AVX512
+    if (avx512) {
+      switch (D) {
+        case 32: return attend_tasks_avx512<32>(begin, end, geo, qp, kp, vp, pt, so, ko, op, scratch.data());
+        case 64: return attend_tasks_avx512<64>(begin, end, geo, qp, kp, vp, pt, so, ko, op, scratch.data());
+        case 128: return attend_tasks_avx512<128>(begin, end, geo, qp, kp, vp, pt, so, ko, op, scratch.data());
+        default: break;
+      }
+    }
+#endif
     switch (D) {  // the common head dims get a compile-time D: unrolled dot products, accumulators in registers
       case 32: return attend_tasks<32>(begin, end, geo, qp, kp, vp, pt, so, ko, op, scratch.data());
       case 64: return attend_tasks<64>(begin, end, geo, qp, kp, vp, pt, so, ko, op, scratch.data());
