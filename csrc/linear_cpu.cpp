@@ -70,33 +70,35 @@ DASH_AVX512 inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, k);
 }
 
-// One tile: kTileRows rows of x (row stride lda) times one packed panel, epilogue into out (row stride ldc).
+// One tile: R rows of x (row stride lda) times one packed panel, epilogue into out (row stride ldc). R = kTileRows
+// for every full tile; a block's last rows take the R that fits (compile-time R: accumulators stay in registers).
 // `cols` masks the valid output columns of each half (a partial last panel).
-template <Epilogue E>
+template <Epilogue E, int R>
 DASH_AVX512 void tile(int64_t K, const float* __restrict a, int64_t lda, const float* __restrict b,
                       const float* __restrict bias, float* __restrict out, int64_t ldc, __mmask16 cols0,
                       __mmask16 cols1) {
-  __m512 acc[kTileRows][2];
-  for (int i = 0; i < kTileRows; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  __m512 acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const __m512 b0 = _mm512_loadu_ps(b + k * kPanel), b1 = _mm512_loadu_ps(b + k * kPanel + kHalf);
 #pragma GCC unroll 12
-    for (int i = 0; i < kTileRows; ++i) {
+    for (int i = 0; i < R; ++i) {
       const __m512 ai = _mm512_set1_ps(a[i * lda + k]);
       acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
       acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
     }
   }
   if constexpr (E == Epilogue::kSiluMul) {  // silu(g) * u = g / (1 + e^-g) * u, 16 outputs per row
-    for (int i = 0; i < kTileRows; ++i) {
+    for (int i = 0; i < R; ++i) {
       const __m512 g = acc[i][0];
-      const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+      const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e));
       _mm512_mask_storeu_ps(out + i * ldc, cols0, _mm512_mul_ps(s, acc[i][1]));
     }
   } else {
     const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(cols0, bias) : _mm512_setzero_ps();
     const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(cols1, bias + kHalf) : _mm512_setzero_ps();
-    for (int i = 0; i < kTileRows; ++i) {
+    for (int i = 0; i < R; ++i) {
       __m512 y0 = bias ? _mm512_add_ps(acc[i][0], bias0) : acc[i][0];
       __m512 y1 = bias ? _mm512_add_ps(acc[i][1], bias1) : acc[i][1];
       float* o = out + i * ldc;
@@ -114,7 +116,17 @@ DASH_AVX512 __mmask16 first_n(int64_t n) {
   return n >= kHalf ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1);
 }
 
-// Rows [r0, r1) of x times panel p. A partial last tile runs on zero-padded copies of its rows (same fma chains).
+// The tile for the last `rows` (< kTileRows) rows of a block: the same fma chains with fewer accumulators.
+template <Epilogue E, int R = kTileRows - 1>
+DASH_AVX512 void tail_tile(int64_t rows, int64_t K, const float* a, const float* b, const float* bias, float* out,
+                           int64_t ldc, __mmask16 m0, __mmask16 m1) {
+  if constexpr (R >= 1) {
+    if (rows == R) return tile<E, R>(K, a, K, b, bias, out, ldc, m0, m1);
+    return tail_tile<E, R - 1>(rows, K, a, b, bias, out, ldc, m0, m1);
+  }
+}
+
+// Rows [r0, r1) of x times panel p.
 template <Epilogue E>
 DASH_AVX512 void rows_times_panel(int64_t r0, int64_t r1, int64_t p, int64_t K, int64_t n_out, const float* x,
                                   const float* packed, const float* bias, float* out) {
@@ -124,17 +136,10 @@ DASH_AVX512 void rows_times_panel(int64_t r0, int64_t r1, int64_t p, int64_t K, 
   const float* b = packed + p * K * kPanel;
   const float* pb = bias ? bias + c0 : nullptr;
   int64_t r = r0;
-  for (; r + kTileRows <= r1; r += kTileRows) tile<E>(K, x + r * K, K, b, pb, out + r * n_out + c0, n_out, m0, m1);
-  if (r == r1) return;
-  std::vector<float> a_pad(kTileRows * K, 0.f), o_pad(kTileRows * kPanel, 0.f);
-  const int64_t rows = r1 - r;
-  std::memcpy(a_pad.data(), x + r * K, rows * K * sizeof(float));
-  for (int64_t i = 0; i < rows && E == Epilogue::kAccumulate; ++i) {
-    std::memcpy(o_pad.data() + i * kPanel, out + (r + i) * n_out + c0, valid * sizeof(float));
+  for (; r + kTileRows <= r1; r += kTileRows) {
+    tile<E, kTileRows>(K, x + r * K, K, b, pb, out + r * n_out + c0, n_out, m0, m1);
   }
-  tile<E>(K, a_pad.data(), K, b, pb, o_pad.data(), kPanel, m0, m1);
-  for (int64_t i = 0; i < rows; ++i) std::memcpy(out + (r + i) * n_out + c0, o_pad.data() + i * kPanel,
-                                                   valid * sizeof(float));
+  if (r < r1) tail_tile<E>(r1 - r, K, x + r * K, b, pb, out + r * n_out + c0, n_out, m0, m1);
 }
 
 bool cpu_supports_avx512() { return __builtin_cpu_supports("avx512f"); }

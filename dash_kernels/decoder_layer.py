@@ -105,8 +105,9 @@ def decoder_layer_(x: torch.Tensor, weights: Sequence[torch.Tensor | None], eps:
     if missing:
         raise ValueError(f"decoder_layer_: weights {missing} are required, got None")
     scale = cos.shape[-1] ** -0.5 if scale is None else scale
-    present = [t for t in weights if t is not None]
-    if use_cpu_kernel(x, k_cache, *present) and x.is_contiguous():
+    # With `packed`, pack_layer has already checked the weights (fp32 CPU): a decode step then checks 2 tensors, not 17.
+    if (use_cpu_kernel(x, k_cache) and x.is_contiguous()
+            and (packed is not None or use_cpu_kernel(*(t for t in weights if t is not None)))):
         meta = [as_int32(t) for t in (slot_mapping, page_table, context_lens, cu_seqlens_q)]
         _C.decoder_layer(x, list(weights), eps, cos.contiguous(), sin.contiguous(), k_cache, v_cache, *meta, scale,
                          list(packed) if packed is not None else [])

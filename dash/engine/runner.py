@@ -79,7 +79,7 @@ class ModelRunner:
         if not ctx.is_prefill:
             self.cache.copy_on_write(ctx.cow_src, ctx.cow_dst)
         inner = self.model.model
-        cos, sin = self.cos[ctx.positions], self.sin[ctx.positions]  # [T, D] each
+        cos, sin = self.cos.index_select(0, ctx.positions), self.sin.index_select(0, ctx.positions)  # [T, D] each
         x = inner.embed_tokens(ctx.input_ids)  # [T, H]: the residual stream, a fresh tensor updated in place below
         paged = ctx.page_table is not None and (ctx.is_prefill or not self.use_flash)
         for w, packed, k_cache, v_cache in zip(self.weights, self.packed, self.cache.k, self.cache.v):
