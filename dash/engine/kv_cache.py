@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from dash_kernels import kv, require_c
+from dash_kernels._ext import use_cpu_kernel
 
 
 @dataclass(slots=True)
@@ -63,7 +64,11 @@ class KVCache:
         param = next(model.parameters())
         shape = (num_pages, page_size, cfg.num_key_value_heads, cfg.head_dim)
         layers = cfg.num_hidden_layers
-        self._pool = _take_cpu_pool(shape, layers, param.dtype) if param.device.type == "cpu" else None
+        # Recycled only where attention is the C++ kernel (fp32 CPU), which reads no slot past a sequence's length:
+        # a recycled page's stale K/V (non-finite after a diverged call) can never reach a result there.
+        recycle = use_cpu_kernel(torch.empty(0, dtype=param.dtype, device=param.device))
+        self._recycle = recycle
+        self._pool = _take_cpu_pool(shape, layers, param.dtype) if recycle else None
         if self._pool is None:
             # Zeros, not empty: the CPU path gathers whole pages and masks the unused slots in SDPA, and a masked
             # NaN from uninitialised memory would still poison the output (0 * NaN). Freed pages keep finite old
@@ -78,7 +83,7 @@ class KVCache:
 
     def recycle(self) -> None:
         """End of the call: a CPU pool is kept for the next call (see _CPU_POOLS); the cache is unusable after."""
-        if self._pool is not None and self._pool[0][0].device.type == "cpu":
+        if self._pool is not None and self._recycle:
             _CPU_POOLS[:] = [self._pool]
         self._pool = None
         self.k = self.v = []
@@ -96,7 +101,7 @@ class KVCache:
                 kv.copy_pages(k, v, src, dst)
 
 
-# The last CPU call's K/V tensors, handed to the next call whose geometry fits: the pool's pages are then already
+# The last fp32 CPU call's K/V tensors, handed to the next call whose geometry fits: the pool's pages are then already
 # mapped, where fresh zeros cost a page fault per 4 KiB at first touch (3000 of them, a few ms, for the tiny model's
 # batch-256 call of ~50 ms). One pool is kept (the last), holding its memory between calls; only on the CPU, since on
 # a GPU the trainer needs that memory between sampling calls. A running call owns its pool (taken off this list), so

@@ -327,3 +327,6 @@ def test_cpu_kv_pool_is_reused_by_the_next_fitting_call(model_pair, make_prompts
     assert kv_cache._CPU_POOLS == [] and kv_cache.KVCache(model, 4, 8).k[0].data_ptr() != taken.k[0].data_ptr()
     kv_cache.release_cpu_pool()
     assert kv_cache._CPU_POOLS == []
+    with backend.use_backend("reference"):  # torch attention over gathered pages: never a recycled pool
+        generate(model, None, prompts[:1], params=GREEDY, page_size=4)
+    assert kv_cache._CPU_POOLS == []
