@@ -17,6 +17,13 @@
 #define DASH_CPU_CLONES
 #endif
 
+// Functions written with AVX-512 intrinsics (csrc/linear_cpu.cpp, csrc/paged_attention_cpu.cpp): compiled for it
+// whatever the build flags, and called only when has_avx512() (csrc/cpu_ops.h) says the CPU runs it.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DASH_HAS_AVX512_CODE 1
+#define DASH_AVX512 __attribute__((target("avx512f,fma")))
+#endif
+
 namespace dash {
 namespace cpu {
 
@@ -30,17 +37,16 @@ constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693359375f;  // ln 2 split in two so k * kLn2Hi is exact (Cody-Waite reduction)
 constexpr float kLn2Lo = -2.12194440e-4f;
 constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23: (y + M) - M rounds y to the nearest integer in fp32
+// e^r - 1 - r ~ r^2 (c0 + c1 r + ... + c5 r^5), Horner from kExpPoly[0] (= c5) down to kExpPoly[5] (= c0).
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
 // e^x for x already in [kExpMin, kExpMax].
 inline float exp_in_range(float x) {
   const float k = (x * kLog2e + kRoundMagic) - kRoundMagic;
   const float r = (x - k * kLn2Hi) - k * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  float p = kExpPoly[0];
+  for (int i = 1; i < 6; ++i) p = p * r + kExpPoly[i];
   p = p * (r * r) + r + 1.f;
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-126, 127]
   float two_k;

@@ -24,7 +24,6 @@
 #endif
 
 #include <algorithm>
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -50,8 +49,7 @@ void check_fp32_cpu(const char* op, const char* name, const at::Tensor& t, int64
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define DASH_AVX512 __attribute__((target("avx512f,fma")))
+#ifdef DASH_HAS_AVX512_CODE
 constexpr bool kX86 = true;
 
 // e^x with Cephes' polynomial (csrc/cpu_math.h), 2^k applied by scalef, which also gives inf / 0 past the range.
@@ -60,12 +58,8 @@ DASH_AVX512 inline __m512 exp512(__m512 x) {
   const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(cpu::kLog2e)), _MM_FROUND_TO_NEAREST_INT);
   __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(cpu::kLn2Hi), x);
   r = _mm512_fnmadd_ps(k, _mm512_set1_ps(cpu::kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 p = _mm512_set1_ps(cpu::kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(cpu::kExpPoly[i]));
   p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, k);
 }
@@ -148,7 +142,7 @@ constexpr bool kX86 = false;
 bool cpu_supports_avx512() { return false; }
 #endif
 
-// Fills packed[P, K, 32] from rows of `w` [N, K]: column j of panel p <- w row `row_of(p, j)` (-1: zeros).
+// Fills packed[P, K, 32]: column j of panel p <- the K floats at `row_of(p, j)` (nullptr: zeros).
 template <typename RowOf>
 void pack_panels(at::Tensor& packed, int64_t K, RowOf row_of) {
   float* dst = packed.data_ptr<float>();
@@ -183,7 +177,7 @@ void run(const char* op, const at::Tensor& x, const at::Tensor& packed, int64_t 
     check_fp32_cpu(op, "bias", *bias, 1);
     if (bias->size(0) != n_out) value_error(std::string(op) + ": bias must be [" + std::to_string(n_out) + "]");
   }
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef DASH_HAS_AVX512_CODE
   const int64_t P = packed.size(0), blocks = (M + kRowsPerTask - 1) / kRowsPerTask;
   const float *xp = x.data_ptr<float>(), *bp = packed.data_ptr<float>();
   const float* biasp = bias.has_value() ? bias->data_ptr<float>() : nullptr;

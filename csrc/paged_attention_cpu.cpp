@@ -204,15 +204,14 @@ DASH_CPU_CLONES void attend_tasks(int64_t begin, int64_t end, const Geometry& ge
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define DASH_PAGED_AVX512 1
+#ifdef DASH_HAS_AVX512_CODE
 // The task loop above with AVX-512 intrinsics, for head dims of whole 16-float vectors (kD = 32, 64, 128; picked at
 // run time when the CPU has AVX-512): a K or V row is kD / 16 registers, loaded once for the G query heads, where
 // the 4-float vector-extension loop (the only width its SSE2 clone can afford) reloads it per head in 4-float pieces.
 // Same passes and softmax; the dot products sum in another order, so bits differ from the portable loop (not between
 // decode and prefill, nor between thread counts: both take this loop).
 template <int kD>
-__attribute__((target("avx512f,fma"))) void attend_tasks_avx512(
+DASH_AVX512 void attend_tasks_avx512(
     int64_t begin, int64_t end, const Geometry& geo, const float* __restrict q, const float* __restrict k_cache,
     const float* __restrict v_cache, const int32_t* __restrict page_table, const int32_t* __restrict seq_of,
     const int32_t* __restrict keys_of, float* __restrict out, float* __restrict s) {
@@ -347,7 +346,7 @@ at::Tensor paged_attention_into_cpu(const at::Tensor& q, const at::Tensor& k_cac
     thread_local std::vector<float> scratch;  // grows to the largest G * context seen by this thread, never shrinks
     const size_t need = static_cast<size_t>(G * round_up_lanes(max_keys));
     if (scratch.size() < need) scratch.resize(need);
-#ifdef DASH_PAGED_AVX512
+#ifdef DASH_HAS_AVX512_CODE
     if (avx512) {
       switch (D) {
         case 32: return attend_tasks_avx512<32>(begin, end, geo, qp, kp, vp, pt, so, ko, op, scratch.data());

@@ -77,8 +77,8 @@ def pack_layer(weights: Sequence[torch.Tensor | None]) -> list[torch.Tensor] | N
     w = dict(zip(LAYER_WEIGHTS, weights, strict=True))
     if not packed_gemm_available(*(t for t in weights if t is not None)):
         return None
-    plain = [pack_linear(w[name]).data for name in ("q", "k", "v", "o")]
-    return [*plain, pack_gate_up(w["gate"], w["up"]).data, pack_linear(w["down"]).data]
+    return [(pack_gate_up(w["gate"], w["up"]) if name == "gate_up" else pack_linear(w[name])).data
+            for name in PACKED_WEIGHTS]
 
 
 def decoder_layer_(x: torch.Tensor, weights: Sequence[torch.Tensor | None], eps: float, cos: torch.Tensor,

@@ -66,9 +66,8 @@ class KVCache:
         layers = cfg.num_hidden_layers
         # Recycled only where attention is the C++ kernel (fp32 CPU), which reads no slot past a sequence's length:
         # a recycled page's stale K/V (non-finite after a diverged call) can never reach a result there.
-        recycle = use_cpu_kernel(torch.empty(0, dtype=param.dtype, device=param.device))
-        self._recycle = recycle
-        self._pool = _take_cpu_pool(shape, layers, param.dtype) if recycle else None
+        self._recycle = use_cpu_kernel(torch.empty(0, dtype=param.dtype, device=param.device))
+        self._pool = _take_cpu_pool(shape, layers, param.dtype) if self._recycle else None
         if self._pool is None:
             # Zeros, not empty: the CPU path gathers whole pages and masks the unused slots in SDPA, and a masked
             # NaN from uninitialised memory would still poison the output (0 * NaN). Freed pages keep finite old
