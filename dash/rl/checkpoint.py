@@ -1,18 +1,23 @@
 """Atomic checkpoints with exact resume.
 
 A checkpoint is a folder `<out_dir>/checkpoints/step-<N>/` holding `model/` (an HF folder: config.json,
-model.safetensors, tokenizer files, loadable by `dash.model_io.load_model` or transformers) and `trainer_state.pt`
-(optimizer, LR scheduler, RNG states, data position, step, config). It is written into a temporary sibling folder and
-renamed into place, and `latest` (a one-line file naming the newest folder) is replaced atomically after that, so a
-run killed at any moment leaves either the previous checkpoint or the new one, never half of one.
+model.safetensors, tokenizer files, loadable by `dash.model_io.load_model` or transformers) and the trainer state
+(optimizer, LR scheduler, RNG states, data position, step, config) as `trainer_state.safetensors` (tensors) +
+`trainer_state.json` (the rest): no file of a checkpoint is ever unpickled, so a crafted one cannot run code
+(dash/rl/state_io.py; an older dash's `trainer_state.pt` pickle is refused with a message). It is written into a
+temporary sibling folder, fsynced and renamed into place, and `latest` (a one-line file naming the newest folder) is
+replaced atomically after that, so a run killed at any moment leaves either the previous checkpoint or the new one,
+never half of one. `load_checkpoint` reads the state of the one `latest` names and, when that is damaged (a missing,
+truncated or corrupt file), falls back to the newest checkpoint that reads, with a warning naming the bad file.
 
 Under FSDP (`train.parallel: fsdp`) a checkpoint is sharded: `sharded/` is a torch.distributed.checkpoint (DCP)
 folder where every rank writes its own shards of the weights and AdamW state (one `.distcp` file per rank, plus
-`.metadata`), so no rank ever holds the full optimizer state; `trainer_state.pt` then has no optimizer entry and there
+`.metadata`), so no rank ever holds the full optimizer state; the trainer state then has no optimizer entry and there
 is no `model/`. The same temporary-folder-and-rename protocol applies, with rank 0 creating and publishing the
 folder (so on several nodes, out_dir must be a shared filesystem). DCP reshards on load, so such a checkpoint
 resumes with any world size (one process included), and `load_sharded(ckpt, model)` fills a plain single-process
-model from it (e.g. to export it with save_model).
+model from it (e.g. to export it with save_model); it reads DCP's pickled metadata with an allow-list
+(dash/rl/safe_dcp.py).
 """
 
 from __future__ import annotations
@@ -27,14 +32,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
+from dash.config import ConfigError
 from dash.model_io import save_model
 from dash.rl.distributed import DistInfo, broadcast_object
+from dash.rl.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError
+from dash.rl.state_io import JSON_FILE, TENSORS_FILE, StateFileError, load_state, save_state
 
 LATEST = "latest"
-STATE_FILE = "trainer_state.pt"
+STATE_FILES = (JSON_FILE, TENSORS_FILE)
+LEGACY_STATE_FILE = "trainer_state.pt"  # an older dash's pickle: never loaded
 MODEL_DIR = "model"
 SHARDED_DIR = "sharded"
+
+
+class CheckpointError(ConfigError):
+    """--resume found no usable checkpoint where it looked; the message names the folder or file and what is wrong."""
 
 
 def rng_state() -> dict:
@@ -70,7 +84,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, trainer_st
 def save_sharded_checkpoint(out_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
                             info: DistInfo) -> Path:
     """FSDP: every rank calls this. Each writes its shards (model + optimizer, DCP) into one temporary folder made by
-    rank 0; rank 0 adds trainer_state.pt and publishes the folder as save_checkpoint does."""
+    rank 0; rank 0 adds the trainer state and publishes the folder as save_checkpoint does."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -107,7 +121,7 @@ def load_sharded(ckpt: Path, model, optimizer=None) -> None:
     if optimizer is not None:
         state["optimizer"] = sd.get_optimizer_state_dict(model, optimizer)
     with _single_process_ok():
-        dcp.load(state, checkpoint_id=Path(ckpt) / SHARDED_DIR)
+        dcp.load(state, storage_reader=SafeFileSystemReader(Path(ckpt) / SHARDED_DIR), planner=SafeLoadPlanner())
     sd.set_model_state_dict(model, state["model"])
     if optimizer is not None:
         sd.set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -126,13 +140,13 @@ def _single_process_ok():
 
 
 def _publish(tmp: Path, final: Path, trainer_state: dict, step: int) -> None:
-    """Adds trainer_state.pt to the complete temporary folder, renames it into place, then repoints `latest`.
+    """Adds the trainer state files to the complete temporary folder, renames it into place, then repoints `latest`.
 
     Every intermediate state leaves a complete checkpoint where `latest` points: a re-saved step (a rerun of a
     finished run writes the step `latest` names) first moves the old folder aside, and deletes it only after the new
     one is in place and named. Left-over temporary folders of killed saves are removed once a save completes.
     """
-    torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
+    save_state(tmp, {**trainer_state, "step": step, "rng": rng_state()})
     _fsync_tree(tmp)  # on disk before any rename can make it reachable (a power loss, not only a killed process)
     if final.exists():
         old = final.parent / f".{final.name}-replaced"
@@ -177,33 +191,76 @@ def _step_number(path: Path) -> int | None:
     return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
 
 
-def _is_complete(path: Path) -> bool:
-    return (path / STATE_FILE).is_file() and ((path / MODEL_DIR).is_dir() or (path / SHARDED_DIR).is_dir())
+def _problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint, naming the file (None: every file is there; not yet read)."""
+    if not path.is_dir():
+        return f"{path} does not exist"
+    if (path / LEGACY_STATE_FILE).is_file() and not (path / JSON_FILE).is_file():
+        return (f"{path / LEGACY_STATE_FILE} was written by an older dash as a pickle, which is no longer loaded "
+                f"because unpickling a file can run code; its {MODEL_DIR}/ folder still loads as --model.path")
+    for name in STATE_FILES:
+        if not (path / name).is_file():
+            return f"{path / name} is missing"
+    if not ((path / MODEL_DIR).is_dir() or (path / SHARDED_DIR).is_dir()):
+        return f"{path} holds neither {MODEL_DIR}/ nor {SHARDED_DIR}/"
+    return None
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """`path` may be a checkpoint folder, or a run / checkpoints folder whose `latest` names one. When `latest` is
-    missing or names no complete checkpoint (a save killed between its renames), the highest complete `step-N`."""
+def _read(path: Path) -> tuple[dict | None, str | None]:
+    """(trainer state, None) when `path` is a checkpoint whose files all read, else (None, what is wrong)."""
+    problem = _problem(path)
+    if problem:
+        return None, problem
+    try:
+        state = load_state(path)
+        if not isinstance(state.get("step"), int) or "rng" not in state:
+            raise StateFileError(f"{path / JSON_FILE}: no step number or RNG state in it")
+        if is_sharded_checkpoint(path):
+            SafeFileSystemReader(path / SHARDED_DIR).read_metadata()
+        for weights in sorted((path / MODEL_DIR).glob("*.safetensors")):
+            try:
+                with safe_open(str(weights), "pt"):  # checks the header and that every listed byte is there
+                    pass
+            except (OSError, SafetensorError) as exc:
+                raise StateFileError(f"{weights}: unreadable ({exc})") from exc
+    except (StateFileError, UnsafeCheckpointError, OSError) as exc:
+        return None, str(exc)
+    return state, None
+
+
+def _candidates(root: Path) -> list[Path]:
+    """The folder `latest` names, then every step-N (and set-aside .step-N-replaced) folder, newest first."""
+    name = Path((root / LATEST).read_text(errors="replace").strip()).name if (root / LATEST).is_file() else ""
+    named = [root / name] if name else []  # a bare folder name: `latest` cannot point outside `root`
+    steps = sorted((p for p in (*root.glob("step-*"), *root.glob(".step-*-replaced")) if _step_number(p) is not None),
+                   key=lambda p: (_step_number(p), not p.name.startswith(".")), reverse=True)
+    return named + [p for p in steps if p not in named]
+
+
+def load_checkpoint(path: str | Path) -> tuple[Path, dict]:
+    """The checkpoint `--resume path` continues from, and its trainer state (tensors on the CPU).
+
+    `path` may be a checkpoint folder (used as given: CheckpointError if it does not read), or a run / checkpoints
+    folder: the checkpoint `latest` names, or when that one is missing or damaged (a save killed between its renames,
+    a truncated or corrupt file) the newest complete one, with a warning naming what was skipped and why.
+    """
     path = Path(path)
+    if any((path / name).exists() for name in (*STATE_FILES, LEGACY_STATE_FILE, MODEL_DIR, SHARDED_DIR)):
+        state, problem = _read(path)
+        if problem:
+            raise CheckpointError(f"--resume: {problem}")
+        return path, state
     for root in (path, path / "checkpoints"):
-        if not root.is_dir() or _is_complete(root):
-            continue
-        named = root / (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
-        if named is not None and _is_complete(named):
-            return named
-        steps = sorted((p for p in (*root.glob("step-*"), *root.glob(".step-*-replaced"))
-                        if _step_number(p) is not None and _is_complete(p)),
-                       key=lambda p: (_step_number(p), not p.name.startswith(".")))
-        if steps:
-            if named is not None:
-                warnings.warn(f"--resume: {named} is not a complete checkpoint; resuming from {steps[-1]}")
-            return steps[-1]
-    if not _is_complete(path):
-        raise FileNotFoundError(f"--resume: {path} is not a checkpoint (no {STATE_FILE} and {MODEL_DIR}/ or "
-                                f"{SHARDED_DIR}/ in it) and holds no complete step-N checkpoint")
-    return path
-
-
-def load_trainer_state(ckpt: Path) -> dict:
-    # weights_only=False: the state holds numpy RNG tuples and plain dicts written by this module.
-    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        candidates = _candidates(root) if root.is_dir() else []
+        skipped = []
+        for ckpt in candidates:
+            state, problem = _read(ckpt)
+            if problem is None:
+                if skipped:
+                    warnings.warn(f"--resume: {'; '.join(skipped)}: not a complete checkpoint; resuming from {ckpt}")
+                return ckpt, state
+            skipped.append(problem)
+        if candidates:
+            raise CheckpointError(f"--resume: {root} holds no complete step-N checkpoint ({'; '.join(skipped)})")
+    raise CheckpointError(f"--resume: {path} is not a checkpoint (no {JSON_FILE} and {MODEL_DIR}/ or {SHARDED_DIR}/ "
+                          f"in it) and holds no complete step-N checkpoint")

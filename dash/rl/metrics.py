@@ -14,7 +14,9 @@ SAMPLES_FILE = "samples.jsonl"
 class MetricsLogger:
     """Appends one JSON object per logged step to `<out_dir>/metrics.jsonl`; mirrors scalars to TensorBoard."""
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = False):
+    def __init__(self, out_dir: str | Path, tensorboard: bool = False, purge_step: int | None = None):
+        """`purge_step`: a resumed run's first step; TensorBoard drops the events it holds from there on (the old
+        run's, logged again now), as dash/rl/run_dir.py does for the JSONL files."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.out_dir / METRICS_FILE, "a", buffering=1)
@@ -25,7 +27,7 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
                 raise ImportError("log.tensorboard=true needs the tensorboard package: pip install tensorboard") from exc
-            self._tb = SummaryWriter(str(self.out_dir / "tb"))
+            self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict) -> None:
         clean = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
