@@ -1,7 +1,8 @@
 """`dash` command line: `dash <command> [--config PRESET.yaml] [--section.key=value ...]`.
 
 Commands:
-  train   RL fine-tuning (`train.algorithm`: dash or grpo); `--resume RUN_OR_CHECKPOINT` continues exactly
+  train   RL fine-tuning (`train.algorithm`: dash or grpo); `--resume RUN_OR_CHECKPOINT` continues exactly;
+          a log.out_dir that holds a run needs `--resume` or `--overwrite` (which deletes that run first)
   eval    greedy (and sampled pass@k) accuracy of `model.path`, or of `--resume` checkpoint, on the held-out split
   sample  complete `--prompt` texts with the paged sampler (`--n` completions each)
   sft     supervised warm start of the built-in tiny model on the arithmetic task (writes an HF folder)
@@ -36,11 +37,11 @@ def cmd_smoke(cfg: DashConfig) -> int:
     from dash.runtime import resolve_device, resolve_dtype, resolve_model_path
     from dash.tasks.arith import arith_reward
 
+    task, _, test = _load_task(cfg)  # first: a task this command cannot run is an error before the weights load
     folder = resolve_model_path(cfg.model.path)
     device = resolve_device(cfg.model.device)
     model = load_model(folder, dtype=resolve_dtype(cfg.model.dtype), device=device).eval()
     tokenizer = load_tokenizer(folder)
-    task, _, test = _load_task(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {folder} ({model.config.model_type}, {n_params / 1e6:.2f}M params) on {device}")
 
@@ -72,9 +73,10 @@ def _closing(trainer):
 def cmd_train(cfg: DashConfig, args) -> int:
     from dash.rl.trainer import Trainer
 
+    cfg.check_for_training()  # before any set-up work (Trainer.train checks it again for API callers)
     trainer = Trainer(cfg)
     with _closing(trainer):
-        trainer.setup(resume=args.resume)
+        trainer.setup(resume=args.resume, overwrite=args.overwrite)
         trainer.train()
     final = [h for h in trainer.history if "eval/greedy_acc" in h]
     if final:
@@ -88,7 +90,7 @@ def cmd_eval(cfg: DashConfig, args) -> int:
 
     trainer = Trainer(cfg)
     with _closing(trainer):
-        trainer.setup(resume=args.resume)
+        trainer.setup(resume=args.resume, claim_out_dir=False)
         metrics = trainer.evaluate()
     print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return 0
@@ -99,11 +101,20 @@ def cmd_sample(cfg: DashConfig, args) -> int:
     from dash.rl.sample import RolloutSampler, prompt_seed
     from dash.runtime import resolve_device, resolve_dtype, resolve_model_path
 
+    from dash.tokenizer import encode_problem
+
     if not args.prompt:
         raise SystemExit("dash sample: give at least one --prompt TEXT")
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1 (completions per prompt), got {args.n}")
     folder = resolve_model_path(cfg.model.path)
+    tokenizer = load_tokenizer(folder)
+    for prompt in args.prompt:  # before the weights load: a prompt the tokenizer cannot encode is a clear error
+        problem = encode_problem(tokenizer, prompt)
+        if problem:
+            raise ConfigError(f"--prompt: {problem}")
     model = load_model(folder, dtype=resolve_dtype(cfg.model.dtype), device=resolve_device(cfg.model.device))
-    sampler = RolloutSampler(model.eval(), load_tokenizer(folder), cfg.sampling, reward_fn=lambda c, a: 0.0)
+    sampler = RolloutSampler(model.eval(), tokenizer, cfg.sampling, reward_fn=lambda c, a: 0.0)
     seeds = [prompt_seed(cfg.train.seed, 0, i) for i in range(len(args.prompt))]
     for prompt, req in zip(args.prompt, sampler.generate(args.prompt, args.n, seeds)):
         for comp in req.completions:
@@ -133,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("--config", default=None, help="YAML preset (configs/*.yaml); defaults are used without one")
     parser.add_argument("--resume", default=None, help="train/eval: a run folder or checkpoint folder to continue from")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train: replace the run already in log.out_dir (deletes its checkpoints and logs)")
     parser.add_argument("--prompt", action="append", default=[], help="sample: a prompt (repeatable)")
     parser.add_argument("--n", type=int, default=1, help="sample: completions per prompt")
     parser.add_argument("--out", default=None, help="sft: output folder (default: the config's log.out_dir/sft)")
@@ -142,7 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dash: config error: {exc}", file=sys.stderr)
         return 2
-    return COMMANDS[args.command](cfg, args)
+    if args.overwrite and args.command != "train":
+        print(f"dash {args.command}: --overwrite is a `dash train` option", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](cfg, args)
+    except ConfigError as exc:  # settings the disk contradicts (out_dir, --resume, data files): no trace needed
+        print(f"dash {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 Sources, later ones win: the dataclass defaults, a YAML preset (`configs/*.yaml`), then `--section.key=value`
 overrides from the command line. Every key is checked: an unknown section or key, or a value of the wrong type, is a
-`ConfigError` naming the key, raised before any work starts.
+`ConfigError` naming the key, raised before any work starts. An override's text is read by its field's type: text
+fields take it as given (`--data.prompt_template={prompt}`), others read it as a YAML scalar. A bad YAML file (syntax,
+a key given twice, not UTF-8) is one line naming `file:line:column`. `DashConfig.check_for_training()` holds what only
+training needs (no greedy sampling).
 
     cfg = load_config("configs/tiny.yaml", ["--train.lr=3e-5", "--sampling.temperature=0.9"])
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +25,7 @@ import yaml
 
 BUILTIN_TINY = "builtin:tiny-sft"  # the SFT warm start shipped in dash/assets/tiny-sft
 MAX_REWARD_TIMEOUT_S = 1e6  # the reward guard's OS timer overflows far above this; no reward call needs days
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what resolve_device accepts (torch's own error lists 20 types)
 
 
 class ConfigError(ValueError):
@@ -36,6 +41,12 @@ class ModelLoadConfig:
     device: str = "auto"
     """`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:N`."""
 
+    def __post_init__(self):
+        if not self.path.strip():  # Path("") is the working directory: the error would name the wrong folder
+            raise ConfigError("model.path must not be empty (an HF model folder, or builtin:tiny-sft)")
+        if not _DEVICE_RE.fullmatch(self.device):
+            raise ConfigError(f"model.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
@@ -50,7 +61,9 @@ class DataConfig:
     answer_field: str = "answer"
     """Row field holding the reference answer."""
     reward: str = "arith"
-    """Verifiable reward name (dash.rewards): arith, gsm8k (`#### n`), math (`\\boxed{}`), code, format; `a+b` sums."""
+    """Verifiable reward name (dash.rewards): arith, gsm8k (`#### n`), math (`\\boxed{}`), code, format, or your own
+    `path/to/file.py:function` / `package.module:function` (per-sample or TRL form: dash/rewards/user.py); `a+b`
+    sums."""
     reward_timeout_s: float = 10.0
     """A reward call that takes longer scores 0 (counted, logged); the run goes on."""
     prompt_template: str = "{prompt}"
@@ -61,8 +74,8 @@ class DataConfig:
     """jsonl/parquet: skip (and count) prompts longer than this; 0 = no limit. The paper's limit is 256."""
     strict: bool = False
     """jsonl/parquet: a bad row is an error naming it, instead of being skipped and counted."""
-    arith_form: str = "a+b*c"
-    """Built-in task expression shape (see dash.tasks.arith.FORMS)."""
+    arith_form: Literal["a+b", "a*b", "a+b*c", "a*b+c"] = "a+b*c"
+    """Built-in task expression shape: the keys of dash.tasks.arith.FORMS (a test keeps the two lists equal)."""
     arith_digits: int = 2
     """Built-in task difficulty: digits per operand (zero-padded)."""
     test_size: int = 500
@@ -76,14 +89,22 @@ class DataConfig:
         if not 1 <= self.arith_digits <= 4:
             raise ConfigError(f"data.arith_digits must be in [1, 4], got {self.arith_digits}")
         _positive("data.test_size", self.test_size)
-        from dash.rewards import available_rewards
+        from dash.rewards import RewardSpecError, check_reward_spec
 
-        for part in self.reward.split("+"):
-            if part.strip() not in available_rewards():
-                raise ConfigError(f"data.reward: {part.strip()!r} is not one of {available_rewards()}")
-        if not 0 < self.reward_timeout_s <= MAX_REWARD_TIMEOUT_S or self.max_prompt_tokens < 0:
-            raise ConfigError(f"data.reward_timeout_s must be in (0, {MAX_REWARD_TIMEOUT_S:g}] (the OS timer's range) "
-                              "and data.max_prompt_tokens >= 0")
+        try:  # imports a user's reward file or module (their own code, by design): fails here, before any work
+            check_reward_spec(self.reward)
+        except RewardSpecError as exc:
+            raise ConfigError(f"data.reward: {exc}") from None
+        if not 0 < self.reward_timeout_s <= MAX_REWARD_TIMEOUT_S:
+            raise ConfigError(f"data.reward_timeout_s must be in (0, {MAX_REWARD_TIMEOUT_S:g}] (the OS timer's "
+                              f"range), got {self.reward_timeout_s}")
+        if self.max_prompt_tokens < 0:
+            raise ConfigError(f"data.max_prompt_tokens must be >= 0 (0 = no limit), got {self.max_prompt_tokens}")
+        from dash.data import template_problem
+
+        problem = template_problem(self.prompt_template)
+        if problem:
+            raise ConfigError(f"data.prompt_template {self.prompt_template!r} is invalid: {problem}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -101,7 +122,8 @@ class SamplingConfig:
     page_size: int = 16
     """Tokens per KV-cache page."""
     num_pages: int = 0
-    """KV pages per layer; 0 sizes the pool from the step's batch."""
+    """KV pages per layer; 0 sizes the pool from the step's batch. A fixed pool must hold a prompt and its completion:
+    data rows longer than num_pages x page_size - max_new_tokens are skipped (counted) at load."""
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -112,6 +134,10 @@ class SamplingConfig:
             raise ConfigError("sampling.top_k, sampling.min_new_tokens and sampling.num_pages must be >= 0")
         _positive("sampling.max_new_tokens", self.max_new_tokens)
         _positive("sampling.page_size", self.page_size)
+        if self.min_new_tokens and self.min_new_tokens >= self.max_new_tokens:
+            # EOS is suppressed for the first min_new_tokens tokens: at or above max_new_tokens no completion can end
+            raise ConfigError(f"sampling.min_new_tokens={self.min_new_tokens} must be < sampling.max_new_tokens="
+                              f"{self.max_new_tokens}: no completion could stop with EOS (rewards that need it score 0)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -191,6 +217,10 @@ class TrainConfig:
         if self.micro_batch_size % self.group_size:
             raise ConfigError(f"train.micro_batch_size ({self.micro_batch_size}) must be a multiple of "
                               f"train.group_size ({self.group_size}) so micro-batches hold whole groups")
+        samples = self.prompts_per_step * self.group_size
+        if self.ppo_minibatches > samples:
+            raise ConfigError(f"train.ppo_minibatches={self.ppo_minibatches} must be <= the step's samples "
+                              f"(train.prompts_per_step x train.group_size = {samples}): a mini-batch needs one")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -205,6 +235,8 @@ class SFTConfig:
     def __post_init__(self):
         _positive("sft.steps", self.steps)
         _positive("sft.batch_size", self.batch_size)
+        if self.lr <= 0:
+            raise ConfigError(f"sft.lr must be > 0, got {self.lr}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -223,6 +255,13 @@ class LogConfig:
     """Completions written to samples.jsonl per eval."""
     tensorboard: bool = False
     """Also write TensorBoard event files."""
+
+    def __post_init__(self):
+        if not self.out_dir.strip():
+            raise ConfigError("log.out_dir must not be empty (the run folder for metrics and checkpoints)")
+        for name in ("log_every", "eval_every", "ckpt_every", "eval_pass_k", "samples_shown"):
+            if getattr(self, name) < 0:  # 0 has a meaning for each (off / only at the end); below 0 has none
+                raise ConfigError(f"log.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -246,6 +285,23 @@ class DashConfig:
         if self.train.parallel == "fsdp" and self.model.dtype != "float32":
             raise ConfigError(f"train.parallel=fsdp needs model.dtype=float32 (got {self.model.dtype!r}): FSDP2 here "
                               "keeps no fp32 master weights, so 16-bit AdamW updates at small lr would round away")
+        # With G samples, |A| is largest, (G - 1) / sqrt(G), when one sample differs from the rest (unbiased std; the
+        # +1e-4 only lowers it): a filter at or above that drops every sample of every step.
+        G = self.train.group_size
+        max_adv = (G - 1) / math.sqrt(G)
+        if self.train.algorithm == "dash" and self.loss.gradient_filtering and self.loss.adv_threshold >= max_adv:
+            raise ConfigError(f"loss.adv_threshold={self.loss.adv_threshold:g} must be below {max_adv:.4g}, the "
+                              f"largest |advantage| a group of train.group_size={G} can have: every sample would be "
+                              "filtered and nothing learned")
+
+    def check_for_training(self) -> None:
+        """What only training needs (`dash sample` / eval may sample greedily): ConfigError naming the key."""
+        s = self.sampling
+        if s.temperature == 0 or s.top_k == 1:  # eval's greedy pass sets its own temperature and is unaffected
+            key = "sampling.temperature=0" if s.temperature == 0 else "sampling.top_k=1"
+            raise ConfigError(f"{key} samples greedily: the train.group_size={self.train.group_size} completions of "
+                              "a prompt would be identical, every group advantage 0, and nothing learned; train "
+                              "with temperature > 0 (evaluation is greedy anyway)")
 
 
 def _positive(name: str, value: int) -> None:
@@ -277,7 +333,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         except ValueError:
             pass
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        quote = tp is str and isinstance(value, (dict, list))  # YAML read `{prompt}` as a mapping
+        hint = " (in a YAML file, quote text that starts with { or [)" if quote else ""
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}{hint}")
     if tp is float and not math.isfinite(value):  # NaN passes every `< 0` range check, then poisons the run
         raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     return value
@@ -292,6 +350,8 @@ def _build(cls, data: dict, prefix: str):
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
+        if isinstance(value, _CommandLineText):
+            value = _read_command_line(prefix + name, value, tp)
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{name} must be a mapping of keys, got {value!r}")
@@ -301,8 +361,37 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
+class _CommandLineText(str):
+    """An override's value as typed; the field's type decides how it is read (`_read_command_line`)."""
+
+
+def _is_text(tp: Any) -> bool:
+    """True for str fields, choices of strings, and `str | None`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return all(isinstance(a, str) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return all(_is_text(a) for a in args if a is not type(None))
+    return tp is str
+
+
+def _read_command_line(key: str, text: str, tp: Any) -> Any:
+    """A text field takes the text as given (`--data.prompt_template={prompt}` is not a YAML mapping); `null` / `~`
+    still mean None where None is allowed. Other fields read it as a YAML scalar (numbers, booleans, null)."""
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+    if _is_text(tp) and not (optional and text in ("null", "~")):
+        return str(text)
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--{key}={text}: not a value ({getattr(exc, 'problem', None) or exc})") from None
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """`["--train.lr=1e-5"]` -> `{"train": {"lr": 1e-5}}`; values are parsed as YAML scalars."""
+    """`["--train.lr=1e-5"]` -> `{"train": {"lr": "1e-5"}}`: each value is kept as typed (a `_CommandLineText`)
+    until the field's type is known; `load_config` then reads it (see `_read_command_line`)."""
     tree: dict = {}
     for item in overrides:
         body = item[2:] if item.startswith("--") else item
@@ -313,7 +402,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        node[leaf] = _CommandLineText(raw)
     return tree
 
 
@@ -330,12 +419,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+            raise ConfigError(f"config file {path} " + ("is not a file" if path.exists() else "does not exist"))
+        data = _read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     data = _merge(data, parse_overrides(overrides or []))
     return _build(DashConfig, data, "")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_scalar(key_node)
+                if key in first:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice (first on line "
+                                                            f"{first[key] + 1})", key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The file's YAML; a bad file is a one-line ConfigError `path:line:column: problem` (no parser trace)."""
+    try:
+        return yaml.load(path.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML error: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: YAML error: {exc}") from None
 
 
 def config_to_dict(cfg: DashConfig) -> dict:

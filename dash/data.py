@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import random
+import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ SKIP_REASONS = (
 # Row numbers kept per reason: enough to find the pattern in the file without flooding the log.
 MAX_LOGGED_ROWS = 5
 _PARQUET_BATCH_ROWS = 1024
+_PARQUET_MAGIC = b"PAR1"  # the first (and last) 4 bytes of every parquet file
 
 
 @dataclass(kw_only=True, slots=True)
@@ -85,10 +87,9 @@ class DatasetConfig:
             raise ValueError(f"DatasetConfig: bad format/chat_template in {self}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"DatasetConfig.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
-        try:
-            self.prompt_template.format_map(_AnyField())
-        except (ValueError, IndexError, AttributeError, TypeError) as exc:
-            raise ValueError(f"DatasetConfig.prompt_template {self.prompt_template!r} is invalid: {exc}") from exc
+        problem = template_problem(self.prompt_template)
+        if problem:
+            raise ValueError(f"DatasetConfig.prompt_template {self.prompt_template!r} is invalid: {problem}")
 
 
 class _AnyField(dict):
@@ -98,13 +99,28 @@ class _AnyField(dict):
         return ""
 
 
+def template_problem(template: str) -> str | None:
+    """Why `template` cannot render rows (bad `str.format` syntax, or no field at all, which would make every prompt
+    the same text), or None."""
+    try:
+        template.format_map(_AnyField())
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except (ValueError, IndexError, AttributeError, TypeError) as exc:
+        return str(exc)
+    if not fields:
+        return "it names no field (e.g. {prompt}), so every prompt would be the same text"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Example:
-    """One usable row. Attributes: prompt: the rendered prompt; answer: the parsed gold answer; row: where it was."""
+    """One usable row. Attributes: prompt: the rendered prompt; answer: the parsed gold answer; row: where it was;
+    columns: the row's fields as read (TRL-form rewards get them, dash/rewards/user.py; not compared or hashed)."""
 
     prompt: str
     answer: str
     row: int
+    columns: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -137,6 +153,9 @@ def read_records(path: str | Path, fmt: str = "auto") -> Iterator[tuple[int, Any
         yield from _parquet_records(path)
         return
     with path.open("rb") as f:  # decoded line by line: one bad line costs that line, not the file
+        if f.read(len(_PARQUET_MAGIC)) == _PARQUET_MAGIC:  # else every "line" of it is a bad row: say why at once
+            raise ValueError(f"{path}: is a parquet file, not JSON lines (read it with data.task=parquet)")
+        f.seek(0)
         for line_no, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -161,11 +180,21 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise ImportError(f"reading the parquet file {path} needs pyarrow: pip install pyarrow") from exc
+    import pyarrow as pa
+
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
-        for record in batch.to_pylist():
-            yield row, record
-            row += 1
+    try:  # pyarrow's errors name no file ("Parquet magic bytes not found in footer"): say which one, and why
+        batches = pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS)
+        for batch in batches:
+            for record in batch.to_pylist():
+                yield row, record
+                row += 1
+    except (pa.ArrowException, OSError) as exc:
+        hint = ""
+        with path.open("rb") as f:
+            if f.read(1) in (b"{", b"["):
+                hint = "; it looks like JSON lines, not parquet"
+        raise ValueError(f"{path}: not a readable parquet file after {row} rows ({exc}){hint}") from None
 
 
 def _as_answer(value: Any) -> str:
@@ -200,7 +229,7 @@ def _check_row(cfg: DatasetConfig, record: Any, tokenizer: Any, use_chat: bool, 
         return "template_error", exc
     if cfg.max_prompt_tokens is not None:
         try:
-            n_tokens = len(tokenizer.encode(prompt, add_special_tokens=False))
+            n_tokens = len(tokenizer.encode(prompt))  # as the sampler encodes it: a BOS it adds counts
         except Exception as exc:  # noqa: BLE001 -- tokenizers raise several types; any of them means "cannot feed this prompt"
             return "prompt_encode_error", exc
         if n_tokens > cfg.max_prompt_tokens:
@@ -235,7 +264,7 @@ def load_examples(cfg: DatasetConfig, tokenizer: Any = None) -> tuple[list[Examp
         stats.rows += 1
         reason, detail = _check_row(cfg, record, tokenizer, use_chat, parser)
         if not reason:
-            examples.append(Example(prompt=detail[0], answer=detail[1], row=row))
+            examples.append(Example(prompt=detail[0], answer=detail[1], row=row, columns=record))
             continue
         if cfg.strict:
             raise ValueError(f"{cfg.path}: {stats.unit} {row}: {reason}: {detail!r:.200}")

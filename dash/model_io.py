@@ -8,8 +8,13 @@
   checkpoints' `rotary_emb.inv_freq` buffers are ignored (recomputed from the config).
 - `save_model` writes into a temporary folder next to the target and renames it into place, so a crash never leaves
   a half-written checkpoint under the target name.
+- Every weight must be finite after the cast to the requested dtype: a NaN / inf tensor is an error naming it (such a
+  model samples only `<pad>` and trains nothing, silently).
 - `load_tokenizer` prefers `tokenizer.json` through `PreTrainedTokenizerFast`: transformers 5.x `AutoTokenizer` may
   rebuild a byte-level Qwen2 tokenizer from `model_type` and silently ignore a custom tokenizer.json (VERIFIED.md).
+  A file the tokenizers library cannot parse is a ValueError naming it. With a config.json in the same folder, every
+  id the tokenizer can produce (its vocabulary, added and special tokens) must be below the model's `vocab_size`: a
+  larger tokenizer would index past the embedding mid-run; a smaller one (Qwen pads its embedding) is fine.
 
 transformers is imported lazily, only for tokenizers. Tests: `.venv/bin/python -m pytest tests/model -q`.
 """
@@ -81,6 +86,7 @@ def load_model(
             with safe_open(path, framework="pt", device="cpu") as f:
                 for name in names:
                     params[name].copy_(f.get_tensor(name))
+                    _check_finite(params[name], name, path, f)
     return model.eval()
 
 
@@ -127,14 +133,16 @@ def load_tokenizer(folder: str | os.PathLike) -> Any:
     if path.is_file():
         from transformers import PreTrainedTokenizerFast
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+        tokenizer = _read_tokenizer(PreTrainedTokenizerFast, folder)
         _check_vocab(tokenizer.get_vocab(), path)
-        return tokenizer
-    if any((folder / name).is_file() for name in _LEGACY_TOKENIZER_FILES):
+    elif any((folder / name).is_file() for name in _LEGACY_TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(folder))
-    raise FileNotFoundError(f"{path}: no {TOKENIZER_FILE} (nor {' / '.join(_LEGACY_TOKENIZER_FILES)}) in {folder}")
+        tokenizer = _read_tokenizer(AutoTokenizer, folder)
+    else:
+        raise FileNotFoundError(f"{path}: no {TOKENIZER_FILE} (nor {' / '.join(_LEGACY_TOKENIZER_FILES)}) in {folder}")
+    _check_ids_fit_model(tokenizer, folder)
+    return tokenizer
 
 
 # ---------------------------------------------------------------- validation helpers
@@ -230,6 +238,48 @@ def _check_vocab(vocab: dict[str, int], path: Path) -> None:
         diff = sorted(set(vocab.items()) ^ set(expected.items()), key=str)
         raise ValueError(f"{path}: loaded tokenizer vocab differs from the file's 'model.vocab' + 'added_tokens' "
                          f"({len(vocab)} vs {len(expected)} entries; e.g. {diff[:_MAX_NAMES_SHOWN]})")
+
+
+def _read_tokenizer(cls: Any, folder: Path) -> Any:
+    """`cls.from_pretrained(folder)`; whatever the tokenizers library raises on a bad file (often a bare
+    `Exception` with a serde message) becomes a ValueError naming the folder's tokenizer files."""
+    try:
+        return cls.from_pretrained(str(folder))
+    except ImportError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- tokenizers raises plain Exception; any of them means "unreadable"
+        files = sorted(p.name for p in folder.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges")))
+        raise ValueError(f"{folder}: the tokenizer files {files} cannot be read ({type(err).__name__}: "
+                         f"{str(err)[:300]})") from None
+
+
+def _check_ids_fit_model(tokenizer: Any, folder: Path) -> None:
+    """Every id the tokenizer can emit (vocabulary, added and special tokens) below config.json's vocab_size."""
+    config = folder / CONFIG_FILE
+    try:
+        vocab_size = json.loads(config.read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return  # no (readable) model config next to it: read_config reports that when the model is loaded
+    if not isinstance(vocab_size, int):
+        return
+    vocab = tokenizer.get_vocab()  # token -> id, added tokens included
+    ids = {*vocab.values(), *(i for i in tokenizer.all_special_ids if i is not None)}
+    top = max(ids, default=-1)
+    if top >= vocab_size or len(vocab) > vocab_size:
+        name = next((t for t, i in vocab.items() if i == top), "?")
+        raise ValueError(f"{folder}: the tokenizer has {len(vocab)} tokens (largest id {top}, {name!r}) but the "
+                         f"model's embedding has vocab_size={vocab_size} ({config}): every token id must be below "
+                         "vocab_size; use the tokenizer the model was trained with")
+
+
+def _check_finite(param: torch.Tensor, name: str, path: Path, f: Any) -> None:
+    """A NaN / inf weight (in the file, or from the cast to a narrower dtype) is an error naming the tensor."""
+    bad = int((~torch.isfinite(param)).sum())
+    if bad:
+        in_file = bool((~torch.isfinite(f.get_tensor(name))).any())
+        cause = "in the file" if in_file else f"after conversion to {param.dtype} (values beyond its range)"
+        raise ValueError(f"{path}: tensor '{name}' has {bad} of {param.numel()} values NaN or inf {cause}; "
+                         "such a model samples garbage and trains nothing")
 
 
 def _some(names: list[str]) -> str:

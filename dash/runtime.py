@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dash.config import ConfigError  # the errors below name a config key: the CLI prints them without a trace
+
 BUILTIN_PREFIX = "builtin:"
 ASSETS_DIR = Path(__file__).parent / "assets"  # shipped small checkpoints, e.g. assets/tiny-sft
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,12 +22,12 @@ def resolve_model_path(path: str) -> Path:
         folder = ASSETS_DIR / name
         if not folder.is_dir():
             known = sorted(p.name for p in ASSETS_DIR.iterdir()) if ASSETS_DIR.is_dir() else []
-            raise FileNotFoundError(f"model.path: no built-in model {name!r} (built-ins: {known}); "
+            raise ConfigError(f"model.path: no built-in model {name!r} (built-ins: {known}); "
                                     f"`python -m dash.tasks.warmstart` recreates tiny-sft")
         return folder
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"model.path: {folder} is not a folder (expected config.json + *.safetensors)")
+        raise ConfigError(f"model.path: {folder} is not a folder (expected config.json + *.safetensors)")
     return folder
 
 
@@ -35,7 +37,7 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"model.device={device!r} but this torch sees no CUDA device; use cpu or auto")
+        raise ConfigError(f"model.device={device!r} but this torch sees no CUDA device; use cpu or auto")
     return dev
 
 

@@ -96,3 +96,26 @@ def build_char_tokenizer(
 def build_arith_tokenizer() -> PreTrainedTokenizerFast:
     """The 16-token tokenizer of the built-in arithmetic task (`ARITH_ALPHABET` plus the specials)."""
     return build_char_tokenizer(ARITH_ALPHABET)
+
+
+def encode_problem(tokenizer, text: str) -> str | None:
+    """None if `tokenizer` encodes `text` to at least one token, else why not, naming the characters it cannot encode.
+
+    A tokenizer without a usable unknown token (this module's, by design; the shipped tokenizer.json names `<unk>`
+    only because `WordLevel` always serialises one) raises inside the tokenizers library on such a character with a
+    message that names neither the character nor the text; this says which ones, before any work starts.
+    """
+    try:
+        ids = tokenizer.encode(text)
+    except Exception as exc:  # noqa: BLE001 -- the tokenizers library raises a bare Exception
+        bad = []
+        for char in sorted(set(text)):  # one by one: the characters the vocabulary lacks
+            try:
+                tokenizer.encode(char)
+            except Exception:  # noqa: BLE001 -- as above
+                bad.append(char)
+        what = f"characters {bad} are not in its vocabulary ({len(tokenizer)} tokens)" if bad else str(exc)
+        return f"the tokenizer cannot encode {text!r:.80}: {what}, and it has no unknown token to map them to"
+    if not ids:
+        return f"{text!r:.80} encodes to no tokens (the model needs at least one to condition on)"
+    return None

@@ -168,7 +168,12 @@ def _check_inputs(model, tokenizer, prompts, n, params, page_size, max_num_seqs,
         if isinstance(p, str):
             if tokenizer is None:
                 raise ValueError(f"request {i}: a string prompt needs a tokenizer")
-            p = tokenizer.encode(p)
+            try:
+                p = tokenizer.encode(p)
+            except Exception:  # noqa: BLE001 -- tokenizers raises a bare Exception naming neither text nor character
+                from dash.tokenizer import encode_problem
+
+                raise ValueError(f"request {i}: {encode_problem(tokenizer, p)}") from None
         p = [int(t) for t in p]
         if not p:
             raise ValueError(f"request {i}: empty prompt (at least one token is needed to condition on)")

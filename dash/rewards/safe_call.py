@@ -2,8 +2,9 @@
 
 Purpose: the trainer scores thousands of completions per step with code it does not control (a regex on model
 output, sympy, a sandboxed program). `SafeReward(fn)` returns `fn(completion, answer)` as a float, or 0.0 when the
-call raises, times out or returns something that is not a finite number; each case is counted in `RewardStats`
-(with the first few messages kept for the log) and exposed as slash-named metrics for the trainer's logger.
+call raises, times out or returns something that is not a finite number or is beyond +-MAX_ABS_REWARD; each case is
+counted in `RewardStats` (with the first few messages kept for the log) and exposed as slash-named metrics for the
+trainer's logger.
 
 How the timeout works (chosen per call):
 - `signal` (used when called from the main thread and no other SIGALRM timer or handler is active): an interval
@@ -37,6 +38,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 10.0
 # How many failure messages to keep for the log: enough to see the pattern without flooding it.
 MAX_KEPT_FAILURES = 5
+# Largest |reward| accepted. Rewards are fp32 (max ~3.4e38) and the group std squares them: a finite 1e308 becomes inf,
+# 1e20 overflows the std, and either turns the whole group's advantages into NaN or 0. Verifiable rewards are O(1);
+# 1e6 leaves room for any sensible scale while r**2 (1e12) stays far inside fp32's range.
+MAX_ABS_REWARD = 1e6
 
 
 @dataclass(slots=True)
@@ -44,10 +49,12 @@ class RewardStats:
     """Counters of one reward function since the last `reset()`.
 
     Attributes:
-        calls: reward calls made.
-        errors: calls that raised (scored 0.0).
-        timeouts: calls stopped by the timeout (scored 0.0).
-        invalid: calls that returned a non-number, NaN or inf (scored 0.0).
+        calls: reward calls made (a batch-form call, dash/rewards/scorer.py, is one call for many samples).
+        errors: samples whose call raised (scored 0.0); a raising batch call counts each of its samples.
+        timeouts: samples whose call was stopped by the timeout (scored 0.0), counted like errors.
+        invalid: samples whose reward was a non-number, NaN, inf or a value beyond +-MAX_ABS_REWARD (scored 0.0).
+        no_reward: samples a batch-form reward answered None for ("no reward here", TRL's meaning): scored 0.0,
+            counted, not a failure.
         abandoned_threads: timed-out thread-mode calls that may still be running.
         seconds: wall time spent in calls.
         first_failures: the first MAX_KEPT_FAILURES failure messages, "kind: message".
@@ -57,6 +64,7 @@ class RewardStats:
     errors: int = 0
     timeouts: int = 0
     invalid: int = 0
+    no_reward: int = 0
     abandoned_threads: int = 0
     seconds: float = 0.0
     first_failures: list[str] = field(default_factory=list)
@@ -65,19 +73,19 @@ class RewardStats:
     def failures(self) -> int:
         return self.errors + self.timeouts + self.invalid
 
-    def note(self, kind: Literal["errors", "timeouts", "invalid"], message: str) -> None:
-        setattr(self, kind, getattr(self, kind) + 1)
+    def note(self, kind: Literal["errors", "timeouts", "invalid"], message: str, count: int = 1) -> None:
+        setattr(self, kind, getattr(self, kind) + count)
         if len(self.first_failures) < MAX_KEPT_FAILURES:
             self.first_failures.append(f"{kind}: {message}")
             logger.warning("reward call failed (%s), scored 0.0: %s", kind, message)
 
     def metrics(self, prefix: str = "reward") -> dict[str, float]:
         """Scalars for the metrics log, e.g. {"reward/timeouts": 1.0}."""
-        names = ("calls", "errors", "timeouts", "invalid", "abandoned_threads", "seconds")
+        names = ("calls", "errors", "timeouts", "invalid", "no_reward", "abandoned_threads", "seconds")
         return {f"{prefix}/{n}": float(getattr(self, n)) for n in names}
 
     def reset(self) -> None:
-        self.calls = self.errors = self.timeouts = self.invalid = self.abandoned_threads = 0
+        self.calls = self.errors = self.timeouts = self.invalid = self.no_reward = self.abandoned_threads = 0
         self.seconds = 0.0
         self.first_failures = []
 
@@ -96,39 +104,49 @@ class SafeReward:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         mode: Literal["auto", "thread"] = "auto",
         name: str | None = None,
+        max_abs: float = MAX_ABS_REWARD,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"SafeReward timeout_s must be > 0, got {timeout_s}")
+        if not 0 < max_abs < math.inf:
+            raise ValueError(f"SafeReward max_abs must be a finite number > 0, got {max_abs}")
         if mode not in ("auto", "thread"):
             raise ValueError(f"SafeReward mode must be 'auto' or 'thread', got {mode!r}")
-        self.fn, self.timeout_s, self.mode = fn, float(timeout_s), mode
+        self.fn, self.timeout_s, self.mode, self.max_abs = fn, float(timeout_s), mode, float(max_abs)
         self.name = name or getattr(fn, "__name__", "reward")
         self.stats = RewardStats()
 
     def __call__(self, completion: str, answer: str) -> float:
+        ok, value = self.guarded(1, completion, answer)
+        return self.check_value(value) if ok else 0.0
+
+    def guarded(self, samples: int, *args, **kwargs) -> tuple[bool, object]:
+        """(True, fn(*args, **kwargs)) under the timeout, or (False, None) after a timeout or an exception, counted
+        once per sample the call was scoring (`samples`: 1 here, the batch size for a batch-form reward)."""
         self.stats.calls += 1
         start = time.perf_counter()
         try:
-            value = (
-                self._call_with_alarm(completion, answer)
-                if self._can_use_signal()
-                else self._call_in_thread(completion, answer)
-            )
+            if self._can_use_signal():
+                return True, self._call_with_alarm(*args, **kwargs)
+            return True, self._call_in_thread(*args, **kwargs)
         except _RewardTimeout:
-            self.stats.note("timeouts", f"{self.name} took longer than {self.timeout_s:g} s")
-            return 0.0
+            self.stats.note("timeouts", f"{self.name} took longer than {self.timeout_s:g} s", samples)
         except (Exception, SystemExit) as exc:  # noqa: BLE001 -- the point of this wrapper
-            self.stats.note("errors", f"{self.name} raised {type(exc).__name__}: {exc}")
-            return 0.0
+            self.stats.note("errors", f"{self.name} raised {type(exc).__name__}: {exc}", samples)
         finally:
             self.stats.seconds += time.perf_counter() - start
+        return False, None
+
+    def check_value(self, value: object) -> float:
+        """`value` as a float, or 0.0 (counted as invalid) for a non-number, NaN, inf or |value| > max_abs."""
         try:  # float() of a huge int or Fraction raises OverflowError: an invalid reward, not a crash
             score = float(value) if isinstance(value, numbers.Real) else math.nan
         except OverflowError:
             score = math.nan
-        if math.isfinite(score):
+        if abs(score) <= self.max_abs:  # False for NaN too
             return score
-        self.stats.note("invalid", f"{self.name} returned {value!r:.80}")
+        why = "" if math.isnan(score) or math.isinf(score) else f", beyond the bound +-{self.max_abs:g}"
+        self.stats.note("invalid", f"{self.name} returned {value!r:.80}{why}")
         return 0.0
 
     def batch(self, completions: Sequence[str], answers: Sequence[str]) -> list[float]:
@@ -149,7 +167,7 @@ class SafeReward:
             None,
         )
 
-    def _call_with_alarm(self, completion: str, answer: str):
+    def _call_with_alarm(self, *args, **kwargs):
         def on_alarm(signum, frame):
             raise _RewardTimeout()
 
@@ -157,18 +175,18 @@ class SafeReward:
         try:
             signal.setitimer(signal.ITIMER_REAL, self.timeout_s)
             try:
-                return self.fn(completion, answer)
+                return self.fn(*args, **kwargs)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)  # one-shot timer: if it already fired, this is a no-op
         finally:
             signal.signal(signal.SIGALRM, previous)
 
-    def _call_in_thread(self, completion: str, answer: str):
+    def _call_in_thread(self, *args, **kwargs):
         box: dict[str, object] = {}
 
         def run() -> None:
             try:
-                box["value"] = self.fn(completion, answer)
+                box["value"] = self.fn(*args, **kwargs)
             except BaseException as exc:  # noqa: BLE001 -- handed to the caller's thread, which counts it
                 box["error"] = exc
 

@@ -78,6 +78,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
     return centred.reshape(-1)  # [S]
 
 
+def zero_non_finite(advantages: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(advantages with NaN / inf set to 0, how many were). A reward far beyond fp32's range overflows its group's
+    mean or std; the reward guard (SafeReward's MAX_ABS_REWARD) prevents that, this keeps one such group from poisoning
+    the step's loss if a reward ever bypasses it: its samples get A = 0 (no policy gradient; DASH's filter drops them).
+    Args: advantages [S]."""
+    bad = ~torch.isfinite(advantages)  # [S]
+    count = int(bad.sum())
+    return (advantages.masked_fill(bad, 0.0), count) if count else (advantages, 0)
+
+
 def keep_mask(advantages: torch.Tensor, threshold: float | None) -> torch.Tensor:
     """DASH gradient filter: True for samples with |A| > threshold; all True when threshold is None (GRPO)."""
     if threshold is None:

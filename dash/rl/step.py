@@ -32,7 +32,7 @@ from dash.rl.fsdp import full_value, gathered, is_sharded, pad_plans, reshard_al
 from dash.rl.loss_norm import global_normalizer, paper_normalizer
 from dash.rl.optim import gradient_tensors, make_adamw
 from dash.rl.packing import collate, plan_balanced, plan_fixed
-from dash.rl.rollout import Rollout, group_advantages, keep_mask
+from dash.rl.rollout import Rollout, group_advantages, keep_mask, zero_non_finite
 
 
 class StepMicroBatches:
@@ -184,7 +184,10 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
     t_reward = sampler.reward_seconds - reward_s0
     t_gen = time.perf_counter() - t0 - t_reward
 
-    adv = group_advantages(rollout.rewards, G)  # [S]
+    adv, non_finite_adv = zero_non_finite(group_advantages(rollout.rewards, G))  # [S]
+    if non_finite_adv:
+        warnings.warn(f"step {step}: {non_finite_adv} non-finite advantages (a reward beyond fp32's range) set to 0; "
+                      "those samples carry no policy gradient (counted in rollout/non_finite_adv)")
     filtering = t.algorithm == "dash" and cfg.loss.gradient_filtering
     keep = keep_mask(adv, cfg.loss.adv_threshold if filtering else None)  # [S]
     keep &= torch.tensor([len(c) > 0 for c in rollout.completion_ids])  # nothing to train on an empty completion
@@ -232,7 +235,7 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
         "rollout/rank_kept_frac": kept / S,
         "rollout/completion_len": rollout.completion_tokens() / S, "rollout/sampling_calls": calls,
         "train/micro_batches": n_mb, "train/tokens": train_tokens, "train/pad_micro_batches": pads * t.ppo_epochs,
-        "train/skipped_samples": S - kept,
+        "train/skipped_samples": S - kept, "rollout/non_finite_adv": non_finite_adv,
         "time/generate_s": t_gen, "time/reward_s": t_reward, "time/train_s": t_train, "time/count_sync_s": count_sync_s,
         "time/gen_tok_s": rollout.completion_tokens() / max(t_gen, 1e-9),
         "reward/failed_calls": sampler.reward_stats.failures,

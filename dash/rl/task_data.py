@@ -3,6 +3,11 @@
 `data.task=arith` builds the built-in arithmetic task (dash/tasks/arith.py) from its seeded splits; `jsonl` /
 `parquet` read local files through dash/data.py (bad rows skipped and counted, or an error with `data.strict`).
 Without `data.test_path`, the last `data.test_size` rows of the shuffled training file are held out instead.
+
+A prompt the sampler could not take would end the run at the step that draws it, so rows are checked here, at load:
+a prompt must leave room for one new token in the model's context and, with a fixed KV pool (`sampling.num_pages`),
+fit in the pool together with its completion (`prompt_token_limit`). Longer file rows are skipped and counted like
+every other bad row (an error with `data.strict`); a built-in task whose prompts cannot fit is a ConfigError.
 """
 
 from __future__ import annotations
@@ -10,46 +15,95 @@ from __future__ import annotations
 import random
 import sys
 
-from dash.config import DataConfig
+from dash.config import ConfigError, DataConfig, SamplingConfig
 from dash.data import DatasetConfig, Example, PromptIterator, load_examples
 
 
-def _file_examples(cfg: DataConfig, path: str, tokenizer, max_context: int | None) -> list[Example]:
-    # A prompt must leave the model room for at least one new token (the sampler refuses it otherwise, mid-run): with
-    # the model's context known, longer prompts are skipped at load even when data.max_prompt_tokens is 0 (off).
-    limits = [n for n in (cfg.max_prompt_tokens, max_context - 1 if max_context else 0) if n > 0]
+def prompt_token_limit(data: DataConfig, sampling: SamplingConfig | None, max_context: int | None) -> tuple[int, str]:
+    """(longest usable prompt in tokens, which settings make it so); (0, "") when nothing limits it.
+
+    The sampler caps a completion at the model's context, so a sequence needs min(prompt + max_new_tokens, context)
+    slots of the KV pool: a fixed pool of at least `context` tokens holds every prompt the context does.
+    """
+    limits = []
+    if data.max_prompt_tokens:
+        limits.append((data.max_prompt_tokens, f"data.max_prompt_tokens={data.max_prompt_tokens}"))
+    if max_context:  # room for at least one new token
+        limits.append((max_context - 1, f"the model's context ({max_context}) - 1"))
+    if sampling is not None and sampling.num_pages:
+        capacity = sampling.num_pages * sampling.page_size
+        if max_context is None or capacity < max_context:
+            room = capacity - sampling.max_new_tokens
+            what = (f"the KV pool (sampling.num_pages={sampling.num_pages} x sampling.page_size={sampling.page_size} "
+                    f"= {capacity} tokens) - sampling.max_new_tokens={sampling.max_new_tokens}")
+            if room < 1:
+                raise ConfigError(f"{what} leaves no room for a prompt: raise sampling.num_pages, or set it to 0 (a "
+                                  "pool sized from each step's batch)")
+            limits.append((room, what))
+    return min(limits) if limits else (0, "")
+
+
+def _file_examples(cfg: DataConfig, path: str, tokenizer, limit: int, why: str) -> list[Example]:
     ds = DatasetConfig(path=path, format="auto" if cfg.task == "jsonl" else "parquet", prompt_field=cfg.prompt_field,
                        answer_field=cfg.answer_field, prompt_template=cfg.prompt_template,
-                       chat_template=cfg.chat_template, max_prompt_tokens=min(limits) if limits else None,
-                       answer_parser=cfg.reward.split("+")[0].strip(), strict=cfg.strict)
-    examples, stats = load_examples(ds, tokenizer)
+                       chat_template=cfg.chat_template, max_prompt_tokens=limit or None,
+                       answer_parser=cfg.reward, strict=cfg.strict)
+    examples, stats = load_examples(ds, tokenizer)  # data.strict: a row over the limit raises, naming it and the limit
+    summary = stats.summary() + (f" (prompt_too_long: over {limit} tokens = {why})"
+                                 if "prompt_too_long" in stats.skipped else "")
     if stats.skipped:
-        print(f"data: {path}: {stats.summary()}", file=sys.stderr)
+        print(f"data: {summary}", file=sys.stderr)
     if not examples:
-        raise ValueError(f"data: {path} has no usable rows ({stats.summary()})")
+        raise ConfigError(f"data: {path} has no usable rows ({summary}); read with data.prompt_field="
+                          f"{cfg.prompt_field!r}, data.answer_field={cfg.answer_field!r}, data.reward={cfg.reward!r}")
+    _check_reward_columns(cfg, examples, path)
     return examples
+
+
+def _check_reward_columns(cfg: DataConfig, examples: list, source: str) -> None:
+    """A TRL-form reward's required columns must be in every row: an error now, not a failed reward call each step."""
+    from dash.rewards import RewardSpecError, check_reward_columns
+
+    try:
+        check_reward_columns(cfg.reward, examples, source)
+    except RewardSpecError as exc:
+        raise ConfigError(f"data.reward: {exc}") from None
 
 
 def arith_task(cfg: DataConfig):
     """The built-in task's settings from the data config: -> (ArithTaskConfig, train examples, test examples)."""
     from dash.tasks.arith import ArithTaskConfig, make_splits
 
-    task = ArithTaskConfig(form=cfg.arith_form, digits=cfg.arith_digits, seed=cfg.seed, test_size=cfg.test_size)
+    try:
+        task = ArithTaskConfig(form=cfg.arith_form, digits=cfg.arith_digits, seed=cfg.seed, test_size=cfg.test_size)
+    except ValueError as exc:  # e.g. too few distinct problems for the split: name the keys that chose it
+        raise ConfigError(f"data.arith_form={cfg.arith_form!r}, data.arith_digits={cfg.arith_digits}, "
+                          f"data.test_size={cfg.test_size}: {exc}") from None
     return task, *make_splits(task)
 
 
-def load_task(cfg: DataConfig, tokenizer, max_context: int | None = None) -> tuple[PromptIterator, list]:
+def load_task(cfg: DataConfig, tokenizer, max_context: int | None = None,
+              sampling: SamplingConfig | None = None) -> tuple[PromptIterator, list]:
     """-> (training prompt stream, held-out examples); both hold objects with `.prompt` and `.answer`.
-    `max_context`: the model's context length; file rows whose prompt does not fit below it are skipped."""
+    `max_context` (the model's context length) and `sampling` (its KV pool): file rows whose prompt the sampler could
+    not take are skipped and counted (see `prompt_token_limit`)."""
+    limit, why = prompt_token_limit(cfg, sampling, max_context)
     if cfg.task == "arith":
         _, train, test = arith_task(cfg)
+        if limit and tokenizer is not None:  # one form, zero-padded operands: every prompt has the same length
+            n = len(tokenizer.encode(test[0].prompt))  # as the sampler encodes it
+            if n > limit:
+                raise ConfigError(f"the built-in task's prompts have {n} tokens, over the limit of {limit} = {why}")
+        _check_reward_columns(cfg, train + test, "the built-in task")
         return PromptIterator(train, seed=cfg.seed), test
-    train = _file_examples(cfg, cfg.train_path, tokenizer, max_context)
+    if cfg.chat_template == "always" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("data.chat_template=always, but the model's tokenizer has no chat template")
+    train = _file_examples(cfg, cfg.train_path, tokenizer, limit, why)
     if cfg.test_path:
-        test = _file_examples(cfg, cfg.test_path, tokenizer, max_context)[: cfg.test_size]
+        test = _file_examples(cfg, cfg.test_path, tokenizer, limit, why)[: cfg.test_size]
     else:
         if len(train) <= cfg.test_size:
-            raise ValueError(f"data: {cfg.train_path} has {len(train)} usable rows, not enough to hold out "
+            raise ConfigError(f"data: {cfg.train_path} has {len(train)} usable rows, not enough to hold out "
                              f"data.test_size={cfg.test_size}; give data.test_path or a smaller test_size")
         order = list(range(len(train)))
         random.Random(f"dash.heldout/{cfg.seed}").shuffle(order)

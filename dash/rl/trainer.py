@@ -23,10 +23,9 @@ from tqdm import tqdm
 from dash.config import ConfigError, DashConfig, config_to_dict
 from dash.rl.checkpoint import (
     MODEL_DIR,
-    find_checkpoint,
     is_sharded_checkpoint,
+    load_checkpoint,
     load_sharded,
-    load_trainer_state,
     save_checkpoint,
     save_sharded_checkpoint,
     set_rng_state,
@@ -35,6 +34,7 @@ from dash.rl.distributed import close_distributed, init_distributed
 from dash.rl.evaluate import evaluate
 from dash.rl.fsdp import gathered, shard_model
 from dash.rl.metrics import MetricsLogger
+from dash.rl.run_dir import claim_run_dir
 from dash.rl.sample import RolloutSampler
 from dash.rl.step import PolicyUpdate, build_optimizer, frozen_copy, run_step
 from dash.runtime import resolve_device, resolve_dtype, resolve_model_path, seed_everything
@@ -70,6 +70,9 @@ def check_before_loading(cfg: DashConfig, folder: Path) -> None:
     if cfg.sampling.max_new_tokens >= context:
         raise ConfigError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} must be below the model's context "
                           f"({context} tokens, {folder}/config.json), which also holds the prompt")
+    from dash.rl.task_data import prompt_token_limit
+
+    prompt_token_limit(cfg.data, cfg.sampling, context)  # ConfigError if a fixed KV pool leaves no room for a prompt
 
 
 class Trainer:
@@ -80,14 +83,16 @@ class Trainer:
         self.history: list[dict] = []
 
     # -- set-up ------------------------------------------------------------------------------------------------
-    def setup(self, resume: str | None = None) -> None:
+    def setup(self, resume: str | None = None, overwrite: bool = False, claim_out_dir: bool = True) -> None:
+        """`overwrite`: replace a run already in log.out_dir; `claim_out_dir=False` (`dash eval`): neither lock nor
+        check log.out_dir (dash/rl/run_dir.py), which an evaluation only appends to."""
         from dash.model_io import load_model, load_tokenizer
         from dash.rewards import get_reward
         from dash.rl.task_data import load_task
 
         cfg = self.cfg
         seed_everything(cfg.train.seed)
-        ckpt = find_checkpoint(resume) if resume else None
+        ckpt, state = load_checkpoint(resume) if resume else (None, None)  # never unpickles (checkpoint.py)
         fsdp = cfg.train.parallel == "fsdp"
         if ckpt and is_sharded_checkpoint(ckpt) != fsdp:
             raise ConfigError(f"--resume: {ckpt} was written with train.parallel={'ddp' if fsdp else 'fsdp'}; "
@@ -100,6 +105,10 @@ class Trainer:
             device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(device)
         check_before_loading(cfg, folder)
+        resumed_step = state["step"] if ckpt else None
+        self.run_dir = None  # locked until close(); refuses a folder that holds another run or cannot be written
+        if claim_out_dir and self.dist.is_main:
+            self.run_dir = claim_run_dir(cfg.log.out_dir, resume=ckpt, resume_step=resumed_step, overwrite=overwrite)
         self.tokenizer = load_tokenizer(folder)  # before the weights: a missing tokenizer file fails fast
         self.model = load_model(folder, dtype=resolve_dtype(cfg.model.dtype), device=device).train()
         self.model.gradient_checkpointing = cfg.train.gradient_checkpointing
@@ -111,15 +120,16 @@ class Trainer:
         if cfg.loss.beta > 0:
             self.ref_model = frozen_copy(load_model(ref_folder, dtype=resolve_dtype(cfg.model.dtype), device=device))
         self.train_data, self.test_examples = load_task(cfg.data, self.tokenizer,
-                                                        self.model.config.max_position_embeddings)
+                                                        self.model.config.max_position_embeddings, cfg.sampling)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         self.update = PolicyUpdate(cfg, self.model, self.optimizer, self.scheduler, self.ref_model)
         self.sampler = RolloutSampler(self.model, self.tokenizer, cfg.sampling, get_reward(cfg.data.reward),
                                       reward_timeout_s=cfg.data.reward_timeout_s)
         # Rank 0 alone logs, evaluates and checkpoints (the replicas are identical).
-        self.logger = MetricsLogger(cfg.log.out_dir, tensorboard=cfg.log.tensorboard) if self.dist.is_main else None
+        purge = resumed_step + 1 if self.run_dir and ckpt else None  # TensorBoard: the old run's events from there on
+        self.logger = MetricsLogger(cfg.log.out_dir, tensorboard=cfg.log.tensorboard,
+                                    purge_step=purge) if self.dist.is_main else None
         if ckpt:
-            state = load_trainer_state(ckpt)
             if fsdp:
                 load_sharded(ckpt, self.model, self.optimizer)
             else:
@@ -142,6 +152,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------------------
     def train(self) -> list[dict]:
         cfg = self.cfg
+        cfg.check_for_training()  # e.g. greedy sampling: identical groups (`dash train` checks before set-up too)
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"{cfg.train.algorithm}", unit="step",
                    disable=self.quiet or not sys.stderr.isatty() or not self.dist.is_main)
         while self.step < cfg.train.steps:
@@ -209,6 +220,8 @@ class Trainer:
         gc.unfreeze()  # cyclic garbage among the frozen objects becomes collectable again
         if getattr(self, "logger", None):
             self.logger.close()
+        if getattr(self, "run_dir", None):
+            self.run_dir.release()
         if hasattr(self, "dist"):
             close_distributed(self.dist, synchronize)
 
