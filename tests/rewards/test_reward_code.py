@@ -1,42 +1,38 @@
-"""Code reward: extraction, test parsing, scoring, and what the sandbox prevents (each case a ~0.1 s subprocess)."""
+"""Code reward: extraction, test parsing, scoring, limits and level choice (each run a ~0.1 s sandboxed subprocess).
+
+Hostile programs are NOT run here: they run in test_code_sandbox_attacks.py, inside a PID namespace of their own.
+The programs below are well-behaved or only look at their own view of the machine.
+"""
 
 import json
+import logging
 import os
-import socket
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-import dash.rewards.code as code_mod
+import dash.rewards.sandbox as sandbox_mod
 from dash.rewards import SafeReward
-from dash.rewards.code import (
-    CodeRewardConfig,
-    CodeTests,
-    SandboxError,
-    code_reward,
-    extract_code,
-    namespace_isolation_available,
-    parse_code_tests,
-    run_tests,
-)
+from dash.rewards.code import CodeRewardConfig, CodeTests, SandboxError, code_reward, extract_code, parse_code_tests
+from dash.rewards.code import run_tests as _run_tests
+from dash.rewards.seccomp import seccomp_problem
 
-HAS_NS = namespace_isolation_available()
-NS_REASON = "namespace sandbox unavailable here (needs util-linux unshare + unprivileged user namespaces)"
-ISOLATIONS = ["basic", pytest.param("namespace", marks=pytest.mark.skipif(not HAS_NS, reason=NS_REASON))]
-needs_ns = pytest.mark.skipif(not HAS_NS, reason=NS_REASON)
-FAST = {"timeout_s": 2.0, "cpu_time_s": 1, "memory_mb": 256}
+SANDBOX_PROBLEM = sandbox_mod.sandbox_problem()
+needs_sandbox = pytest.mark.skipif(SANDBOX_PROBLEM is not None, reason=f"sandbox level unavailable: {SANDBOX_PROBLEM}")
+needs_seccomp = pytest.mark.skipif(seccomp_problem() is not None, reason=f"no seccomp binding: {seccomp_problem()}")
+LEVELS = [pytest.param("sandbox", marks=needs_sandbox), pytest.param("basic", marks=needs_seccomp)]
+FAST = {"timeout_s": 3.0, "cpu_time_s": 2, "memory_mb": 256}
 TESTS = json.dumps(["assert add(1, 2) == 3", "assert add(-1, 1) == 0"])
 
 
-def _cfg(**kw) -> CodeRewardConfig:
-    return CodeRewardConfig(**{**FAST, **kw})
+def _cfg(level: str, **kw) -> CodeRewardConfig:
+    return CodeRewardConfig(**{**FAST, "isolation": level, **kw})
 
 
-def _outcome(code: str, tmp_check: str, **kw) -> bool:
-    """Run `code` then one test `tmp_check`; whether that test passed."""
-    return run_tests(code, CodeTests(tests=(tmp_check,)), _cfg(**kw)).passed == (True,)
+def _outcome(code: str, check: str, level: str, **kw) -> bool:
+    """Run `code` then one test `check`; whether that test passed."""
+    return _run_tests(code, CodeTests(tests=(check,)), _cfg(level, **kw)).passed == (True,)
 
 
 def test_extract_code():
@@ -57,167 +53,148 @@ def test_parse_code_tests():
         assert parse_code_tests(bad) is None
 
 
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-def test_correct_wrong_and_partial_solutions(isolation):
+@pytest.mark.parametrize("level", LEVELS)
+def test_correct_wrong_and_partial_solutions(level):
     good = "Sure!\n```python\ndef add(a, b):\n    return a + b\n```"
     half = "```python\ndef add(a, b):\n    return 3\n```"
-    assert code_reward(good, TESTS, cfg=_cfg(isolation=isolation)) == 1.0
-    assert code_reward(half, TESTS, cfg=_cfg(isolation=isolation)) == 0.0  # mode="all"
-    assert code_reward(half, TESTS, cfg=_cfg(isolation=isolation, mode="fraction")) == 0.5
-    assert code_reward("def add(a, b) return", TESTS, cfg=_cfg(isolation=isolation)) == 0.0  # syntax error
-    assert code_reward("x = 1", "not json and not a test that passes: (", cfg=_cfg(isolation=isolation)) == 0.0
-    # Setup code (MBPP test_imports) runs before the program.
-    answer = json.dumps({"tests": ["assert root(16) == 4"], "setup": "import math"})
-    assert code_reward("def root(x):\n    return math.isqrt(x)", answer, cfg=_cfg(isolation=isolation)) == 1.0
+    assert code_reward(good, TESTS, cfg=_cfg(level)) == 1.0
+    assert code_reward(half, TESTS, cfg=_cfg(level)) == 0.0  # mode="all"
+    assert code_reward(half, TESTS, cfg=_cfg(level, mode="fraction")) == 0.5
+    assert code_reward("def add(a, b) return", TESTS, cfg=_cfg(level)) == 0.0  # syntax error
+    assert code_reward("x = 1", "not json and not a test that passes: (", cfg=_cfg(level)) == 0.0
+    # MBPP shapes: setup imports, isclose, set(), a test script with a step, `not`, a Counter (a dict subclass).
+    answer = json.dumps({"tests": ["assert root(16) == 4", "assert math.isclose(root(2) ** 2, 2.0, rel_tol=1e-9)",
+                                   "assert set(pair()) == set((1, 2))", "r = root(9)\nassert r == 3",
+                                   "assert not root(0)", "assert count('aab') == {'a': 2, 'b': 1}"],
+                         "setup": "import math"})  # fmt: skip
+    code = "from collections import Counter\ndef root(x):\n    return math.isqrt(x) if x != 2 else math.sqrt(x)\n"
+    code += "def pair():\n    return [2, 1]\ndef count(s):\n    return Counter(s)"
+    assert code_reward(code, answer, cfg=_cfg(level)) == 1.0
 
 
-def test_infinite_loop_is_killed():
+@pytest.mark.parametrize("level", LEVELS)
+def test_interpreter_features_work_under_the_filters(level):
+    """Start-up, threads, time, random, math, tempfile, sqlite in the scratch dir: none needs a denied syscall."""
+    code = (
+        "import threading, time, random, math, tempfile, sqlite3, os\nout = []\n"
+        "t = threading.Thread(target=lambda: out.append(math.factorial(5)))\nt.start()\nt.join()\n"
+        "time.sleep(0.01)\nrandom.seed(1)\nx = random.random()\nfd, path = tempfile.mkstemp()\nos.close(fd)\n"
+        "sqlite3.connect('db.sqlite').execute('create table t(x)')\nR = [out[0], time.localtime().tm_year > 2000]"
+    )
+    assert _outcome(code, "assert R == [120, True]", level)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_limits_stop_loops_sleeps_and_memory_bombs(level):
     start = time.monotonic()
-    result = run_tests("while True:\n    pass", CodeTests(tests=("pass",)), _cfg(timeout_s=1.5))
+    result = _run_tests("while True:\n    pass", CodeTests(tests=("assert True",)), _cfg(level, timeout_s=1.5))
     assert result.passed == (False,) and time.monotonic() - start < 5.0
     assert result.timed_out or result.returncode != 0  # CPU limit (SIGKILL) or wall clock, whichever first
-    # A program that sleeps uses no CPU: the wall clock kills it.
-    start = time.monotonic()
-    result = run_tests("import time\ntime.sleep(60)", CodeTests(tests=("pass",)), _cfg(timeout_s=1.0))
+    start = time.monotonic()  # a sleeping program uses no CPU: the wall clock stops it
+    result = _run_tests("import time\ntime.sleep(60)", CodeTests(tests=("assert True",)), _cfg(level, timeout_s=1.0))
     assert result.timed_out and result.passed == (False,) and time.monotonic() - start < 4.0
-
-
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-def test_memory_bomb_is_limited(isolation):
     bomb = "blocks = []\nwhile True:\n    blocks.append(bytearray(32 * 2**20))"
-    assert not _outcome(bomb, "pass", isolation=isolation, memory_mb=192, timeout_s=5.0)
+    assert not _outcome(bomb, "assert True", level, memory_mb=192, timeout_s=5.0)
     # A small allocation works under the same limit, a larger one fails at once: the limit is what stops the bomb.
-    assert _outcome("x = bytearray(64 * 2**20)", "pass", isolation=isolation, memory_mb=192)
-    assert not _outcome("x = bytearray(256 * 2**20)", "pass", isolation=isolation, memory_mb=192)
+    assert _outcome("x = bytearray(64 * 2**20)", "assert True", level, memory_mb=192)
+    assert not _outcome("x = bytearray(256 * 2**20)", "assert True", level, memory_mb=192)
 
 
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-def test_kill_parent_attempt_is_refused(isolation):
-    code = "import os\nos.kill(os.getppid(), 9)\ndef f():\n    return 1"
-    assert code_reward(code, json.dumps(["assert f() == 1"]), cfg=_cfg(isolation=isolation)) == 0.0
-    probe = "import os\ntry:\n    os.kill(os.getppid(), 9)\n    R = 'sent'\nexcept PermissionError:\n    R = 'refused'"
-    assert _outcome(probe, "assert R == 'refused'", isolation=isolation)
-    assert os.getpid() > 0  # still here
-
-
-@needs_ns
-def test_namespace_hides_the_trainer_even_without_the_guard():
-    assert _outcome("import os", "assert os.getppid() == 0", isolation="namespace", guard=False)
-    probe = (
-        f"import os\ntry:\n    os.kill({os.getpid()}, 0)\n    R = 'visible'\nexcept ProcessLookupError:\n    R = 'gone'"
+@needs_sandbox
+def test_sandbox_view_of_the_machine():
+    """What a program sees at the sandbox level: uid 65534, only its own processes, a root of read-only binds."""
+    code = (
+        "import os\nR = [os.getuid(), os.getgid(), sorted(p for p in os.listdir('/proc') if p.isdigit()),"
+        " sorted(os.listdir('/')), os.getcwd(), sorted(os.environ)]"
     )
-    assert _outcome(probe, "assert R == 'gone'", isolation="namespace", guard=False)
-    # The literal attempt: getppid() is 0, so this signals the sandbox's own process group, never the trainer.
-    _outcome("import os\nos.kill(os.getppid(), 9)", "pass", isolation="namespace", guard=False)
-    assert os.getpid() > 0
+    prefix_top = sandbox_mod.interpreter()[1].split("/")[1]
+    root = {"usr", "dev", "proc", "scratch", "etc", prefix_top} | {d for d in ("bin", "sbin", "lib", "lib64", "lib32")
+                                                                 if os.path.lexists("/" + d)}  # fmt: skip
+    env = ["HOME", "LANG", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PATH", "PWD", "TMPDIR"]
+    assert _outcome(code, f"assert R[:4] == [65534, 65534, ['1', '2'], {sorted(root)!r}]", "sandbox")
+    assert _outcome(code, f"assert R[4:] == ['/scratch', {env!r}]", "sandbox")  # a fixed, minimal environment
 
 
-@needs_ns
-def test_namespace_disables_devices_and_hides_run():
-    full = "try:\n    open('/dev/full', 'w')\n    R = 'opened'\nexcept OSError as e:\n    R = repr(e)"
-    if Path("/dev/full").exists():  # a world-writable device: opening it proves device nodes are disabled
-        assert _outcome(full, "assert R != 'opened', R", isolation="namespace", guard=False)
-    harmless = "import os\nopen(os.devnull, 'w').write('x')\nR = open('/dev/urandom', 'rb').read(4)"
-    assert _outcome(harmless, "assert len(R) == 4", isolation="namespace", guard=False)
-    assert _outcome("import os", "assert os.listdir('/run') == []", isolation="namespace", guard=False)
-
-
-@pytest.mark.parametrize(
-    "isolation,guard", [("basic", True), pytest.param("namespace", False, marks=needs_ns), ("auto", True)]
-)
-def test_writes_outside_scratch_fail(tmp_path, isolation, guard):
-    target = tmp_path / "escaped.txt"
-    code = f"try:\n    open({str(target)!r}, 'w').write('x')\n    R = 'written'\nexcept OSError as e:\n    R = repr(e)"
-    assert _outcome(code, "assert R != 'written', R", isolation=isolation, guard=guard)
-    assert not target.exists()
-    # Relative writes land in the scratch dir, which is writable.
-    assert _outcome("open('out.txt', 'w').write('ok')", "assert open('out.txt').read() == 'ok'", isolation=isolation)
-
-
-@pytest.mark.parametrize(
-    "isolation,guard", [("basic", True), pytest.param("namespace", False, marks=needs_ns), ("auto", True)]
-)
-def test_network_is_blocked(isolation, guard):
-    with socket.socket() as server:  # a listener on the trainer's loopback: no internet needed for this test
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        server.settimeout(0.05)
-        port = server.getsockname()[1]
-        code = (
-            f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=1).close()\n"
-            "    R = 'connected'\nexcept OSError as e:\n    R = repr(e)"
-        )
-        assert _outcome(code, "assert R != 'connected', R", isolation=isolation, guard=guard)
-        with pytest.raises(socket.timeout):
-            server.accept()
-
-
-def test_env_is_scrubbed_and_scratch_removed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("level", LEVELS)
+def test_env_is_scrubbed_and_scratch_removed(tmp_path, monkeypatch, level):
     monkeypatch.setenv("DASH_SECRET_CANARY", "leak")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    assert _outcome("import os", "assert 'DASH_SECRET_CANARY' not in os.environ and os.getcwd() == os.environ['HOME']")
-    assert _outcome("import os\nos.makedirs('d/e')\nos.chmod('d', 0)", "pass")  # even an unreadable dir is removed
-    assert list(tmp_path.iterdir()) == []
+    assert _outcome("import os\nR = sorted(os.environ)", "assert 'DASH_SECRET_CANARY' not in R", level)
+    assert _outcome("import os\nR = os.getcwd() == os.environ['HOME']", "assert R is True", level)
+    code = "import os\nos.makedirs('d/e')\nopen('d/e/f', 'w').write('x')\nos.mkdir('z', 0)\ntry:\n"
+    code += "    os.chmod('d', 0)\n    R = 'chmod worked'\nexcept PermissionError:\n    R = 'refused'"
+    assert _outcome(code, "assert R == 'refused'", level)  # chmod is refused by seccomp
+    assert list(tmp_path.iterdir()) == []  # scratch removed, including the mode-000 dir
 
 
-def test_results_cannot_be_faked_by_printing_or_exiting():
+@pytest.mark.parametrize("level", LEVELS)
+def test_results_cannot_be_faked_by_printing_or_exiting(level):
     tests = json.dumps(["assert f() == 2"])
     fake = "import os\nprint('ready')\nfor i in range(3):\n    os.write(1, b'x %d pass\\n' % i)\ndef f():\n    return 1"
-    assert code_reward(fake, tests, cfg=_cfg()) == 0.0
-    assert code_reward("import os\ndef f():\n    return 1\nos._exit(0)", tests, cfg=_cfg()) == 0.0
-    assert code_reward("import sys\nsys.exit(0)", tests, cfg=_cfg()) == 0.0
+    assert code_reward(fake, tests, cfg=_cfg(level)) == 0.0
+    assert code_reward("import os\ndef f():\n    return 1\nos._exit(0)", tests, cfg=_cfg(level)) == 0.0
+    assert code_reward("import sys\nsys.exit(0)", tests, cfg=_cfg(level)) == 0.0
     patched = "import builtins\nbuiltins.exec = lambda *a, **k: None\ndef f():\n    return 1"
-    assert code_reward(patched, tests, cfg=_cfg()) == 0.0  # the harness bound exec before the program ran
+    assert code_reward(patched, tests, cfg=_cfg(level)) == 0.0  # the harness bound exec before the program ran
 
 
-@needs_ns
-def test_no_process_outlives_the_call():
-    marker = "31.4159"  # unique argument to find stray processes in the host's /proc
-    code = f"import os\nif os.fork() == 0:\n    os.setsid()\n    os.execv('/bin/sleep', ['sleep', '{marker}'])"
-    assert _outcome(code, "pass", isolation="namespace", guard=False)
-    time.sleep(0.1)
-    stray = [p for p in Path("/proc").iterdir() if p.name.isdigit() and marker in _cmdline(p)]
-    assert stray == []
+@pytest.mark.parametrize("level", LEVELS)
+def test_opaque_tests_fail_by_default_and_count_when_asked(level, caplog, monkeypatch):
+    import dash.rewards.code as code_mod
+
+    monkeypatch.setattr(code_mod, "_warned_opaque", False)
+    answer = json.dumps({"test": "check(sq)", "setup": "def check(c):\n    assert c(2) == 4"})  # HumanEval style
+    good = "def sq(x):\n    return x * x"
+    with caplog.at_level(logging.WARNING, logger="dash.rewards.code"):
+        assert code_reward(good, answer, cfg=_cfg(level)) == 0.0
+    assert "opaque_tests='in_sandbox'" in caplog.text
+    assert code_reward(good, answer, cfg=_cfg(level, opaque_tests="in_sandbox")) == 1.0
+    assert code_reward("def sq(x):\n    return x", answer, cfg=_cfg(level, opaque_tests="in_sandbox")) == 0.0
 
 
-def _cmdline(proc_dir: Path) -> str:
+@pytest.mark.parametrize("bwrap", [None, "echo 'bwrap: No permissions to create a new namespace' >&2; exit 1"])
+def test_auto_refuses_where_bubblewrap_is_missing_or_cannot_start(monkeypatch, tmp_path, bwrap):
+    """No bwrap on PATH, or one that fails the way it does under Docker's default seccomp profile: a clear error."""
+    if bwrap is not None:
+        (tmp_path / "bwrap").write_text(f"#!/bin/sh\n{bwrap}\n")
+        (tmp_path / "bwrap").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    sandbox_mod.sandbox_problem.cache_clear()
+    why = "not installed" if bwrap is None else "could not start.*No permissions to create a new namespace"
     try:
-        return (proc_dir / "cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
+        for level in ("auto", "sandbox"):
+            with pytest.raises(SandboxError, match=rf"bubblewrap.*{why}.*apt-get install bubblewrap.*'basic'"):
+                code_reward("x = 1", "assert x == 1", cfg=_cfg(level))
+        safe = SafeReward(lambda c, a: code_reward(c, a, cfg=_cfg("auto")))
+        assert safe("x = 1", "assert x == 1") == 0.0 and safe.stats.errors == 1  # an error, not a verdict
+    finally:
+        monkeypatch.undo()
+        sandbox_mod.sandbox_problem.cache_clear()
 
 
-def test_guard_refuses_fork_in_basic_mode():
-    code = "import os\ntry:\n    os.fork()\n    R = 'forked'\nexcept PermissionError:\n    R = 'refused'"
-    assert _outcome(code, "assert R == 'refused'", isolation="basic")
-
-
-def test_sandbox_failure_is_an_error_not_a_verdict(monkeypatch):
-    monkeypatch.setattr(code_mod, "namespace_isolation_available", lambda: False)
-    cfg = _cfg(isolation="namespace")
-    with pytest.raises(SandboxError):
-        code_reward("x = 1", "pass", cfg=cfg)
-    safe = SafeReward(lambda c, a: code_reward(c, a, cfg=cfg))
-    assert safe("x = 1", "pass") == 0.0 and safe.stats.errors == 1
-
-
-def test_auto_falls_back_to_basic(monkeypatch):
-    monkeypatch.setattr(code_mod, "namespace_isolation_available", lambda: False)
-    result = run_tests("def f():\n    return 1", CodeTests(tests=("assert f() == 1",)), _cfg(isolation="auto"))
-    assert result.isolation == "basic" and result.passed == (True,)
+@needs_seccomp
+def test_basic_warns_what_it_does_not_prevent(monkeypatch, caplog):
+    monkeypatch.setattr(sandbox_mod, "_warned_basic", False)
+    with caplog.at_level(logging.WARNING, logger="dash.rewards.sandbox"):
+        assert _outcome("x = 1", "assert x == 1", "basic")
+        assert _outcome("x = 1", "assert x == 1", "basic")
+    warnings = [r.getMessage() for r in caplog.records if "isolation='basic'" in r.getMessage()]
+    assert len(warnings) == 1 and "NOT prevented" in warnings[0] and "namespace" in warnings[0]
 
 
 def test_safe_reward_timeout_cleans_up_the_sandbox(tmp_path, monkeypatch):
+    level = "sandbox" if SANDBOX_PROBLEM is None else "basic"
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    safe = SafeReward(lambda c, a: code_reward(c, a, cfg=_cfg(timeout_s=30.0)), timeout_s=0.5)
+    safe = SafeReward(lambda c, a: code_reward(c, a, cfg=_cfg(level, timeout_s=30.0)), timeout_s=0.5)
     start = time.monotonic()
-    assert safe("import time\ntime.sleep(60)", "pass") == 0.0
+    assert safe("import time\ntime.sleep(60)", "assert True") == 0.0
     assert safe.stats.timeouts == 1 and time.monotonic() - start < 3.0
     assert list(tmp_path.iterdir()) == []  # scratch removed although the reward was interrupted
 
 
 def test_config_validation():
-    with pytest.raises(ValueError):
-        CodeRewardConfig(timeout_s=0)
-    with pytest.raises(ValueError):
-        CodeRewardConfig(mode="most")
+    cases = (({"timeout_s": 0}, "timeout_s"), ({"mode": "most"}, "mode"), ({"isolation": "namespace"}, "isolation"),
+             ({"opaque_tests": "trust"}, "opaque_tests"))  # fmt: skip
+    for bad, name in cases:
+        with pytest.raises(ValueError, match=f"CodeRewardConfig.{name}"):
+            CodeRewardConfig(**bad)
