@@ -6,6 +6,10 @@ option, not in the paper's training reward). `get_reward("math+format")` sums re
 `combine_rewards` takes explicit weights. Each name also has an answer parser used by `dash.data` to check (and
 canonicalise) the gold answer of every row when loading: `get_answer_parser(name)(raw) -> str | None`.
 
+A term can also be the user's own function, `path/to/file.py:function` or `package.module:function`, in the
+per-sample form above or in TRL's batch form `fn(prompts, completions, **columns)` (dash/rewards/user.py; loading it
+runs the user's code). `get_reward` then gives a `RewardSum`, which `RewardScorer` (dash/rewards/scorer.py) calls.
+
 Rewards are imported lazily (module:attribute strings), so `import dash.rewards` is cheap and does not pull in
 transformers (arith) or sympy (math_verify). Wrap any reward in `SafeReward` for the timeout / exception guard.
 
@@ -19,6 +23,8 @@ import json
 from collections.abc import Callable
 
 from dash.rewards.safe_call import RewardStats, SafeReward
+from dash.rewards.scorer import RewardScorer, RewardSum
+from dash.rewards.user import LoadedReward, RewardSpecError, check_columns, describe, is_user_term, load_user_reward
 
 RewardFn = Callable[[str, str], float]
 AnswerParser = Callable[[object], "str | None"]
@@ -64,21 +70,61 @@ def _check(name: str) -> None:
         raise KeyError(f"unknown reward {name!r}; available: {', '.join(available_rewards())}")
 
 
-def get_reward(name: str) -> RewardFn:
-    """The reward function registered as `name`; "a+b" gives the sum of rewards a and b."""
-    if "+" in name:
+def _load_term(term: str) -> LoadedReward:
+    if is_user_term(term):
+        return load_user_reward(term)
+    _check(term)
+    fn = _resolve(_REWARDS[term])
+    try:  # a registered function may be in TRL form too
+        return describe(fn, f"reward {term!r}")
+    except RewardSpecError:  # unreadable signature: the registry's contract is fn(completion, answer)
+        return LoadedReward(fn, "sample", f"reward {term!r}")
+
+
+def get_reward(name: str) -> RewardFn | RewardSum:
+    """The reward `name`: a registered name, `file.py:function` or `package.module:function`; "a+b" sums a and b.
+    A plain `fn(completion, answer)` when every term is per-sample, else a `RewardSum` (for `RewardScorer`)."""
+    terms = [part.strip() for part in name.split("+")]
+    loaded = [_load_term(term) for term in terms]
+    sample_terms = [term for term, r in zip(terms, loaded) if r.form == "sample"]
+    if len(sample_terms) == 1:
+        per_sample = loaded[terms.index(sample_terms[0])].fn
+    elif sample_terms:
         from dash.rewards.format import combine_rewards
 
-        return combine_rewards({part.strip(): 1.0 for part in name.split("+")})
-    _check(name)
-    return _resolve(_REWARDS[name])
+        per_sample = combine_rewards({term: 1.0 for term in sample_terms})
+    else:
+        per_sample = None
+    batch = tuple(r for r in loaded if r.form == "batch")
+    return RewardSum(per_sample, batch, name) if batch else per_sample
+
+
+def check_reward_spec(name: str) -> None:
+    """RewardSpecError unless every term of `name` is a registered name or a loadable user function (which this
+    imports: start-up errors name the file, the function and what is wrong). Built-ins are not imported here."""
+    for term in (part.strip() for part in name.split("+")):
+        if is_user_term(term):
+            load_user_reward(term)
+        elif term not in _REWARDS:
+            raise RewardSpecError(f"{term!r} is not one of {available_rewards()} (a function of yours: "
+                                  "path/to/file.py:function or package.module:function)")
+
+
+def check_reward_columns(name: str, examples: list, source: str) -> None:
+    """RewardSpecError if a TRL-form term of reward `name` needs a dataset column that a row of `source` lacks."""
+    reward = get_reward(name)
+    if isinstance(reward, RewardSum):
+        check_columns(reward.batch, examples, source)
 
 
 def get_answer_parser(name: str) -> AnswerParser:
-    """The gold-answer parser of reward `name` (for "a+b", the parser of a): raw field -> answer string or None."""
-    name = name.split("+")[0].strip()
-    _check(name)
-    return _resolve(_ANSWER_PARSERS[name])
+    """The gold-answer parser of reward `name` (for "a+b", the parser of the first registered name among a, b; a user
+    function alone: any non-empty string): raw field -> answer string or None."""
+    names = [part.strip() for part in name.split("+") if not is_user_term(part.strip())]
+    if not names:
+        return _parse_any
+    _check(names[0])
+    return _resolve(_ANSWER_PARSERS[names[0]])
 
 
 def _parse_any(raw: object) -> str | None:
@@ -105,9 +151,14 @@ def _parse_code(raw: object) -> str | None:
 __all__ = [
     "AnswerParser",
     "RewardFn",
+    "RewardScorer",
+    "RewardSpecError",
     "RewardStats",
+    "RewardSum",
     "SafeReward",
     "available_rewards",
+    "check_reward_columns",
+    "check_reward_spec",
     "get_answer_parser",
     "get_reward",
     "register_reward",

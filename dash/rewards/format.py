@@ -72,6 +72,9 @@ def combine_rewards(weights: Mapping[str | RewardFn, float]) -> RewardFn:
     from dash.rewards import get_reward  # lazy: the registry imports this module
 
     parts = [(get_reward(k) if isinstance(k, str) else k, float(w)) for k, w in weights.items()]
+    batch = [k for (fn, _), k in zip(parts, weights) if not callable(fn)]  # a RewardSum: TRL form, not per-sample
+    if batch:
+        raise ValueError(f"combine_rewards: {batch} are TRL-form (batch) rewards; sum them with get_reward('a+b')")
 
     def combined(completion: str, answer: str) -> float:
         return sum(w * fn(completion, answer) for fn, w in parts)

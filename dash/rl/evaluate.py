@@ -27,7 +27,7 @@ def evaluate(sampler: RolloutSampler, examples: list, run_seed: int, pass_k: int
     rewards, lengths, shown = [], [], []
     for e, req in zip(examples, greedy, strict=True):
         comp = req.completions[0]
-        r = sampler.score(comp.text, e.answer)
+        r = sampler.score(comp.text, e.answer, e)  # e: the row, for a TRL-form reward's columns
         rewards.append(r)
         lengths.append(len(comp.token_ids))
         if len(shown) < samples_shown:
@@ -38,7 +38,7 @@ def evaluate(sampler: RolloutSampler, examples: list, run_seed: int, pass_k: int
         sampled = sampler.generate(prompts, pass_k, seeds)
         p1, pk = 0.0, 0.0
         for e, req in zip(examples, sampled, strict=True):
-            c = sum(sampler.score(comp.text, e.answer) >= 1.0 for comp in req.completions)
+            c = sum(sampler.score(comp.text, e.answer, e) >= 1.0 for comp in req.completions)
             p1 += pass_at_k(pass_k, c, 1)
             pk += pass_at_k(pass_k, c, pass_k)
         metrics["eval/pass@1_sampled"] = p1 / n

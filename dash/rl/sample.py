@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from dash.rewards.user import example_columns
 from dash.rl.rollout import Rollout
 
 _SEED_STRIDE = 1_000_003  # a prime > prompts per step, so (step, index) pairs never share a seed
@@ -24,13 +25,14 @@ class RolloutSampler:
     """Generates G completions per prompt from the live training model and scores them."""
 
     def __init__(self, model, tokenizer, sampling_cfg, reward_fn, reward_timeout_s: float = 10.0):
-        from dash.rewards import SafeReward
+        from dash.rewards import RewardScorer
 
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = sampling_cfg
         # A reward that raises or times out scores 0 and is counted in reward.stats; it never stops the run.
-        self.reward = SafeReward(reward_fn, timeout_s=reward_timeout_s)
+        # reward_fn: fn(completion, answer), TRL's fn(prompts, completions, **columns), or get_reward's RewardSum.
+        self.reward = RewardScorer(reward_fn, timeout_s=reward_timeout_s)
 
     @property
     def reward_stats(self):
@@ -63,11 +65,11 @@ class RolloutSampler:
                         num_pages=self.cfg.num_pages)
 
     def sample(self, examples: list, group_size: int, run_seed: int, step: int, first_index: int) -> Rollout:
-        """One generate call for all `examples` x G; rewards scored per completion."""
+        """One generate call for all `examples` x G; rewards scored in one batch (TRL-form terms: one call)."""
         prompts = [e.prompt for e in examples]
         seeds = [prompt_seed(run_seed, step, first_index + i) for i in range(len(examples))]
         outputs = self.generate(prompts, group_size, seeds)
-        prompt_ids, comp_ids, old_logp, texts, answers, rewards = [], [], [], [], [], []
+        prompt_ids, comp_ids, old_logp, texts, answers, rows = [], [], [], [], [], []
         for example, request in zip(examples, outputs, strict=True):
             ids = request.prompt_token_ids
             for comp in request.completions:
@@ -76,10 +78,13 @@ class RolloutSampler:
                 old_logp.append(torch.as_tensor(comp.logprobs, dtype=torch.float32))
                 texts.append(comp.text)
                 answers.append(example.answer)
-                rewards.append(self.score(comp.text, example.answer))
+                rows.append(example)
+        rewards = self.reward.score_batch([e.prompt for e in rows], texts, answers,
+                                          [example_columns(e) for e in rows], comp_ids)
         return Rollout(prompt_ids, comp_ids, old_logp, torch.tensor(rewards, dtype=torch.float32), group_size,
                        texts=texts, answers=answers)
 
-    def score(self, text: str, answer: str) -> float:
-        """The reward of one completion; a raising or timed-out reward function gives 0 and is counted."""
-        return self.reward(text, answer)
+    def score(self, text: str, answer: str, example=None) -> float:
+        """The reward of one completion (`example`: its row, for a TRL-form reward's columns); a raising or timed-out
+        reward function gives 0 and is counted."""
+        return self.reward.score(text, answer, example)

@@ -239,6 +239,7 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
         "time/generate_s": t_gen, "time/reward_s": t_reward, "time/train_s": t_train, "time/count_sync_s": count_sync_s,
         "time/gen_tok_s": rollout.completion_tokens() / max(t_gen, 1e-9),
         "reward/failed_calls": sampler.reward_stats.failures,
+        "reward/no_reward": sampler.reward_stats.no_reward,  # None from a TRL-form reward: scored 0, not a failure
     })
     return metrics, rollout
 
