@@ -7,6 +7,8 @@ Commands:
   sample  complete `--prompt` texts with the paged sampler (`--n` completions each)
   sft     supervised warm start of the built-in tiny model on the arithmetic task (writes an HF folder)
   smoke   load the model of `model.path`, greedy-evaluate it on the held-out split with plain padded decoding
+  export  `dash export RUN_OR_CHECKPOINT --out DIR`: an HF folder (safetensors, sharded above --max-shard-size,
+          generation_config.json, tokenizer) from a run's latest checkpoint, a checkpoint, or FSDP shards
 """
 
 from __future__ import annotations
@@ -135,28 +137,57 @@ def cmd_sft(cfg: DashConfig, args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sft": cmd_sft,
+def cmd_export(cfg: DashConfig, args) -> int:
+    from dash.export import MAX_SHARD_BYTES, export_checkpoint, parse_size
+    from dash.runtime import resolve_dtype
+
+    if not args.source or not args.out:
+        raise SystemExit("dash export: give the run or checkpoint folder and --out DIR")
+    if args.merge_lora and args.adapters_only:
+        raise SystemExit("dash export: --merge-lora and --adapters-only exclude each other")
+    size = parse_size(args.max_shard_size) if args.max_shard_size else MAX_SHARD_BYTES
+    out = export_checkpoint(args.source, args.out, overwrite=args.overwrite, max_shard_bytes=size, base=args.base,
+                            dtype=resolve_dtype(args.dtype) if args.dtype else None,
+                            lora="merge" if args.merge_lora else "adapters" if args.adapters_only else None)
+    print(f"export: HF model folder {out} (transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sft": cmd_sft, "export": cmd_export,
             "smoke": lambda cfg, args: cmd_smoke(cfg)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dash", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS))
+    parser.add_argument("source", nargs="?", default=None, help="export: the run or checkpoint folder to export")
     parser.add_argument("--config", default=None, help="YAML preset (configs/*.yaml); defaults are used without one")
     parser.add_argument("--resume", default=None, help="train/eval: a run folder or checkpoint folder to continue from")
     parser.add_argument("--overwrite", action="store_true",
-                        help="train: replace the run already in log.out_dir (deletes its checkpoints and logs)")
+                        help="train: replace the run already in log.out_dir (deletes its checkpoints and logs); "
+                             "export: replace a non-empty --out folder")
     parser.add_argument("--prompt", action="append", default=[], help="sample: a prompt (repeatable)")
     parser.add_argument("--n", type=int, default=1, help="sample: completions per prompt")
-    parser.add_argument("--out", default=None, help="sft: output folder (default: the config's log.out_dir/sft)")
+    parser.add_argument("--out", default=None, help="sft: output folder (default: the config's log.out_dir/sft); "
+                                                    "export: the HF folder to write")
+    parser.add_argument("--base", default=None, help="export of FSDP shards: the HF folder giving config.json and "
+                                                     "the tokenizer (default: the run's model.path)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="export: cast the weights (default: the checkpoint's dtype)")
+    parser.add_argument("--max-shard-size", default=None, help="export: shard the weights above this (default 5GB)")
+    parser.add_argument("--merge-lora", action="store_true", help="export: a LoRA run with its adapters merged")
+    parser.add_argument("--adapters-only", action="store_true", help="export: a LoRA run's adapters alone (peft)")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"dash: config error: {exc}", file=sys.stderr)
         return 2
-    if args.overwrite and args.command != "train":
-        print(f"dash {args.command}: --overwrite is a `dash train` option", file=sys.stderr)
+    if args.overwrite and args.command not in ("train", "export"):
+        print(f"dash {args.command}: --overwrite is a `dash train` / `dash export` option", file=sys.stderr)
+        return 2
+    if args.source is not None and args.command != "export":
+        print(f"dash {args.command}: unexpected argument {args.source!r} (options are --key=value)", file=sys.stderr)
         return 2
     try:
         return COMMANDS[args.command](cfg, args)
