@@ -32,6 +32,46 @@ class ConfigError(ValueError):
     """A config key, value or file is wrong; the message names it."""
 
 
+# The projections of a decoder layer (dash.model's names, HF's too) that LoRA may adapt; "all-linear" means all of
+# them, as in peft. The lm_head is not offered: the fused loss reads its weight directly (dash/lora.py).
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(kw_only=True, slots=True)
+class LoRAConfig:
+    enabled: bool = False
+    """Train low-rank adapters on the targeted projections instead of the whole model (dash/lora.py)."""
+    rank: int = 16
+    """r: the adapters' inner width (A is [r, in], B is [out, r])."""
+    alpha: float = 32.0
+    """Scaling numerator: the adapter's output is multiplied by alpha / rank (peft's lora_alpha)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input only (peft's lora_dropout), in [0, 1)."""
+    target_modules: str | list[str] = "all-linear"
+    """Projections to adapt: a list or comma-separated names from LORA_MODULES, or `all-linear` (all of them)."""
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ConfigError(f"model.lora.rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"model.lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        names = self.target_names()
+        unknown = [n for n in names if n not in LORA_MODULES]
+        if not names or unknown:
+            what = f"{unknown[0]!r} matches no module" if unknown else "is empty"
+            raise ConfigError(f"model.lora.target_modules: {what} (available: all-linear, {', '.join(LORA_MODULES)})")
+
+    def target_names(self) -> list[str]:
+        """The targeted projection names, in LORA_MODULES order when all-linear."""
+        items = self.target_modules.split(",") if isinstance(self.target_modules, str) else self.target_modules
+        if not all(isinstance(n, str) for n in items):
+            raise ConfigError(f"model.lora.target_modules: expected names, got {self.target_modules!r}")
+        names = [n.strip() for n in items if n.strip()]
+        return list(LORA_MODULES) if names == ["all-linear"] else names
+
+
 @dataclass(kw_only=True, slots=True)
 class ModelLoadConfig:
     path: str = BUILTIN_TINY
@@ -40,6 +80,8 @@ class ModelLoadConfig:
     """Parameter dtype for training and sampling (float16 is refused: the trainer does no loss scaling)."""
     device: str = "auto"
     """`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:N`."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters (off by default): only they and their optimizer state train; the base stays frozen."""
 
     def __post_init__(self):
         if not self.path.strip():  # Path("") is the working directory: the error would name the wrong folder
@@ -282,6 +324,9 @@ class DashConfig:
         if self.model.dtype == "float16":
             raise ConfigError("model.dtype=float16 is not supported for training (no loss scaling: the small per-token "
                               "gradients underflow in fp16); use bfloat16 (same memory, fp32's exponent range)")
+        if self.model.lora.enabled and self.train.parallel == "fsdp":  # frozen + trainable in one FSDP2 unit: untested
+            raise ConfigError("model.lora.enabled=true with train.parallel=fsdp is not supported; use train.parallel="
+                              "ddp (the adapters and their optimizer state are small, so replicas cost little)")
         if self.train.parallel == "fsdp" and self.model.dtype != "float32":
             raise ConfigError(f"train.parallel=fsdp needs model.dtype=float32 (got {self.model.dtype!r}): FSDP2 here "
                               "keeps no fp32 master weights, so 16-bit AdamW updates at small lr would round away")

@@ -19,7 +19,10 @@ run); given as `packed`, the C++ op runs its GEMMs on them, with the residual ad
 epilogues: the same math, equal to the reference chain up to the GEMMs' summation order.
 
 `weights` lists the layer's tensors in LAYER_WEIGHTS order, None for an absent bias or q/k norm; all RMSNorms share
-`eps`. Tests: tests/kernels/test_decoder_layer.py; the engine's HF parity tests run every fp32 CPU decode through it.
+`eps`. `lora` (optional, same order) gives LoRA adapters as (A [r, in], B [out, r], scaling) for projection slots:
+the reference chain adds scaling * (h A^T) B^T beside each h W^T (no merged weight); the C++ op has no such term, so
+with adapters it runs only on `packed` weights that already hold W + scaling * B A (the caller folds them in).
+Tests: tests/kernels/test_decoder_layer.py; the engine's HF parity tests run every fp32 CPU decode through it.
 """
 
 from __future__ import annotations
@@ -47,28 +50,40 @@ PACKED_WEIGHTS = ("q", "k", "v", "o", "gate_up", "down")
 _OPTIONAL = {"q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "o_bias"}
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) -> o [T, Hq, D]
+Adapter = tuple[torch.Tensor, torch.Tensor, float]  # LoRA (A [r, in], B [out, r], scaling)
+
+
+def _linear(h: torch.Tensor, w: dict, name: str, bias: torch.Tensor | None, lora: dict) -> torch.Tensor:
+    """h W^T + b (+ scaling * (h A^T) B^T when slot `name` has an adapter, in peft's order of operations)."""
+    out = F.linear(h, w[name], bias)
+    adapter = lora.get(name)
+    if adapter is None:
+        return out
+    A, B, scaling = adapter
+    return out + F.linear(F.linear(h, A), B) * scaling
 
 
 def decoder_layer_ref(x: torch.Tensor, weights: Sequence[torch.Tensor | None], eps: float, cos: torch.Tensor,
-                      sin: torch.Tensor, attend: Attend) -> None:
+                      sin: torch.Tensor, attend: Attend, lora: Sequence[Adapter | None] | None = None) -> None:
     """x [T, H] <- the layer's output, in place. cos / sin: [T, D] RoPE tables of the tokens' positions.
 
     attend(q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) stores the new K/V where the step keeps them and returns the
     attention output [T, Hq, D].
     """
     w = dict(zip(LAYER_WEIGHTS, weights, strict=True))
+    ad = {} if lora is None else {n: a for n, a in zip(LAYER_WEIGHTS, lora, strict=True) if a is not None}
     T, D = x.shape[0], cos.shape[-1]
     h = rms_norm(x, w["input_norm"], eps)  # [T, H]
-    q = F.linear(h, w["q"], w["q_bias"]).view(T, -1, D)  # [T, Hq, D]
-    k = F.linear(h, w["k"], w["k_bias"]).view(T, -1, D)  # [T, Hkv, D]
-    v = F.linear(h, w["v"], w["v_bias"]).view(T, -1, D)  # [T, Hkv, D]
+    q = _linear(h, w, "q", w["q_bias"], ad).view(T, -1, D)  # [T, Hq, D]
+    k = _linear(h, w, "k", w["k_bias"], ad).view(T, -1, D)  # [T, Hkv, D]
+    v = _linear(h, w, "v", w["v_bias"], ad).view(T, -1, D)  # [T, Hkv, D]
     if w["q_norm"] is not None:  # Qwen3
         q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
     rotary_(q, k, cos, sin)
     o = attend(q, k, v)
-    h = add_rms_norm_(x, F.linear(o.reshape(T, -1), w["o"], w["o_bias"]), w["post_norm"], eps)  # x += attn
-    gate = F.linear(h, w["gate"])  # [T, I]
-    x.add_(F.linear(silu_mul_(gate, F.linear(h, w["up"])), w["down"]))  # x += mlp
+    h = add_rms_norm_(x, _linear(o.reshape(T, -1), w, "o", w["o_bias"], ad), w["post_norm"], eps)  # x += attn
+    gate = _linear(h, w, "gate", None, ad)  # [T, I]
+    x.add_(_linear(silu_mul_(gate, _linear(h, w, "up", None, ad)), w, "down", None, ad))  # x += mlp
 
 
 def pack_layer(weights: Sequence[torch.Tensor | None]) -> list[torch.Tensor] | None:
@@ -85,7 +100,8 @@ def decoder_layer_(x: torch.Tensor, weights: Sequence[torch.Tensor | None], eps:
                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                    page_table: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None = None,
                    scale: float | None = None, max_q_len: int | None = None, check_slots: bool = True,
-                   packed: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                   packed: Sequence[torch.Tensor] | None = None,
+                   lora: Sequence[Adapter | None] | None = None) -> torch.Tensor:
     """The layer over x [T, H] in place (returned), attention read from the paged cache after storing the new K/V.
 
     Args:
@@ -97,6 +113,9 @@ def decoder_layer_(x: torch.Tensor, weights: Sequence[torch.Tensor | None], eps:
             the page allocator; CPU always checks.
         packed: `pack_layer(weights)` (None: torch's GEMMs). Used by the C++ op; the reference chain, taken where
             the op does not apply, reads `weights`.
+        lora: LAYER_WEIGHTS order, (A, B, scaling) or None per slot: adapters applied beside `weights` by the
+            reference chain. With `packed`, that must already hold the merged W + scaling * B A (the C++ op
+            reads it; the reference chain, where the op does not apply, reads `weights` and `lora`).
     """
     if len(weights) != len(LAYER_WEIGHTS):
         raise ValueError(f"decoder_layer_: weights must have {len(LAYER_WEIGHTS)} slots {LAYER_WEIGHTS}, "
@@ -106,8 +125,10 @@ def decoder_layer_(x: torch.Tensor, weights: Sequence[torch.Tensor | None], eps:
         raise ValueError(f"decoder_layer_: weights {missing} are required, got None")
     scale = cos.shape[-1] ** -0.5 if scale is None else scale
     # With `packed`, pack_layer has already checked the weights (fp32 CPU): a decode step then checks 2 tensors, not 17.
+    # The C++ op has no adapter term: with adapters it runs only on `packed`, which holds them merged.
+    plain = lora is None or all(a is None for a in lora)
     if (use_cpu_kernel(x, k_cache) and x.is_contiguous()
-            and (packed is not None or use_cpu_kernel(*(t for t in weights if t is not None)))):
+            and (packed is not None or (plain and use_cpu_kernel(*(t for t in weights if t is not None))))):
         meta = [as_int32(t) for t in (slot_mapping, page_table, context_lens, cu_seqlens_q)]
         _C.decoder_layer(x, list(weights), eps, cos.contiguous(), sin.contiguous(), k_cache, v_cache, *meta, scale,
                          list(packed) if packed is not None else [])
@@ -118,5 +139,5 @@ def decoder_layer_(x: torch.Tensor, weights: Sequence[torch.Tensor | None], eps:
         return paged_attention(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q, scale=scale,
                                max_q_len=max_q_len)
 
-    decoder_layer_ref(x, weights, eps, cos, sin, attend)
+    decoder_layer_ref(x, weights, eps, cos, sin, attend, lora)
     return x

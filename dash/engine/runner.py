@@ -6,7 +6,9 @@ in `dash_kernels.decoder_layer.LAYER_WEIGHTS` order, the tensors themselves, not
 lm_head. The layer chain is `dash_kernels.decoder_layer`: RMSNorm (C++ for fp32 CPU, Triton on CUDA), the model's
 projections as GEMMs, q/k norm, RoPE in place, the attention below, the residual adds and SwiGLU. The parameters are
 read at every step, so a `generate` call after an optimizer step sees the new weights with no copy, reload or sync
-(the trainer and the sampler share one `nn.Module`).
+(the trainer and the sampler share one `nn.Module`). LoRA adapters (dash/lora.py) are applied without a merged model:
+the layer chain adds scaling * (h A^T) B^T beside each adapted h W^T; on fp32 CPU with packed GEMMs, the copy packed
+once per call holds W + scaling * B A instead (built one layer at a time).
 
 Attention per step:
 - paged (`decoder_layer_`): a decode step, and a prefill with page tables (a prefix-cache hit, or on fp32 CPU short /
@@ -28,6 +30,7 @@ import torch
 
 from dash.attention import flash_attn_supports, varlen_attention
 from dash.engine.kv_cache import Context, KVCache
+from dash.lora import layer_adapters, merged_weight
 from dash_kernels import kv
 from dash_kernels._ext import use_cpu_kernel
 from dash_kernels.decoder_layer import decoder_layer_, decoder_layer_ref, pack_layer
@@ -61,6 +64,8 @@ class ModelRunner:
             self.cos, self.sin = model.model.rotary_emb(torch.arange(max_len, device=self.device))  # [max_len, D]
         layers = model.model.layers
         self.weights = [layer_weights(layer) for layer in layers]  # read once per call: the weights cannot change
+        # LoRA adapters (dash/lora.py), per layer: applied beside the base weights, never merged into the model.
+        self.adapters = [layer_adapters(layer) for layer in layers]
         # fp32 CPU with AVX-512: the projections and the lm_head packed for dash_kernels.linear's GEMMs (2-3x MKL's
         # AVX2 code on AMD), a derived copy that lives for this call only; above the budget, or elsewhere, torch's
         # GEMMs read the weights.
@@ -68,7 +73,8 @@ class ModelRunner:
             head = model.lm_head_weight  # [V, H]
             packable = (self.paged_prefill and packed_gemm_available(head)
                         and _weight_bytes([*self.weights, [head]]) <= PACKED_WEIGHTS_BUDGET_BYTES)
-            self.packed = [pack_layer(w) if packable else None for w in self.weights]
+            # With adapters the packed copy holds W + scaling * B A (one layer's merged weights exist at a time).
+            self.packed = [pack_layer(_merged(w, a)) if packable else None for w, a in zip(self.weights, self.adapters)]
             self.packed_head = pack_linear(head) if packable else None
         self.eps, self.scale = model.config.rms_norm_eps, layers[0].self_attn.scale
 
@@ -82,15 +88,17 @@ class ModelRunner:
         cos, sin = self.cos.index_select(0, ctx.positions), self.sin.index_select(0, ctx.positions)  # [T, D] each
         x = inner.embed_tokens(ctx.input_ids)  # [T, H]: the residual stream, a fresh tensor updated in place below
         paged = ctx.page_table is not None and (ctx.is_prefill or not self.use_flash)
-        for w, packed, k_cache, v_cache in zip(self.weights, self.packed, self.cache.k, self.cache.v):
+        for w, packed, lora, k_cache, v_cache in zip(self.weights, self.packed, self.adapters, self.cache.k,
+                                                     self.cache.v):
             if paged:
                 # The allocator made the slots (in range by construction): no per-layer range check, which on CUDA
                 # would sync the host with the device twice per layer.
                 decoder_layer_(x, w, self.eps, cos, sin, k_cache, v_cache, ctx.slot_mapping, ctx.page_table,
                                ctx.context_lens, ctx.cu_seqlens if ctx.is_prefill else None, self.scale,
-                               max_q_len=ctx.max_seqlen if ctx.is_prefill else 1, check_slots=False, packed=packed)
+                               max_q_len=ctx.max_seqlen if ctx.is_prefill else 1, check_slots=False, packed=packed,
+                               lora=lora)
             else:
-                decoder_layer_ref(x, w, self.eps, cos, sin, partial(self._attend_fresh, ctx, k_cache, v_cache))
+                decoder_layer_ref(x, w, self.eps, cos, sin, partial(self._attend_fresh, ctx, k_cache, v_cache), lora)
         if ctx.logits_index is not None:
             x = x[ctx.logits_index]  # [E, H]: only the last token of each prefill is sampled
         h = rms_norm(x, inner.norm.weight, inner.norm.eps)  # [R, H]
@@ -105,6 +113,11 @@ class ModelRunner:
             return varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, self.scale)
         return flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=ctx.context_lens,  # not run here
                                        block_table=ctx.page_table, softmax_scale=self.scale, causal=True)[:, 0]
+
+
+def _merged(weights: list[torch.Tensor | None], adapters: list | None) -> list[torch.Tensor | None]:
+    """A layer's weights with each adapted projection replaced by W + scaling * B A (new tensors, for packing)."""
+    return weights if adapters is None else [merged_weight(w, a) for w, a in zip(weights, adapters)]
 
 
 def _weight_bytes(weights: list[list[torch.Tensor | None]]) -> int:

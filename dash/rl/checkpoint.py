@@ -7,7 +7,8 @@ model.safetensors, tokenizer files, loadable by `dash.model_io.load_model` or tr
 (dash/rl/state_io.py; an older dash's `trainer_state.pt` pickle is refused with a message). It is written into a
 temporary sibling folder, fsynced and renamed into place, and `latest` (a one-line file naming the newest folder) is
 replaced atomically after that, so a run killed at any moment leaves either the previous checkpoint or the new one,
-never half of one. `load_checkpoint` reads the state of the one `latest` names and, when that is damaged (a missing,
+never half of one. A LoRA run (`model.lora.enabled`) writes `adapter/` (peft's adapter layout, dash/lora.py) in place
+of `model/`: only the adapters change, and its base is the run's `model.path`. `load_checkpoint` reads the state of the one `latest` names and, when that is damaged (a missing,
 truncated or corrupt file), falls back to the newest checkpoint that reads, with a warning naming the bad file.
 
 Under FSDP (`train.parallel: fsdp`) a checkpoint is sharded: `sharded/` is a torch.distributed.checkpoint (DCP)
@@ -45,6 +46,8 @@ STATE_FILES = (JSON_FILE, TENSORS_FILE)
 LEGACY_STATE_FILE = "trainer_state.pt"  # an older dash's pickle: never loaded
 MODEL_DIR = "model"
 SHARDED_DIR = "sharded"
+ADAPTER_DIR = "adapter"  # a LoRA run: its adapters in peft's layout (dash/lora.py) instead of model/; the base is
+# the run's model.path, never copied
 
 
 class CheckpointError(ConfigError):
@@ -66,14 +69,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, trainer_state: dict) -> Path:
-    """Writes checkpoint `step-<step>` atomically and points `latest` at it; returns its folder."""
+def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, trainer_state: dict,
+                    base_model: str | None = None) -> Path:
+    """Writes checkpoint `step-<step>` atomically and points `latest` at it; returns its folder. A model with LoRA
+    adapters saves them alone, as ADAPTER_DIR (`base_model`: the base folder named in its adapter_config.json)."""
+    from dash.lora import has_adapters, save_adapter
+
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}-", dir=root))
     try:
-        save_model(model, tmp / MODEL_DIR, tokenizer=tokenizer)
+        if has_adapters(model):
+            save_adapter(model, tmp / ADAPTER_DIR, base_model_name_or_path=base_model)
+        else:
+            save_model(model, tmp / MODEL_DIR, tokenizer=tokenizer)
         _publish(tmp, final, trainer_state, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -201,8 +211,8 @@ def _problem(path: Path) -> str | None:
     for name in STATE_FILES:
         if not (path / name).is_file():
             return f"{path / name} is missing"
-    if not ((path / MODEL_DIR).is_dir() or (path / SHARDED_DIR).is_dir()):
-        return f"{path} holds neither {MODEL_DIR}/ nor {SHARDED_DIR}/"
+    if not any((path / name).is_dir() for name in (MODEL_DIR, SHARDED_DIR, ADAPTER_DIR)):
+        return f"{path} holds none of {MODEL_DIR}/, {SHARDED_DIR}/, {ADAPTER_DIR}/"
     return None
 
 
@@ -217,7 +227,7 @@ def _read(path: Path) -> tuple[dict | None, str | None]:
             raise StateFileError(f"{path / JSON_FILE}: no step number or RNG state in it")
         if is_sharded_checkpoint(path):
             SafeFileSystemReader(path / SHARDED_DIR).read_metadata()
-        for weights in sorted((path / MODEL_DIR).glob("*.safetensors")):
+        for weights in sorted([*(path / MODEL_DIR).glob("*.safetensors"), *(path / ADAPTER_DIR).glob("*.safetensors")]):
             try:
                 with safe_open(str(weights), "pt"):  # checks the header and that every listed byte is there
                     pass
@@ -245,7 +255,7 @@ def load_checkpoint(path: str | Path) -> tuple[Path, dict]:
     a truncated or corrupt file) the newest complete one, with a warning naming what was skipped and why.
     """
     path = Path(path)
-    if any((path / name).exists() for name in (*STATE_FILES, LEGACY_STATE_FILE, MODEL_DIR, SHARDED_DIR)):
+    if any((path / name).exists() for name in (*STATE_FILES, LEGACY_STATE_FILE, MODEL_DIR, SHARDED_DIR, ADAPTER_DIR)):
         state, problem = _read(path)
         if problem:
             raise CheckpointError(f"--resume: {problem}")

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from dash.config import ConfigError, DashConfig, config_to_dict
 from dash.rl.checkpoint import (
+    ADAPTER_DIR,
     MODEL_DIR,
     is_sharded_checkpoint,
     load_checkpoint,
@@ -98,7 +99,12 @@ class Trainer:
             raise ConfigError(f"--resume: {ckpt} was written with train.parallel={'ddp' if fsdp else 'fsdp'}; "
                               f"resume it with the same train.parallel")
         # A sharded checkpoint has no full model folder: build the architecture from the run's model, then load.
-        folder = ckpt / MODEL_DIR if ckpt and not fsdp else resolve_model_path(cfg.model.path)
+        # A LoRA checkpoint holds the adapters alone: the base is the run's model.path.
+        lora = cfg.model.lora.enabled
+        if ckpt and (ckpt / ADAPTER_DIR).is_dir() != lora:
+            raise ConfigError(f"--resume: {ckpt} was written with model.lora.enabled={not lora}; resume it with the "
+                              "same model.lora.enabled")
+        folder = ckpt / MODEL_DIR if ckpt and not fsdp and not lora else resolve_model_path(cfg.model.path)
         device = resolve_device(cfg.model.device)
         self.dist = init_distributed(device)
         if device.type == "cuda" and self.dist.enabled:  # one GPU per rank
@@ -112,12 +118,23 @@ class Trainer:
         self.tokenizer = load_tokenizer(folder)  # before the weights: a missing tokenizer file fails fast
         self.model = load_model(folder, dtype=resolve_dtype(cfg.model.dtype), device=device).train()
         self.model.gradient_checkpointing = cfg.train.gradient_checkpointing
+        if lora:  # base frozen (requires_grad False): the optimizer below holds the adapters alone
+            from dash.lora import apply_lora, load_adapter, trainable_fraction
+
+            apply_lora(self.model, cfg.model.lora)
+            if ckpt:
+                load_adapter(self.model, ckpt / ADAPTER_DIR)
+            self._say(f"LoRA: training {trainable_fraction(self.model):.3%} of the parameters")
         if fsdp and self.dist.enabled:  # one process: nothing to shard, only the checkpoint format differs
             shard_model(self.model, average_grads=cfg.loss.normalizer == "paper")
         # The KL reference is the initial policy; it is not even built when beta == 0.
         ref_folder = resolve_model_path(cfg.model.path)
         self.ref_model = None
-        if cfg.loss.beta > 0:
+        if cfg.loss.beta > 0 and lora:  # the base with adapters off: no second copy of the weights
+            from dash.lora import BaseModelView
+
+            self.ref_model = BaseModelView(self.model)
+        elif cfg.loss.beta > 0:
             self.ref_model = frozen_copy(load_model(ref_folder, dtype=resolve_dtype(cfg.model.dtype), device=device))
         self.train_data, self.test_examples = load_task(cfg.data, self.tokenizer,
                                                         self.model.config.max_position_embeddings, cfg.sampling)
@@ -209,7 +226,8 @@ class Trainer:
                                            self.dist)
         elif self.dist.is_main:
             state["optimizer"] = self.optimizer.state_dict()
-            path = save_checkpoint(self.cfg.log.out_dir, self.step, self.model, self.tokenizer, state)
+            path = save_checkpoint(self.cfg.log.out_dir, self.step, self.model, self.tokenizer, state,
+                                   base_model=str(resolve_model_path(self.cfg.model.path)))
         else:
             return None
         self._say(f"checkpoint {path}")

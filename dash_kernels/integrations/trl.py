@@ -21,7 +21,9 @@ them on CPU); the normaliser TRL uses for each loss type is passed as `normalize
 Configurations outside that (other loss types, sequence-level importance sampling, off-policy masks, entropy
 quantile masks or bonus, vLLM importance-sampling correction, MoE aux loss, logit scaling or
 softcapping, multimodal inputs, sharded DTensor heads) fall back to TRL's own loss, with a one-time warning naming
-the reason. This module imports trl only when a trainer is built or patched.
+the reason. A `peft` model (GRPOTrainer's `peft_config`, or a PeftModel passed in) runs its backbone with the
+adapters in it; the lm_head weight is read as is (TRL itself refuses an adapter on the lm_head for the same reason).
+This module imports trl only when a trainer is built or patched.
 """
 
 import types
@@ -55,6 +57,14 @@ def unsupported_reason(trainer, inputs=None):
     if inputs is not None:
         checks.append((any(inputs.get(k) is not None for k in _MULTIMODAL_KEYS), "multimodal inputs"))
     return next((why for bad, why in checks if bad), None)
+
+
+def _backbone(model):
+    """The decoder stack whose output has `last_hidden_state`: HF's `base_model`. Under peft, `model.base_model` is
+    peft's LoraModel, whose forward runs the whole LM (logits, no hidden states): take the wrapped HF model's own
+    backbone instead, which holds the injected LoRA layers, so the adapters still run and train."""
+    get_base_model = getattr(model, "get_base_model", None)  # peft.PeftModel
+    return (get_base_model() if callable(get_base_model) else model).base_model
 
 
 def _normalizer(trainer, inputs, mask, training):
@@ -99,7 +109,7 @@ def dash_compute_loss(trainer, model, inputs):
     mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
     training = trainer.model.training
     with trainer.accelerator.autocast():
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+        hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
                                   use_cache=False).last_hidden_state  # [B, P + K, H]
     hidden = hidden[:, -K - 1:-1].to(lm_head.weight.device)  # the positions that predict the completion tokens
     weight = lm_head.weight

@@ -1,5 +1,6 @@
 """TRL GRPOTrainer adapter on CPU: the loss and every parameter gradient equal TRL's own `_compute_loss` on a tiny
-random Qwen2, for each supported loss type, with and without KL; and the fused path's peak memory is lower."""
+random Qwen2, for each supported loss type, with and without KL, and for a peft LoRA model; and the fused path's peak
+memory is lower."""
 
 import tempfile
 
@@ -38,14 +39,14 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def _trainer(model_dir, **cfg):
+def _trainer(model_dir, peft_config=None, **cfg):
     args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, per_device_train_batch_size=BATCH,
                           num_generations=4, max_completion_length=COMPLETION, report_to="none", bf16=False,
                           temperature=0.9, **cfg)
     model = Qwen2ForCausalLM.from_pretrained(model_dir)
     trainer = trl.GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
                               args=args, train_dataset=Dataset.from_dict({"prompt": ["t1 t2 t3"] * BATCH}),
-                              processing_class=_tokenizer())
+                              processing_class=_tokenizer(), peft_config=peft_config)
     trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # set by the training loop
     trainer.model.train()
     return trainer
@@ -132,6 +133,32 @@ def test_wrapped_model_falls_back_to_trl(model_dir):
     assert fallback == [wrapped]
 
 
+def test_adapter_with_a_peft_model(model_dir):
+    """A GRPOTrainer given a peft LoraConfig: the fused path runs the backbone with the adapters in it (it would take
+    `model.base_model`, peft's LoraModel, which returns logits, not hidden states); the loss and every LoRA gradient
+    equal TRL's own."""
+    peft = pytest.importorskip("peft", reason="peft is in the dev extra: pip install -e .[dev]")
+    trainer = _trainer(model_dir, loss_type="dr_grpo", peft_config=peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"))
+    assert isinstance(trainer.model, peft.PeftModel) and unsupported_reason(trainer) is None
+    torch.manual_seed(2)
+    with torch.no_grad():  # non-zero B: with peft's B = 0 the adapters would not change the loss
+        for n, p in trainer.model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    inputs = _inputs(True, False)
+    trl_loss, trl_grads = _loss_and_grads(trainer, trainer._compute_loss, inputs)
+    with backend.use_backend("torch"):
+        ours_loss, ours_grads = _loss_and_grads(trainer, lambda m, x: dash_compute_loss(trainer, m, x), inputs)
+    assert torch.allclose(ours_loss, trl_loss, rtol=1e-5, atol=1e-7), (ours_loss, trl_loss)
+    assert trl_grads.keys() == ours_grads.keys() and len(ours_grads) == 2 * 3 * 2  # A and B, 3 targets, 2 layers
+    assert all("lora_" in n for n in ours_grads)
+    for name, g in trl_grads.items():
+        err = (ours_grads[name] - g).abs().max().item()
+        assert err <= 1e-4 * (g.abs().max().item() + 1e-12) + 1e-9, f"{name}: max err {err:.3e}"
+
+
+@pytest.mark.slow
 def test_adapter_peak_memory_is_lower(model_dir):
     """Loss + backward of one batch: peak RSS rise of TRL's path vs ours, with a vocabulary large enough that
     the logits dominate (the model itself is tiny)."""
