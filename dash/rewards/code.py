@@ -10,8 +10,9 @@ What holds against a hostile program (details: `dash/rewards/sandbox.py`, `bwrap
 - At `isolation="sandbox"` (bubblewrap; `auto` picks it, and refuses with a SandboxError when it cannot start):
   it cannot signal, trace or outlive anything outside its own PID namespace, start processes or run programs,
   reach any socket (new network namespace, no socket() at all), see the trainer's files, /tmp, /run, /etc/shadow or
-  the trainer's environment, or write anywhere but its scratch dir; it runs as uid 65534 without capabilities (the
-  trainer's uid outside its user namespace), under rlimits (CPU, memory, file size) and a wall-clock timeout after
+  the trainer's environment, or write anywhere but its scratch dir; it runs as uid 65534 without capabilities (outside
+  its user namespace too when the trainer runs as root: bubblewrap is started as uid 65534; otherwise the trainer's
+  uid), under rlimits (CPU, memory, file size) and a wall-clock timeout after
   which everything it started is killed.
 - At `isolation="basic"` (explicit opt-in, a warning names what is not prevented): the same seccomp filter, rlimits,
   process-group kill and timeout; Landlock confines files and TCP where the kernel has it; no namespaces.

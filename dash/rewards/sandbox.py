@@ -3,7 +3,10 @@
 Purpose: `run_job` starts `dash/rewards/_harness.py` on one job in a fresh scratch dir and returns its records;
 whatever happens (timeout, exception, SafeReward's alarm), everything it started is killed and reaped, and the
 scratch dir removed, before it returns. Levels (`CodeRewardConfig.isolation`):
-- `sandbox` (`dash/rewards/bwrap.py`): bubblewrap namespaces, uid 65534, read-only system binds, no network.
+- `sandbox` (`dash/rewards/bwrap.py`): bubblewrap namespaces, uid 65534, read-only system binds, no network. As
+  root (where uid 65534 exists) bubblewrap itself runs as uid/gid 65534 without supplementary groups, so the program
+  is 65534:65534 outside its user namespace too (`bwrap.as_nobody`, whose root helpers expose an interpreter or
+  scratch dir under a dir 65534 cannot search); the scratch dir and the job file are handed to uid 65534.
 - `basic` (explicit opt-in only): no namespaces. Own session and process group (killed as a whole), rlimits, the
   seccomp filter, Landlock where the kernel has it (reads: system dirs and the interpreter only; writes: the scratch
   dir only; no TCP; no signals or abstract unix sockets out of the sandbox), and as root uid 65534 when the
@@ -32,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dash.rewards import _harness
+from dash.rewards import _harness, bwrap
 from dash.rewards.bwrap import _ETC_FILES, _SYSTEM_DIRS, NOBODY, SCRATCH_IN_SANDBOX, PidNamespace, bwrap_argv
 from dash.rewards.seccomp import filter_bpf, seccomp_problem
 
@@ -99,7 +102,8 @@ def run_job(job: dict, level: str, timeout_s: float) -> RunOutput:
     """Run the harness on `job` (setup, code, tests, limits) at `level` ("sandbox" | "basic") in a new scratch dir."""
     exe, prefix = interpreter()
     scratch = os.path.realpath(tempfile.mkdtemp(prefix="dash-code-"))
-    start, proc, namespace, fds = time.monotonic(), None, None, []
+    start, proc, namespace, fds, creds = time.monotonic(), None, None, [], {}
+    as_root = level == "sandbox" and os.geteuid() == 0 and bwrap.nobody_is_mapped()
     try:
         if level == "sandbox":
             harness_filter = [filter_bpf("harness").hex()]  # bubblewrap loads the base filter itself
@@ -112,14 +116,18 @@ def run_job(job: dict, level: str, timeout_s: float) -> RunOutput:
             argv = bwrap_argv(shutil.which("bwrap") or "bwrap", scratch, prefix, _env(SCRATCH_IN_SANDBOX),
                               seccomp_fd=memfd, info_fd=info_write)  # fmt: skip
             cwd, env, pass_fds = "/", {}, (memfd, info_write)  # bubblewrap gets no environment to leak through /proc
+            if as_root:  # never give the program root's uid outside: start bubblewrap as uid 65534
+                argv, creds = bwrap.as_nobody(argv, [prefix, scratch], shutil.which("unshare") or "unshare")
         else:
             job = {**job, **_basic_lockdown(scratch, exe, prefix)}
             argv, cwd, env, pass_fds = [], scratch, _env(scratch), ()
         Path(scratch, "_job.json").write_text(json.dumps(job))
+        for path in (scratch, os.path.join(scratch, "_job.json")) if as_root else ():
+            os.chown(path, NOBODY, NOBODY)  # the harness reads and deletes the job file, the program writes here
         argv += [exe, "-I", "-B", "-S", "-c", Path(_harness.__file__).read_text()]
         proc = subprocess.Popen(
             argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True, pass_fds=pass_fds,
+            start_new_session=True, close_fds=True, pass_fds=pass_fds, **creds,
         )  # fmt: skip
         if level == "sandbox":
             os.close(fds.pop())  # our copy of the info pipe's write end: EOF once bubblewrap has written its report

@@ -54,14 +54,15 @@ PAPER_SAMPLES_PER_STEP = 256  # M = 64 prompts x G
 PAPER_ACCUM_STEPS = 32  # K_acc = M / micro-batch
 PAPER_MAX_PROMPT, PAPER_MAX_COMPLETION = 256, 2048
 
-# The memory plan docs/paper-setting.md quotes, in GiB (2**30 bytes), per preset: bf16 policy + bf16 gradients + KL
-# reference copy, plus fp32 master weights and 2 fp32 AdamW moments (dash/rl/optim.py); the worst-case KV pool of one
-# DASH sampling call (256 sequences) and of one GRPO call (8 sequences); the fused loss's fp32 lm_head gradient buffer.
+# The memory plan docs/paper-setting.md quotes, in GiB (2**30 bytes), per preset: bf16 policy + KL reference copy,
+# plus fp32 master weights, their fp32 gradients and 2 fp32 AdamW moments (dash/rl/optim.py: each backward's bf16
+# gradient is moved onto the master's fp32 .grad and freed); the worst-case KV pool of one DASH sampling call (256
+# sequences) and of one GRPO call (8 sequences); the fused loss's fp32 lm_head gradient buffer.
 EXPECTED_GIB = {
-    "qwen2.5-0.5b-math.yaml": (8.28, 6.75, 0.21, 0.51),
-    "qwen2.5-1.5b-math.yaml": (25.88, 15.75, 0.49, 0.87),
+    "qwen2.5-0.5b-math.yaml": (9.20, 6.75, 0.21, 0.51),
+    "qwen2.5-1.5b-math.yaml": (28.75, 15.75, 0.49, 0.87),
 }
-_ADAMW_FP32_COPIES = 3  # MasterWeightAdamW: master weights, exp_avg, exp_avg_sq, all fp32
+_MASTER_FP32_COPIES = 4  # MasterWeightAdamW: master weights, their gradients, exp_avg, exp_avg_sq, all fp32
 _FP32_BYTES = 4
 
 
@@ -142,7 +143,7 @@ class _StubSampler:
 
     def __init__(self, filter_half: bool):
         self.filter_half, self.calls = filter_half, []
-        self.reward_seconds, self.reward_stats = 0.0, SimpleNamespace(failures=0)
+        self.reward_seconds, self.reward_stats = 0.0, SimpleNamespace(failures=0, no_reward=0)
 
     def sample(self, examples, group_size, run_seed, step, first_index):
         self.calls.append(len(examples) * group_size)
@@ -217,8 +218,8 @@ def test_memory_plan_quoted_in_docs(name, tmp_path):
     gib = 2**30
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     numel = sum(p.numel() for p in model.parameters())
-    model_copies = 1 + 1 + (1 if cfg.loss.beta > 0 else 0)  # policy, gradients, KL reference (model dtype)
-    state_bytes = model_copies * param_bytes + _ADAMW_FP32_COPIES * numel * _FP32_BYTES
+    model_copies = 1 + (1 if cfg.loss.beta > 0 else 0)  # policy, KL reference (model dtype); no bf16 gradients kept
+    state_bytes = model_copies * param_bytes + _MASTER_FP32_COPIES * numel * _FP32_BYTES
     # The engine sizes its KV pool (sampling.num_pages 0) so every sequence of a call fits at its longest:
     # G x prompts x ceil((prompt + max_new_tokens) / page_size) pages (dash/engine/sampler.py).
     pages_per_seq = math.ceil((cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens) / cfg.sampling.page_size)

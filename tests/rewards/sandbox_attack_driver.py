@@ -9,7 +9,9 @@ Roles (argv[1]):
   /tmp with a victim file and a trainer-owned secret (mode 600), a TCP listener on 127.0.0.1, a unix socket under
   /tmp, a canary process standing in for the rest of the machine; hands the attack to the trainer; then reports (one
   JSON object, by attack): whether the trainer died, its result, whether the canary lives, whether a connection
-  arrived, whether the work dir changed or a scratch dir was left, and which processes are left in the namespace.
+  arrived, whether the work dir changed or a scratch dir was left, which processes are left in the namespace, and
+  the kernel credentials (uid, gid, groups, effective capabilities) of every sandboxed process, read from outside
+  through /proc/<pid>/status while the attack ran (`CredentialWatch`).
 - `trainer <isolation>`: a long-lived child with a fake API key in its environment; reads one attack per line,
   calls `run_tests` on it (`sandbox_attacks.ATTACKS`) and prints the pass flags. In `basic` isolation the program's
   parent is this process; in `sandbox`, bubblewrap.
@@ -27,6 +29,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sandbox_attacks import ATTACKS, PRELUDE  # noqa: E402 -- after the path tweak, so this file runs as a script
 
 TRAINER_TIMEOUT_S = 60.0
+WATCH_PERIOD_S = 0.02  # how often the credentials of sandboxed processes are sampled
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
@@ -80,6 +84,46 @@ def _processes() -> dict[int, str]:
             except OSError:
                 pass
     return procs
+
+
+def _nested_credentials(own_pid_ns: str) -> set[tuple[str, ...]]:
+    """(Name, Uid, Gid, Groups, CapEff) of each process in a PID namespace below ours: bubblewrap's init and the
+    sandboxed program (the driver's PID namespace holds the trainer, bubblewrap's monitor and its helpers)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(entry / "ns" / "pid") == own_pid_ns:
+                continue
+            lines = (entry / "status").read_text().splitlines()
+        except OSError:
+            continue  # exited meanwhile
+        status = dict(line.split(":", 1) for line in lines if ":" in line)
+        found.add(tuple(status.get(key, "").strip() for key in ("Name", "Uid", "Gid", "Groups", "CapEff")))
+    return found
+
+
+class CredentialWatch:
+    """Samples `_nested_credentials` from outside the sandbox for as long as the `with` block runs."""
+
+    def __init__(self) -> None:
+        self.own_pid_ns, self.seen, self._stop = os.readlink("/proc/self/ns/pid"), set(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.seen |= _nested_credentials(self.own_pid_ns)
+            if self._stop.wait(WATCH_PERIOD_S):
+                return
+
+    def __enter__(self) -> CredentialWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class Trainer:
@@ -130,7 +174,8 @@ def attack_once(trainer: Trainer, attack: str) -> dict:
     (workdir / "ctx.json").write_text(json.dumps(ctx))
     canary = subprocess.Popen(["sleep", "1000"])
     before = _snapshot(workdir)
-    died, out, err = trainer.run(attack, str(workdir / "ctx.json"))
+    with CredentialWatch() as watch:
+        died, out, err = trainer.run(attack, str(workdir / "ctx.json"))
     time.sleep(0.2)  # let anything the program started show up in /proc if it survived
     keep = {1, canary.pid} | ({trainer.proc.pid} if trainer.proc is not None else set())
     report = {
@@ -140,6 +185,7 @@ def attack_once(trainer: Trainer, attack: str) -> dict:
         "workdir_unchanged": _snapshot(workdir) == before,
         "scratch_removed": list(Path(trainer.env["TMPDIR"]).iterdir()) == [],
         "stray_processes": {pid: cmd for pid, cmd in _processes().items() if pid not in keep},
+        "sandboxed_credentials": sorted(watch.seen),
     }  # fmt: skip
     canary.kill()
     canary.wait()

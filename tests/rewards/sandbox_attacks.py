@@ -208,6 +208,11 @@ R = 'survived'
     return code, ["assert R == 'survived'"], {}  # libseccomp's filter kills the process (SIGSYS): the flag is False
 
 
+def _watched_sleep(ctx):
+    """Sleeps, so that the driver sees the program's processes and reads their credentials from outside."""
+    return "import time\ntime.sleep(1.0)\nR = 'slept'", ["assert R == 'slept'"], {}
+
+
 def _outlive_timeout(ctx):
     code = "import threading, time\nthreading.Thread(target=time.sleep, args=(600,)).start()\ntime.sleep(600)"
     return code, ["assert True"], {"timeout_s": 1.5}
@@ -219,7 +224,7 @@ ATTACKS = {
     "sqlite_outside": _sqlite, "proc_environ": _proc_environ, "gc_ctypes": _gc_ctypes, "unix_socket": _unix_socket,
     "tcp_loopback": _tcp_loopback, "read_secrets": _read_secrets, "forge_frames": _forge_frames,
     "eq_always_true": _eq_always_true, "proc_sys_write": _proc_sys, "outlive_timeout": _outlive_timeout,
-    "x32_syscall": _x32_syscall,
+    "x32_syscall": _x32_syscall, "watched_sleep": _watched_sleep,
 }  # fmt: skip
 EXPECTED = {name: (True,) for name in ATTACKS}
 EXPECTED.update({
