@@ -8,7 +8,8 @@ Commands:
   sft     supervised warm start of the built-in tiny model on the arithmetic task (writes an HF folder)
   smoke   load the model of `model.path`, greedy-evaluate it on the held-out split with plain padded decoding
   export  `dash export RUN_OR_CHECKPOINT --out DIR`: an HF folder (safetensors, sharded above --max-shard-size,
-          generation_config.json, tokenizer) from a run's latest checkpoint, a checkpoint, or FSDP shards
+          generation_config.json, tokenizer) from a run's latest checkpoint, a checkpoint, or FSDP shards;
+          a LoRA run's adapters merged into its base (default, --merge-lora) or alone for peft (--adapters-only)
 """
 
 from __future__ import annotations
@@ -149,7 +150,10 @@ def cmd_export(cfg: DashConfig, args) -> int:
     out = export_checkpoint(args.source, args.out, overwrite=args.overwrite, max_shard_bytes=size, base=args.base,
                             dtype=resolve_dtype(args.dtype) if args.dtype else None,
                             lora="merge" if args.merge_lora else "adapters" if args.adapters_only else None)
-    print(f"export: HF model folder {out} (transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    if (out / "adapter_config.json").is_file():
+        print(f"export: peft adapter folder {out} (peft: AutoPeftModelForCausalLM.from_pretrained({str(out)!r}))")
+    else:
+        print(f"export: HF model folder {out} (transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 
 
@@ -170,13 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=1, help="sample: completions per prompt")
     parser.add_argument("--out", default=None, help="sft: output folder (default: the config's log.out_dir/sft); "
                                                     "export: the HF folder to write")
-    parser.add_argument("--base", default=None, help="export of FSDP shards: the HF folder giving config.json and "
-                                                     "the tokenizer (default: the run's model.path)")
+    parser.add_argument("--base", default=None, help="export of FSDP shards or LoRA adapters: the HF folder giving "
+                                                     "config.json, the tokenizer (and the LoRA base weights) "
+                                                     "(default: the run's model.path)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="export: cast the weights (default: the checkpoint's dtype)")
     parser.add_argument("--max-shard-size", default=None, help="export: shard the weights above this (default 5GB)")
-    parser.add_argument("--merge-lora", action="store_true", help="export: a LoRA run with its adapters merged")
-    parser.add_argument("--adapters-only", action="store_true", help="export: a LoRA run's adapters alone (peft)")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="export: a LoRA run as one HF folder, adapters merged into the base (the default)")
+    parser.add_argument("--adapters-only", action="store_true",
+                        help="export: a LoRA run's adapters alone, in peft's layout, naming the base folder")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)

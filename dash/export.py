@@ -21,8 +21,16 @@ Every bad input fails before any weight is read, naming the path: a `src` that i
 that exists and is not empty (without overwrite), is the source or holds it, or cannot be created. The folder is
 written into a temporary sibling, fsynced and renamed into place: an interrupted export leaves no `out` at all.
 Design limits: the whole model is gathered in host memory once; weights keep the checkpoint's dtype unless `dtype`.
-LoRA (dash/lora.py, in progress): a checkpoint with adapters is refused today; `lora="merge"` / `"adapters"` are the
-hook (merged weights in this same folder, or peft's adapter_config.json + adapter_model.safetensors).
+
+A LoRA checkpoint (dash/lora.py) holds `adapter/` alone; its base is the run's `model.path` (or `base`):
+- lora="merge" (`--merge-lora`, and the default: the folder transformers and vLLM load with no peft): the base is
+  loaded in the adapters' dtype (the run's model.dtype), wrapped as the run's model.lora config says, the adapters
+  read in, and each LoRALinear replaced by a plain nn.Linear of weight W + (alpha / r) B A (computed in fp32, then
+  cast): the normal folder above, with no lora_ tensor;
+- lora="adapters" (`--adapters-only`): peft's adapter_config.json (base_model_name_or_path: the base folder, absolute)
+  + adapter_model.safetensors, and the tokenizer files; `peft.AutoPeftModelForCausalLM.from_pretrained(out)` loads it.
+The adapters are checked against the base (names, shapes, finite values; rank and alpha against the run's config) on
+the `meta` device before any base weight is read.
 
     dash export runs/tiny --out exports/tiny     # python: dash.export.export_checkpoint("runs/tiny", "exports/tiny")
 """
@@ -41,13 +49,17 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torch import nn
 
-from dash.config import ConfigError
+from dash.config import ConfigError, LoRAConfig
+from dash.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, load_adapter, lora_modules, merged_weight
+from dash.lora import read_adapter_config
 from dash.model import CausalLM
 from dash.model_io import CONFIG_FILE, INDEX_FILE, load_model, load_tokenizer, read_config
 from dash.model_io import _read_headers, _umask_permissions, _weight_files  # header-only reads, file modes
-from dash.rl.checkpoint import MODEL_DIR, SHARDED_DIR, CheckpointError, is_sharded_checkpoint, load_checkpoint
+from dash.rl.checkpoint import ADAPTER_DIR, MODEL_DIR, SHARDED_DIR, CheckpointError, is_sharded_checkpoint
+from dash.rl.checkpoint import load_checkpoint
 from dash.rl.checkpoint import _fsync_tree, load_sharded
 from dash.rl.safe_dcp import SafeFileSystemReader
 from dash.runtime import resolve_model_path
@@ -57,7 +69,7 @@ __all__ = ["export_checkpoint", "ExportError", "MAX_SHARD_BYTES"]
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default max_shard_size "5GB" (decimal, as it parses it)
 _DCP_MODEL_PREFIX = "model."  # checkpoint.save_sharded_checkpoint saves {"model": ..., "optimizer": ...}
 _LORA_MARK = "lora_"  # peft's adapter tensor names (lora_A / lora_B), which dash/lora.py keeps
-_ADAPTER_CONFIG = "adapter_config.json"  # peft's adapter folder (dash.lora.ADAPTER_CONFIG)
+_LORA_FLAGS = {"merge": "--merge-lora", "adapters": "--adapters-only"}
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as transformers'
 
@@ -70,8 +82,10 @@ class ExportError(ConfigError):
 class _Source:
     ckpt: Path  # the checkpoint folder chosen (of a run: `latest`, or the newest complete one)
     run_cfg: dict  # the run's config as saved in the trainer state ({} for checkpoints saved without one)
-    folder: Path  # config.json + tokenizer files: ckpt/model, or the sharded run's base model folder
-    names: list[str]  # the checkpoint's weight names, read from headers / DCP metadata only
+    folder: Path  # config.json + tokenizer files: ckpt/model, or the base model folder of a sharded or LoRA run
+    names: list[str]  # the checkpoint's (a LoRA one: the base's) weight names, read from headers / DCP metadata only
+    lora: Literal["merge", "adapters"] | None = None  # what to write of a LoRA checkpoint; None: not one
+    lora_cfg: LoRAConfig | None = None  # the run's model.lora (None when its config is not saved: the adapter's own)
 
 
 def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
@@ -83,9 +97,10 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, overwri
         overwrite: replace an `out` that exists and is not empty (the old one is removed after the new is in place).
         max_shard_bytes: shard the safetensors weights above this many bytes per file.
         dtype: cast the weights (default: the dtype the checkpoint holds).
-        base: for a sharded (FSDP) checkpoint, the HF folder giving config.json and the tokenizer (default: the
-            run's model.path).
-        lora: "merge" or "adapters" for a LoRA run (not wired yet: see the module docstring).
+        base: for a sharded (FSDP) or LoRA checkpoint, the HF folder giving config.json and the tokenizer (and, for
+            LoRA, the base weights) (default: the run's model.path).
+        lora: for a LoRA checkpoint, "merge" (the default) or "adapters" (see the module docstring); an error for
+            any other checkpoint.
     """
     src, out = Path(src), Path(out)
     if max_shard_bytes < 1:
@@ -93,8 +108,7 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, overwri
     if lora not in (None, "merge", "adapters"):
         raise ExportError(f"lora must be None, 'merge' or 'adapters', got {lora!r}")
     _check_out(src, out, overwrite)
-    source = _resolve(src, base)
-    _check_lora(source, lora)
+    source = _resolve(src, base, lora)
     tokenizer = load_tokenizer(source.folder)  # a missing / unreadable tokenizer fails before the weights load
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -103,8 +117,10 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, overwri
         raise ExportError(f"--out {out}: cannot write in {out.parent} ({exc.strerror or exc})") from None
     try:
         _umask_permissions(tmp, directory=True)  # mkdtemp makes a private 0700 folder; a model is an ordinary one
-        model = _load(source, dtype)
-        _write(model, tokenizer, source.run_cfg, tmp, max_shard_bytes)
+        if source.lora == "adapters":
+            _write_adapters(source, tokenizer, tmp, dtype)
+        else:
+            _write(_load(source, dtype), tokenizer, source.run_cfg, tmp, max_shard_bytes)
         _fsync_tree(tmp)  # on disk before the rename makes it reachable
         if out.exists():  # empty, or replaced with overwrite: moved aside, deleted once the new folder is in place
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
@@ -139,7 +155,7 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
                           "checkpoint being exported")
 
 
-def _resolve(src: Path, base: str | os.PathLike | None) -> _Source:
+def _resolve(src: Path, base: str | os.PathLike | None, lora: str | None) -> _Source:
     if not src.exists():
         raise ExportError(f"{src}: no such run or checkpoint folder")
     try:
@@ -154,41 +170,86 @@ def _resolve(src: Path, base: str | os.PathLike | None) -> _Source:
         warnings.warn(str(w.message).replace("--resume: ", "export: ").replace("resuming from", "exporting"),
                       stacklevel=3)
     run_cfg = state.get("config") or {}
-    if not is_sharded_checkpoint(ckpt):
+    sharded, has_adapter = is_sharded_checkpoint(ckpt), (ckpt / ADAPTER_DIR).is_dir()
+    if not sharded and not has_adapter:
         if base is not None:
-            raise ExportError(f"base={base}: only a sharded (FSDP) checkpoint needs it; {ckpt} holds its own "
+            raise ExportError(f"base={base}: only a sharded (FSDP) or LoRA checkpoint needs it; {ckpt} holds its own "
                               f"{MODEL_DIR}/ folder")
         folder = ckpt / MODEL_DIR
-        return _Source(ckpt, run_cfg, folder, list(_read_headers(_weight_files(folder))))
+        source = _Source(ckpt, run_cfg, folder, list(_read_headers(_weight_files(folder))))
+    else:
+        folder = _base_folder(ckpt, run_cfg, base, "a LoRA checkpoint (adapters alone)" if has_adapter else
+                              "a sharded (FSDP) checkpoint")
+        if has_adapter:
+            names = list(_read_headers(_weight_files(folder)))
+        else:
+            names = [n.removeprefix(_DCP_MODEL_PREFIX) for n in
+                     SafeFileSystemReader(ckpt / SHARDED_DIR).read_metadata().state_dict_metadata
+                     if n.startswith(_DCP_MODEL_PREFIX)]
+        source = _Source(ckpt, run_cfg, folder, names)
+    return _check_lora(source, lora, has_adapter)
+
+
+def _base_folder(ckpt: Path, run_cfg: dict, base: str | os.PathLike | None, kind: str) -> Path:
+    """The base HF folder of a checkpoint that holds no config.json nor tokenizer: `base`, else the run's model.path."""
     path = base if base is not None else (run_cfg.get("model") or {}).get("path")
     if path is None:
-        raise ExportError(f"{ckpt} is a sharded (FSDP) checkpoint, which holds no config.json nor tokenizer, and its "
-                          "trainer state names no model.path: pass --base FOLDER, the HF folder the run started from")
+        raise ExportError(f"{ckpt} is {kind}, which holds no config.json nor tokenizer, and its trainer state names "
+                          "no model.path: pass --base FOLDER, the HF folder the run started from")
     try:
-        folder = resolve_model_path(str(path))
+        return resolve_model_path(str(path))
     except ConfigError as exc:
         via = "--base" if base is not None else f"the run's model.path ({path!r}, recorded in {ckpt})"
-        raise ExportError(f"{ckpt} is sharded (FSDP): its config.json and tokenizer come from {via}, but {exc}; "
+        raise ExportError(f"{ckpt} is {kind}: its config.json and tokenizer come from {via}, but {exc}; "
                           "pass --base FOLDER, the HF folder the run started from") from None
-    names = list(SafeFileSystemReader(ckpt / SHARDED_DIR).read_metadata().state_dict_metadata)
-    return _Source(ckpt, run_cfg, folder, [n.removeprefix(_DCP_MODEL_PREFIX) for n in names
-                                           if n.startswith(_DCP_MODEL_PREFIX)])
 
 
-def _check_lora(source: _Source, lora: str | None) -> None:
-    lora_cfg = (source.run_cfg.get("model") or {}).get("lora") or {}  # config.LoRAConfig, as saved by the trainer
-    found = (lora_cfg.get("enabled") is True or any(_LORA_MARK in n for n in source.names)
-             or any(source.ckpt.rglob(_ADAPTER_CONFIG)))
-    flag = {"merge": "--merge-lora", "adapters": "--adapters-only"}.get(lora or "")
-    if found:
-        raise ExportError(f"{source.ckpt} holds LoRA adapters; exporting a LoRA run (merged, or adapters only) is not "
-                          "wired yet: export the base model folder, or a full fine-tuning run")
-    if flag:
-        raise ExportError(f"{flag}: no LoRA in this checkpoint ({source.ckpt}); export it without {flag}")
+def _check_lora(source: _Source, lora: str | None, has_adapter: bool) -> _Source:
+    """`source` with its LoRA mode and config set; for a LoRA checkpoint, its adapters checked against the base on the
+    meta device (names, shapes, finite values), before any base weight is read."""
+    ckpt, flag = source.ckpt, _LORA_FLAGS.get(lora or "")
+    run_lora = (source.run_cfg.get("model") or {}).get("lora") or {}  # config.LoRAConfig, as saved by the trainer
+    if not has_adapter:
+        if run_lora.get("enabled") is True or any(_LORA_MARK in n for n in source.names):
+            raise ExportError(f"{ckpt}: its run trained LoRA adapters but it holds no {ADAPTER_DIR}/ folder (dash "
+                              "writes a LoRA run's adapters there; FSDP LoRA runs are not supported)")
+        if flag:
+            raise ExportError(f"{flag}: no LoRA in this checkpoint ({ckpt}); export it without {flag}")
+        return source
+    adapter = ckpt / ADAPTER_DIR
+    try:
+        saved = read_adapter_config(adapter)
+        cfg = LoRAConfig(**run_lora) if run_lora.get("enabled") is True else None
+    except (OSError, ValueError) as exc:  # ConfigError is a ValueError
+        raise ExportError(f"{ckpt}: {exc}") from None
+    if cfg is not None and (cfg.rank, cfg.alpha) != (saved.rank, saved.alpha):
+        raise ExportError(f"{adapter / ADAPTER_CONFIG}: r={saved.rank}, lora_alpha={saved.alpha}, but the run's "
+                          f"model.lora has rank={cfg.rank}, alpha={cfg.alpha} (recorded in {ckpt})")
+    source = _Source(ckpt, source.run_cfg, source.folder, source.names, lora or "merge", cfg)
+    with torch.device("meta"):  # shapes only: an adapter for another base model fails here, not after loading it
+        model = CausalLM(read_config(source.folder))
+    _attach(model, source)  # outside the context: the adapter's own tensors are read for real (finiteness)
+    return source
+
+
+def _attach(model: CausalLM, source: _Source) -> CausalLM:
+    """`model` (the base) with the run's LoRA wrapping and the checkpoint's adapters read in."""
+    try:
+        if source.lora_cfg is not None:
+            apply_lora(model, source.lora_cfg)
+    except ValueError as exc:
+        raise ExportError(f"{source.ckpt}: {exc} (the run's model.lora, for the base {source.folder})") from None
+    try:
+        load_adapter(model, source.ckpt / ADAPTER_DIR)  # its errors name the adapter file and tensor
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{exc} (base: {source.folder})") from None
+    return model
 
 
 def _load(source: _Source, dtype: torch.dtype | None) -> CausalLM:
     """The checkpoint's weights in one CPU model (in `dtype`, else the stored one), every weight finite."""
+    if source.lora is not None:
+        return _merged(source, dtype)
     if not is_sharded_checkpoint(source.ckpt):
         headers = _read_headers(_weight_files(source.folder))
         stored = _ST_DTYPES[next(iter(headers.values()))[2]]  # load_model rejects non-float files itself
@@ -211,6 +272,41 @@ def _load(source: _Source, dtype: torch.dtype | None) -> CausalLM:
         if not torch.isfinite(t).all():
             raise ExportError(f"{source.ckpt / SHARDED_DIR}: tensor '{name}' has NaN or inf values (in {t.dtype})")
     return model.eval()
+
+
+def _merged(source: _Source, dtype: torch.dtype | None) -> CausalLM:
+    """The LoRA model as one plain CausalLM: every LoRALinear replaced by nn.Linear(W + scaling B A, bias)."""
+    stored = _ST_DTYPES[next(iter(_read_headers([source.ckpt / ADAPTER_DIR / ADAPTER_WEIGHTS]).values()))[2]]
+    model = _attach(load_model(source.folder, dtype=stored), source)  # the base as the run loaded it: model.dtype
+    dtype = dtype or stored
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            adapter = (m.lora_A.weight.float(), m.lora_B.weight.float(), m.scaling)  # A [r, in], B [out, r]
+            weight = merged_weight(m.weight.float(), adapter).to(dtype)  # [out, in]; fp32 sum, one rounding
+            if not torch.isfinite(weight).all():
+                raise ExportError(f"{source.ckpt / ADAPTER_DIR}: merging the adapters of {name} gives NaN or inf in "
+                                  f"{dtype}; export with --dtype float32 or --adapters-only")
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            plain.weight = nn.Parameter(weight, requires_grad=False)
+            plain.bias = m.bias
+            parent, child = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), child, plain)
+    return model.to(dtype).eval()
+
+
+def _write_adapters(source: _Source, tokenizer, folder: Path, dtype: torch.dtype | None) -> None:
+    """peft's adapter folder (checked in _check_lora) naming the base folder, plus the tokenizer files."""
+    adapter = source.ckpt / ADAPTER_DIR
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    config["base_model_name_or_path"] = str(source.folder.resolve())  # peft loads the base from it, from any cwd
+    tensors = load_file(adapter / ADAPTER_WEIGHTS)  # small: r (in + out) values a targeted projection
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save_pretrained(str(folder))
+    for f in folder.iterdir():
+        _umask_permissions(f, directory=False)
 
 
 def _write(model: CausalLM, tokenizer, run_cfg: dict, folder: Path, max_shard_bytes: int) -> None:

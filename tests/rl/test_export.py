@@ -1,7 +1,8 @@
 """dash.export / `dash export`: the HF folder it writes loads in transformers with our logits (single file and sharded),
 an FSDP checkpoint exports exactly as the equivalent replica checkpoint, the tokenizer round-trips, a run with a
 damaged newest checkpoint exports the one before, every bad input fails before any weight is read naming the path,
-and an interrupted export leaves nothing behind.
+and an interrupted export leaves nothing behind. A LoRA checkpoint exports merged (transformers: the LoRA model's
+logits, no lora_ tensor) or as peft's adapter folder (peft loads it onto the base it names, same logits).
 
 Run: .venv/bin/python -m pytest tests/rl/test_export.py -q
 """
@@ -16,12 +17,14 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import load_file
+from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import dash.export as export
 from dash.cli import main as cli_main
 from dash.config import config_to_dict, load_config
 from dash.export import ExportError, export_checkpoint
+from dash.lora import apply_lora, lora_modules
 from dash.model_io import load_model, load_tokenizer, save_model
 from dash.rl.checkpoint import save_checkpoint, save_sharded_checkpoint
 from dash.rl.fsdp import shard_model
@@ -38,6 +41,11 @@ RUN_CFG = config_to_dict(load_config(None, [f"--model.path={BASE}", "--sampling.
                                             "--sampling.top_p=0.95", "--sampling.top_k=5"]))
 # 4 layers of ~0.78 MB in fp32: a 1 MB limit puts them in several files
 SMALL_SHARD = 1_000_000
+# a subset of the projections, rank 4, scaling 2: a run config the export must follow, not the defaults
+LORA = ["--model.lora.enabled=true", "--model.lora.rank=4", "--model.lora.alpha=8",
+        "--model.lora.target_modules=q_proj,v_proj,down_proj"]
+LORA_CFG = config_to_dict(load_config(None, [f"--model.path={BASE}", *LORA]))
+LORA_B_STD = 0.05  # trained-looking adapters: they move the logits by ~1, far beyond LOGIT_ATOL
 
 
 def _trained(seed: int):
@@ -48,6 +56,21 @@ def _trained(seed: int):
         for p in model.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=gen))
     return model
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A LoRA run folder (adapter/ only, base = BASE) as the trainer writes it, and its LoRA model."""
+    model = load_model(resolve_model_path(BASE))
+    apply_lora(model, load_config(None, LORA).model.lora)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in lora_modules(model).values():  # B starts at zero: move it, or the adapters change nothing
+            m.lora_B.weight.normal_(0, LORA_B_STD, generator=gen)
+    folder = tmp_path_factory.mktemp("lora_run")
+    save_checkpoint(folder, 1, model, load_tokenizer(resolve_model_path(BASE)), {"config": LORA_CFG},
+                    base_model=str(resolve_model_path(BASE)))
+    return folder, model
 
 
 @pytest.fixture
@@ -210,7 +233,7 @@ def test_bad_sources_and_destinations_fail_before_any_weight_is_read(run, tmp_pa
         (folder / "checkpoints" / "step-2", folder, {"overwrite": True}, rf"--out {folder}: is the source"),
         (folder, tmp_path / "o", {"lora": "merge"}, "no LoRA in this checkpoint"),
         (folder, tmp_path / "o", {"lora": "adapters"}, "no LoRA in this checkpoint"),
-        (folder, tmp_path / "o", {"base": tmp_path}, "only a sharded .FSDP. checkpoint needs it"),
+        (folder, tmp_path / "o", {"base": tmp_path}, "only a sharded .FSDP. or LoRA checkpoint needs it"),
         (folder, tmp_path / "o", {"max_shard_bytes": 0}, "max_shard_bytes must be >= 1"),
     ]
     for src, out, kwargs, message in cases:
@@ -220,11 +243,91 @@ def test_bad_sources_and_destinations_fail_before_any_weight_is_read(run, tmp_pa
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-def test_a_lora_checkpoint_is_refused_until_lora_export_is_wired(tmp_path, tokenizer):
-    lora_cfg = {**RUN_CFG, "model": {**RUN_CFG["model"], "lora": {**RUN_CFG["model"]["lora"], "enabled": True}}}
-    ckpt = save_checkpoint(tmp_path / "run", 1, _trained(1), tokenizer, {"config": lora_cfg})
-    with pytest.raises(ExportError, match=rf"{ckpt} holds LoRA adapters"):
-        export_checkpoint(ckpt, tmp_path / "o", lora="merge")
+def test_a_lora_config_without_adapters_is_refused(tmp_path, tokenizer):
+    ckpt = save_checkpoint(tmp_path / "run", 1, _trained(1), tokenizer, {"config": LORA_CFG})  # model/, no adapter/
+    with pytest.raises(ExportError, match=rf"{ckpt}: its run trained LoRA adapters but it holds no adapter/ folder"):
+        export_checkpoint(ckpt, tmp_path / "o")
+
+
+# -- LoRA ----------------------------------------------------------------------------------------------------------
+def _lora_logits(model, tokenizer):
+    ids, mask = _batch(tokenizer)
+    with torch.no_grad():
+        return model(ids, mask)  # [B, L, V]
+
+
+def test_merged_lora_export_loads_in_transformers_with_the_lora_model_logits(lora_run, tokenizer, tmp_path):
+    folder, model = lora_run
+    out = export_checkpoint(folder, tmp_path / "hf")  # merging is the default for a LoRA run
+    got = _weights(out)
+    base = load_model(resolve_model_path(BASE)).state_dict()
+    assert got.keys() == base.keys() and not any("lora_" in k for k in got)
+    targets = {f"{n}.weight" for n in lora_modules(model)}
+    assert len(targets) == 3 * model.config.num_hidden_layers  # q_proj, v_proj, down_proj of every layer
+    assert all(torch.equal(got[k], v) for k, v in base.items() if k not in targets)  # the rest is the base, bitwise
+    hf, real = _hf_logits(out, tokenizer)
+    ours = _lora_logits(model, tokenizer)
+    assert (hf[real] - ours[real]).abs().max() <= LOGIT_ATOL
+    with torch.no_grad():
+        plain = load_model(resolve_model_path(BASE))(*_batch(tokenizer))
+    assert (plain[real] - ours[real]).abs().max() > 100 * LOGIT_ATOL  # the adapters matter: the test can fail
+    again = _weights(export_checkpoint(folder, tmp_path / "merge", lora="merge"))
+    assert all(torch.equal(again[k], v) for k, v in got.items())
+
+
+def test_adapters_only_export_loads_with_peft_onto_the_base(lora_run, tokenizer, tmp_path, monkeypatch):
+    folder, model = lora_run
+    out = export_checkpoint(folder, tmp_path / "adapter", lora="adapters")
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not list(out.glob("model*.safetensors"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(resolve_model_path(BASE).resolve())
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (4, 8.0, ["down_proj", "q_proj", "v_proj"])
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(out, local_files_only=True, attn_implementation="eager",
+                                                          dtype=torch.float32).eval()  # the base from the config
+    ids, mask = _batch(tokenizer)
+    with torch.no_grad():
+        got = peft_model(input_ids=ids, attention_mask=mask).logits  # [B, L, V]
+    ours, real = _lora_logits(model, tokenizer), mask.bool()
+    assert (got[real] - ours[real]).abs().max() <= LOGIT_ATOL
+    auto = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert all(auto(t).input_ids == tokenizer(t).input_ids for t in TEXTS)
+    # an interrupted adapters-only export leaves nothing either
+    monkeypatch.setattr(export, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(folder, tmp_path / "cut" / "adapter", lora="adapters")
+    assert list((tmp_path / "cut").iterdir()) == []
+
+
+def test_bad_lora_checkpoints_fail_before_any_weight_is_read(lora_run, tokenizer, tmp_path, monkeypatch):
+    _, model = lora_run
+    monkeypatch.setattr(export, "load_model", lambda *a, **k: pytest.fail("weights were read before the error"))
+    base = str(resolve_model_path(BASE))
+    lora = LORA_CFG["model"]["lora"]
+    bare = save_checkpoint(tmp_path / "bare", 1, model, tokenizer, {}, base_model=base)  # no run config
+    rank = save_checkpoint(tmp_path / "rank", 1, model, tokenizer,
+                           {"config": {**LORA_CFG, "model": {**LORA_CFG["model"], "lora": {**lora, "alpha": 16.0}}}})
+    targets = save_checkpoint(tmp_path / "targets", 1, model, tokenizer, {"config": {
+        **LORA_CFG, "model": {**LORA_CFG["model"], "lora": {**lora, "target_modules": "all-linear"}}}})
+    other = save_model(build_tiny_model(config={**TINY_MODEL_CONFIG, "num_hidden_layers": 2}), tmp_path / "other",
+                       tokenizer=tokenizer)
+    cases = [
+        (bare, {}, rf"{bare} is a LoRA checkpoint \(adapters alone\).*names no model.path: pass --base"),
+        (rank, {}, rf"{rank / 'adapter' / 'adapter_config.json'}: r=4, lora_alpha=8.0, but the run's model.lora has "
+                   "rank=4, alpha=16.0"),
+        (targets, {}, rf"{targets / 'adapter' / 'adapter_model.safetensors'}: its adapters differ from the model's"),
+        (bare, {"base": other, "lora": "adapters"}, r"module 'model\.layers\.2\..*' is not in this model"),
+        (bare, {"base": tmp_path / "nowhere"}, rf"{bare} is a LoRA checkpoint .adapters alone.: its config.json and "
+                                                "tokenizer come from --base, but model.path: .* is not a folder"),
+    ]
+    for src, kwargs, message in cases:
+        with pytest.raises(ExportError, match=message):
+            export_checkpoint(src, tmp_path / "o", **kwargs)
+    assert not (tmp_path / "o").exists()
+    monkeypatch.undo()  # the bare checkpoint exports with --base (its adapters need no run config)
+    out = export_checkpoint(bare, tmp_path / "o", base=base, lora="adapters")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        resolve_model_path(BASE).resolve())
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through a read-only mode bit; 'a_file/o' above covers root")
@@ -250,3 +353,18 @@ def test_cli_export(run, tmp_path, capsys):
     assert "--merge-lora: no LoRA in this checkpoint" in capsys.readouterr().err
     assert cli_main(["export", str(folder), "--out", str(tmp_path / "o"), "--max-shard-size", "lots"]) == 2
     assert "--max-shard-size: 'lots'" in capsys.readouterr().err
+
+
+def test_cli_export_of_a_lora_run(lora_run, tmp_path, capsys):
+    folder, model = lora_run
+    with pytest.raises(SystemExit, match="--merge-lora and --adapters-only exclude each other"):
+        cli_main(["export", str(folder), "--out", str(tmp_path / "o"), "--merge-lora", "--adapters-only"])
+    assert cli_main(["export", str(folder), "--out", str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 0
+    assert "export: HF model folder" in capsys.readouterr().out
+    merged = _weights(tmp_path / "hf")
+    assert all(v.dtype == torch.bfloat16 for v in merged.values()) and not any("lora_" in k for k in merged)
+    assert cli_main(["export", str(folder), "--out", str(tmp_path / "ad"), "--adapters-only"]) == 0
+    assert f"export: peft adapter folder {tmp_path / 'ad'}" in capsys.readouterr().out
+    saved = _weights(folder / "checkpoints" / "step-1" / "adapter")
+    got = _weights(tmp_path / "ad")
+    assert got.keys() == saved.keys() and all(torch.equal(got[k], v) for k, v in saved.items())
