@@ -53,6 +53,7 @@ from dash.rl.packing import collate, plan_balanced, plan_fixed  # noqa: E402
 from dash.rl.rollout import Rollout, group_advantages, keep_mask  # noqa: E402
 from dash.rl.step import PolicyUpdate  # noqa: E402
 from dash.rl.trainer import Trainer  # noqa: E402
+from common import emit, result  # noqa: E402
 
 WARMUP_STEPS = 1  # first step pays one-time costs (allocator growth, DDP's first-iteration bucket rebuild)
 PAPER_MB_ROWS = 8  # the paper's micro-batch size
@@ -243,20 +244,19 @@ def main() -> int:
     rows = json.loads(out.read_text())
     out.unlink()
     shutil.rmtree(f"{out}.run", ignore_errors=True)
-    print(f"\ntraining-phase time per step (max over {args.nproc} ranks), {args.steps} timed steps, "
-          f"{args.threads} torch thread(s) per process, load average {load_start:.2f} at start")
+    lines = [f"\ntraining-phase time per step (max over {args.nproc} ranks), {args.steps} timed steps, "
+             f"{args.threads} torch thread(s) per process, load average {load_start:.2f} at start"]
     header = f"{'plan':<10}{'strategy':<13}{'ms':>8}{'p50':>8}{'vs one':>8}{'lost':>8}{'mbs r0':>8}{'pads r0':>8}"
-    print(header)
-    print("-" * len(header))
+    lines += [header, "-" * len(header)]
     base = {r["plan"]: r["ms"] for r in rows if r["strategy"] == "one-sync"}
     for r in rows:
         lost = "-" if r["lost_to_imbalance_ms"] is None else f"{r['lost_to_imbalance_ms']:.1f}"
-        print(f"{r['plan']:<10}{r['strategy']:<13}{r['ms']:>8.1f}{r['p50_ms']:>8.1f}{r['ms'] / base[r['plan']]:>8.2f}"
-              f"{lost:>8}{r['mbs_rank0']:>8.1f}{r['pads_rank0']:>8.1f}")
-    print(json.dumps({"bench": "dp_sync", "nproc": args.nproc, "steps": args.steps, "config": Path(args.config).name,
-                      "overrides": overrides, "rows": rows, "threads_per_process": args.threads,
-                      "load_start": load_start, "load_end": os.getloadavg()[0], "torch": torch.__version__,
-                      "cores": os.cpu_count(), "wall_s": time.perf_counter() - t_start}))
+        lines.append(f"{r['plan']:<10}{r['strategy']:<13}{r['ms']:>8.1f}{r['p50_ms']:>8.1f}"
+                     f"{r['ms'] / base[r['plan']]:>8.2f}{lost:>8}{r['mbs_rank0']:>8.1f}{r['pads_rank0']:>8.1f}")
+    emit("\n".join(lines), result("dp_sync", "cpu", nproc=args.nproc, steps=args.steps, config=Path(args.config).name,
+                                  overrides=overrides, rows=rows, threads_per_process=args.threads,
+                                  load_start=load_start, load_end=os.getloadavg()[0],
+                                  wall_s=time.perf_counter() - t_start))
     return 0
 
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/fused_loss.py                      # full shapes, 2 rounds; about 10 minutes on 2 cores
     .venv/bin/python benchmarks/fused_loss.py --quick              # small shapes, a smoke run (~1 minute)
-    .venv/bin/python benchmarks/fused_loss.py --out benchmarks/results/fused_loss   # also writes kernels.md / kernels.json
+    .venv/bin/python benchmarks/fused_loss.py --out benchmarks/results/fused_loss   # also writes fused_loss.md / .json
 
 Every variant computes the same thing from the last hidden states: per-token log-probs of the sampled tokens under
 lm_head (fp32, temperature 1), then the DAPO-normalised PPO-clip loss of `dash_kernels.reference.policy_loss` (beta 0),
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch
+from common import COMMON_KEYS, emit, result
 
 SEQ_LEN = 256  # tokens per sequence; N = B * SEQ_LEN
 MAIN_SHAPE = (2048, 896, 151936)  # Qwen2.5-0.5B head, the issue's target shape
@@ -48,6 +48,7 @@ VARIANTS = ["naive", "trl", "torch_lce", "fused", "fused_half"]
 EXTRA_VARIANTS = ["torch_lce_chunked"]  # opt-in (--variants): 17x slower than naive on this CPU at 512x256x32000
 WORKER_TIMEOUT_S = 1200
 SECOND_SHAPE_VARIANTS = ["naive", "fused", "fused_half"]  # keep the full run within minutes
+RUN_KEYS = ("triton", "threads", "wall_s", "repeats")  # JSON-line keys of a run besides the common ones
 
 
 # ------------------------------------------------------------------------------------------------ the variants
@@ -167,16 +168,8 @@ def measure(variant, shape, device):
     return json.loads(lines[-1])
 
 
-def _git_sha():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=ROOT, check=False).stdout.strip() or None
-    except OSError:
-        return None
-
-
-def render(results, main_shape, device, meta):
-    """The table and the summary dict (the JSON line) from per-variant results."""
+def render(results, main_shape, device):
+    """The table and the benchmark's own fields of the JSON line (no run metadata) from per-variant results."""
     lines = [(f"{'device':6s} {'N x H x V':>20s} {'variant':18s} {'fwd+bwd ms':>11s} {'vs naive':>9s} "
               f"{'CPU s':>7s} {'vs naive':>9s} {'peak extra MiB':>15s} {'work skipped':>13s}")]
     lines.append("-" * len(lines[0]))
@@ -203,9 +196,7 @@ def render(results, main_shape, device, meta):
             return None
         return round(1 - a / b, 3) if invert else round(a / b, 3)
 
-    summary = {
-        "bench": "kernels",
-        "device": device,
+    fields = {
         "shape": dict(zip("NHV", main_shape)),
         "naive_ms": pick("naive", "ms"), "fused_ms": pick("fused", "ms"),
         "fused_half_filtered_ms": pick("fused_half", "ms"),
@@ -227,9 +218,8 @@ def render(results, main_shape, device, meta):
         "half_filtered_cpu_drop": ratio(pick("fused_half", "cpu_s"), pick("fused", "cpu_s"), invert=True),
         "fused_peak_frac_of_naive": ratio(pick("fused", "peak_extra_mb"), pick("naive", "peak_extra_mb")),
         "results": results,
-        **meta,
     }
-    return "\n".join(lines), summary
+    return "\n".join(lines), fields
 
 
 def main():
@@ -250,10 +240,10 @@ def main():
 
     if args.rerender:
         saved = json.loads(Path(args.rerender).read_text())
-        meta_keys = ("torch", "triton", "threads", "cpu", "git_sha", "timestamp", "wall_s", "repeats")
-        table, summary = render(saved["results"], [saved["shape"][k] for k in "NHV"], saved["device"],
-                                {k: saved.get(k) for k in meta_keys})
-        _emit(table, summary, args.out)
+        table, fields = render(saved["results"], [saved["shape"][k] for k in "NHV"], saved["device"])
+        # the saved run's metadata, not this machine's
+        kept = {k: saved.get(k) for k in (*RUN_KEYS, *COMMON_KEYS) if k != "bench"}
+        _emit(table, {"bench": "fused_loss", **fields, **kept}, args.out)
         return
 
     devices = [args.device] if args.device else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
@@ -278,23 +268,15 @@ def main():
                     best = dict(best, all_ms=[r["ms"] for r in ok], all_cpu_s=[r["cpu_s"] for r in ok],
                                 cpu_s=min(r["cpu_s"] for r in ok))
                 results.append(best)
-    meta = {"torch": torch.__version__, "triton": _triton_version(), "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "git_sha": _git_sha(),
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(time.perf_counter() - t0, 1),
-            "repeats": args.repeats}
-    table, summary = render(results, shapes[0], devices[0], meta)
-    _emit(table, summary, args.out)
+    table, fields = render(results, shapes[0], devices[0])
+    _emit(table, result("fused_loss", devices[0], **fields, triton=_triton_version(), threads=torch.get_num_threads(),
+                        wall_s=round(time.perf_counter() - t0, 1), repeats=args.repeats), args.out)
 
 
 def _emit(table, summary, out):
-    print(table)
-    print(json.dumps(summary))
-    if out:
-        note = ("Shared 2-core box: other jobs stretch wall times unevenly (see each variant's `all_ms` per round), so "
-                "the CPU-time columns are the steadier comparison. Best round per variant.\n")
-        Path(out).with_suffix(".md").write_text("# benchmarks/fused_loss.py\n\n" + note + "\n```\n" + table +
-                                                "\n```\n\n```json\n" + json.dumps(summary) + "\n```\n")
-        Path(out).with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    note = ("Shared 2-core box: other jobs stretch wall times unevenly (see each variant's `all_ms` per round), so "
+            "the CPU-time columns are the steadier comparison. Best round per variant.\n")
+    emit(table, summary, out, heading=f"# benchmarks/fused_loss.py\n\n{note}\n", fenced=True)
 
 
 def _triton_version():

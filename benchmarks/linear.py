@@ -30,7 +30,7 @@ from dash_kernels.linear import (  # noqa: E402
     pack_linear,
     packed_gemm_available,
 )
-from sampler import _git_sha, emit  # noqa: E402
+from common import emit, result  # noqa: E402
 
 # (model, projection, K, N) of one decoder layer; "gate_up" is the SwiGLU pair (N = the MLP width).
 SHAPES = [("tiny", "q", 128, 128), ("tiny", "k/v", 128, 64), ("tiny", "o", 128, 128), ("tiny", "gate_up", 128, 384),
@@ -84,19 +84,17 @@ def main() -> None:
             rows.append(dict(model=model, proj=proj, M=M, K=K, N=N, torch_us=round(t_torch * 1e6, 2),
                              packed_us=round(t_packed * 1e6, 2), torch_gflops=round(flops / t_torch / 1e9, 1),
                              packed_gflops=round(flops / t_packed / 1e9, 1), speedup=round(t_torch / t_packed, 2)))
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    lines = [f"linear benchmark, {stamp}, cpu, {args.threads} thread(s), fp32, {PERCENTILE:.0%}-percentile of "
-             f"{args.calls} calls\n",
+    at256 = [r["speedup"] for r in rows if r["M"] == 256]
+    record = result("linear", "cpu", threads=args.threads, min_speedup_256=min(at256), max_speedup_256=max(at256),
+                    rows=rows)
+    lines = [f"linear benchmark, {record['timestamp']}, cpu, {args.threads} thread(s), fp32, "
+             f"{PERCENTILE:.0%}-percentile of {args.calls} calls\n",
              "| model | projection | M | K | N | torch us | packed us | torch GFLOP/s | packed GFLOP/s | speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['proj']} | {r['M']} | {r['K']} | {r['N']} | {r['torch_us']} | "
                      f"{r['packed_us']} | {r['torch_gflops']} | {r['packed_gflops']} | {r['speedup']}x |")
-    at256 = [r["speedup"] for r in rows if r["M"] == 256]
-    result = {"bench": "linear", "device": "cpu", "threads": args.threads,
-              "min_speedup_256": min(at256), "max_speedup_256": max(at256), "rows": rows,
-              "torch": torch.__version__, "git_sha": _git_sha(), "timestamp": stamp}
-    emit("\n".join(lines), result, args.out)
+    emit("\n".join(lines), record, args.out)
 
 
 if __name__ == "__main__":

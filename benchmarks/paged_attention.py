@@ -20,7 +20,6 @@ warm-up. Both paths are checked to agree (max abs difference) before timing. Pri
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ import torch  # noqa: E402
 from dash.attention import varlen_attention  # noqa: E402
 from dash_kernels._ext import require_c  # noqa: E402
 from dash_kernels.paged_attention import paged_attention_ref  # noqa: E402
-from sampler import _git_sha, emit  # noqa: E402
+from common import emit, result  # noqa: E402
 
 HQ, HKV, PAGE = 4, 2, 16
 # mode -> (query tokens per sequence: None = the whole context, context length range, batch divisor). The long modes
@@ -118,9 +117,9 @@ def main() -> int:
                     rows.append({"threads": threads, "mode": mode, "head_dim": head_dim, "batch": len(ctx),
                                  "cpp_ms_min": c_min, "cpp_ms_p50": c_med, "ref_ms_min": r_min, "ref_ms_p50": r_med,
                                  "speedup_p50": r_med / c_med, "max_abs_diff": diff})
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    load = os.getloadavg()[0]
-    lines = [f"paged attention, {stamp}, cpu, git {_git_sha()}, 1-min load average {load:.2f}: ms per call (min and "
+    record = result("paged_attention", "cpu", rows=rows)
+    lines = [f"paged attention, {record['timestamp']}, cpu, git {record['git_sha']}, 1-min load average "
+             f"{record['load_avg_1m']:.2f}: ms per call (min and "
              f"median of {args.repeats} calls, hot cache); C++ = dash_kernels._C.paged_attention, SDPA = the "
              "reference of the mode (see the script's docstring)\n",
              "| threads | mode | D | batch | C++ min | C++ p50 | SDPA min | SDPA p50 | speedup (p50) |",
@@ -129,8 +128,7 @@ def main() -> int:
         lines.append(f"| {r['threads']} | {r['mode']} | {r['head_dim']} | {r['batch']} | {r['cpp_ms_min']:.3f} | "
                      f"{r['cpp_ms_p50']:.3f} | {r['ref_ms_min']:.3f} | {r['ref_ms_p50']:.3f} | "
                      f"{r['speedup_p50']:.1f}x |")
-    emit("\n".join(lines), {"bench": "paged_attention", "device": "cpu", "rows": rows, "torch": torch.__version__,
-                            "load_avg_1m": load, "git_sha": _git_sha(), "timestamp": stamp}, args.out)
+    emit("\n".join(lines), record, args.out)
     return 0
 
 

@@ -27,9 +27,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+from common import result  # noqa: E402
 from trainer_runs import eval_point, quiet_trainer, train_with_evals  # noqa: E402
 
 from dash.config import load_config  # noqa: E402
+from dash.runtime import resolve_device  # noqa: E402
 
 WARMUP_STEPS = 1  # excluded from seconds per step (allocator growth, lazy init), as in step_time.py
 CPU_THREADS_DEFAULT = 1  # as benchmarks/step_time.py: the tiny model is overhead-bound, one thread is repeatable
@@ -163,8 +165,8 @@ def main() -> int:
     selected = [r for k, r in runs.items() if k[0] in arms and k[2:] == (args.steps, args.eval_every, tuple(extra))
                 and k[1] < args.seeds]
     summary = summarize(selected)
-    record = write_report(summary, selected, out, args)
-    print(json.dumps(record))
+    device = resolve_device(load_config(args.config, extra).model.device).type
+    print(json.dumps(result("reproduce", device, **write_report(summary, selected, out, args))))
     return 0
 
 

@@ -203,6 +203,7 @@ def plot(s: dict, path: Path) -> None:
 
 
 def write_report(s: dict, runs: list[dict], out: Path, args) -> dict:
+    """Writes <out>.md and <out>.png; returns the JSON line's own fields (reproduce.py adds the common keys)."""
     import torch
 
     wall_s = sum(r["wall_s"] for r in runs)  # every run's own wall time, evals included, cached or not
@@ -234,7 +235,7 @@ def write_report(s: dict, runs: list[dict], out: Path, args) -> dict:
     lines += [f"Wall time of all {len(runs)} runs: {wall_s / 60:.0f} min (evaluations included); per run: "
               + ", ".join(f"{a} {t:.0f} s" for a, t in per_arm.items()) + f". Plot: `{out.name}.png`.", ""]
     plot(s, out.with_suffix(".png"))
-    record = {"bench": "reproduce", "steps": args.steps, "seeds": max(a["seeds"] for a in s.values()),
+    record = {"steps": args.steps, "seeds": max(a["seeds"] for a in s.values()),
               "arms": {a: {"final": statistics.fmean(v["final"]), "s_per_step": statistics.fmean(v["s_per_step"]),
                            "kept_frac": statistics.fmean(v["kept_frac"]) if v["kept_frac"] else None}
                        for a, v in s.items()},

@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from trainer_runs import quiet_trainer, train_with_evals, write_report  # noqa: E402
+from common import emit, result  # noqa: E402
+from trainer_runs import quiet_trainer, train_with_evals  # noqa: E402
 
 from dash.config import load_config  # noqa: E402
 from dash.rl.task_data import arith_task  # noqa: E402
@@ -175,15 +176,15 @@ def main() -> int:
     for i, s in enumerate(steps):
         table.append(f"| {s} | " + " | ".join(f"{curve[i]['acc']:.3f}" for curve, _ in arms.values()) + " |")
     table.append("| s / step | " + " | ".join(f"{sps:.3f}" for _, sps in arms.values()) + " |")
-    record = {"bench": "rl_crosscheck", "steps": args.steps, "lr": args.lr, "seed": args.seed,
-              "acc_start": arms["trainer"][0][0]["acc"], "threads": torch.get_num_threads(), "device": "cpu"}
+    fields = {"steps": args.steps, "lr": args.lr, "seed": args.seed, "acc_start": arms["trainer"][0][0]["acc"],
+              "threads": torch.get_num_threads()}
     for name, (curve, sps) in arms.items():
-        record.update({f"{name}_acc_end": curve[-1]["acc"], f"{name}_acc_best": max(p["acc"] for p in curve),
+        fields.update({f"{name}_acc_end": curve[-1]["acc"], f"{name}_acc_best": max(p["acc"] for p in curve),
                        f"{name}_s_per_step": round(sps, 4), f"{name}_curve": [p["acc"] for p in curve]})
     head = (f"# RL cross-check on {Path(args.config).name} ({args.steps} steps per arm, lr {args.lr}, seed {args.seed})"
             "\n\n"
             "Produced by `python benchmarks/rl_crosscheck.py`; held-out greedy accuracy (500 prompts).\n\n")
-    write_report(args.out, head, table, record)
+    emit("\n".join(table), result("rl_crosscheck", "cpu", **fields), args.out, heading=head)
     return 0
 
 

@@ -25,10 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from trainer_runs import quiet_trainer, write_report  # noqa: E402
+from common import emit, result  # noqa: E402
+from trainer_runs import quiet_trainer  # noqa: E402
 
 from dash.config import load_config  # noqa: E402
 from dash.rl.evaluate import evaluate  # noqa: E402
+from dash.runtime import resolve_device  # noqa: E402
 from dash.tokenizer import EOS_TOKEN  # noqa: E402
 
 PASS_K = 16
@@ -109,14 +111,16 @@ def main() -> int:
                      f"{before['acc']:.3f} -> {after['acc']:.3f}; " + ", ".join(
                          f"{b:.2f} -> {a:.2f}" for b, a in zip(before["digits"], after["digits"]))))
     table = ["| measurement | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-    record = {"bench": "rl_transfer", "steps": args.steps, "greedy_acc": head["eval/greedy_acc"],
-              "pass1_sampled": head["eval/pass@1_sampled"], f"pass{PASS_K}": head[f"eval/pass@{PASS_K}"],
-              "fixed_reward_start": ends(fixed)[0], "fixed_reward_end": ends(fixed)[1],
-              "fresh_reward_start": ends(fresh)[0], "fresh_reward_end": ends(fresh)[1],
-              "fixed_curve": fixed, "fresh_curve": fresh, "digits_before": digits_before,
-              "digits_after": digits_after, "overrides": overrides, "threads": torch.get_num_threads()}
-    write_report(args.out, f"# RL headroom and transfer on the tiny task ({args.steps} DASH steps, configs/tiny.yaml)\n\n"
-                 "Produced by `python benchmarks/rl_transfer.py`.\n\n", table, record)
+    device = resolve_device(trainer.cfg.model.device).type
+    record = result("rl_transfer", device, steps=args.steps, greedy_acc=head["eval/greedy_acc"],
+                    pass1_sampled=head["eval/pass@1_sampled"], **{f"pass{PASS_K}": head[f"eval/pass@{PASS_K}"]},
+                    fixed_reward_start=ends(fixed)[0], fixed_reward_end=ends(fixed)[1],
+                    fresh_reward_start=ends(fresh)[0], fresh_reward_end=ends(fresh)[1],
+                    fixed_curve=fixed, fresh_curve=fresh, digits_before=digits_before,
+                    digits_after=digits_after, overrides=overrides, threads=torch.get_num_threads())
+    emit("\n".join(table), record, args.out,
+         heading=f"# RL headroom and transfer on the tiny task ({args.steps} DASH steps, configs/tiny.yaml)\n\n"
+                 "Produced by `python benchmarks/rl_transfer.py`.\n\n")
     return 0
 
 

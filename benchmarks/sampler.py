@@ -26,10 +26,7 @@ Prints a table, then ONE JSON line.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +43,7 @@ from dash.engine.kv_cache import KVCache  # noqa: E402
 from dash.engine.scheduler import Scheduler  # noqa: E402
 from dash.engine.sequence import SequenceTable  # noqa: E402
 from dash.model_io import load_model  # noqa: E402
+from common import emit, result  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS, TEMPERATURE = 16, 32, 0.9
 SYSTEM_LEN = 48  # shared-prefix rows: 3 full pages of 16 reused by every prompt after the first
@@ -157,7 +155,7 @@ def main() -> None:
     ap.add_argument("--out", default="", help="also write <out>.md (table) and <out>.json (the JSON line)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows, result = [], {"bench": "sampler"}
+    rows, fields = [], {}
     sp = SamplingParams(temperature=TEMPERATURE, max_new_tokens=NEW_TOKENS, stop_token_ids=[], seed=0)
     for name in ["tiny"] if args.quick else ["tiny", "wide"]:
         hf, model = build(name, Path(tempfile.mkdtemp()))
@@ -198,7 +196,7 @@ def main() -> None:
                 print(f"  {name:5s} B={batch:<4d} {provider:28s} {tok_s:10.0f} tok/s  peak +{mib:7.1f} MiB",
                       file=sys.stderr)
         if name == "tiny":
-            result["sched_overhead_ms_1024"] = round(sched_overhead_ms(model), 4)
+            fields["sched_overhead_ms_1024"] = round(sched_overhead_ms(model), 4)
     by = {(m, b, p): t for m, b, p, t, _, _ in rows}
     for m in ("tiny", "wide"):
         sfx = "" if m == "tiny" else "_wide"
@@ -209,47 +207,28 @@ def main() -> None:
                               ("hf_prefix", "hf shared-prefix"), ("dash_ragged", "dash ragged"),
                               ("hf_ragged", "hf ragged (left-padded)")):
                 if by.get((m, b, prov)) is not None:
-                    result[f"{key}_tok_s_{b}{sfx}"] = round(by[(m, b, prov)], 1)
+                    fields[f"{key}_tok_s_{b}{sfx}"] = round(by[(m, b, prov)], 1)
     for b in (8, 256):
         if by.get(("tiny", b, "hf generate")):
-            result[f"speedup_vs_hf_{b}"] = round(by[("tiny", b, "dash")] / by[("tiny", b, "hf generate")], 2)
+            fields[f"speedup_vs_hf_{b}"] = round(by[("tiny", b, "dash")] / by[("tiny", b, "hf generate")], 2)
         if by.get(("wide", b, "hf generate")):
-            result[f"speedup_vs_hf_{b}_wide"] = round(by[("wide", b, "dash")] / by[("wide", b, "hf generate")], 2)
+            fields[f"speedup_vs_hf_{b}_wide"] = round(by[("wide", b, "dash")] / by[("wide", b, "hf generate")], 2)
     if by.get(("tiny", 256, "hf ragged (left-padded)")):
-        result["speedup_vs_hf_256_ragged"] = round(by[("tiny", 256, "dash ragged")]
+        fields["speedup_vs_hf_256_ragged"] = round(by[("tiny", 256, "dash ragged")]
                                                    / by[("tiny", 256, "hf ragged (left-padded)")], 2)
     if by.get(("tiny", 256, "hf shared-prefix")):
-        result["speedup_vs_hf_256_prefix"] = round(by[("tiny", 256, "dash shared-prefix")]
+        fields["speedup_vs_hf_256_prefix"] = round(by[("tiny", 256, "dash shared-prefix")]
                                                    / by[("tiny", 256, "hf shared-prefix")], 2)
-    result.update(device="cpu", threads=args.threads, cpu=platform.processor() or platform.machine(),
-                  load_avg_1m=round(__import__("os").getloadavg()[0], 2), torch=torch.__version__,
-                  transformers=transformers.__version__, git_sha=_git_sha(),
-                  timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    lines = [f"sampler benchmark, {result['timestamp']}, cpu, {args.threads} thread(s), 1-min load average "
-             f"{result['load_avg_1m']} (shared box: best of {args.repeats} interleaved rounds), {PROMPT_LEN}-token "
+    record = result("sampler", "cpu", **fields, threads=args.threads, transformers=transformers.__version__)
+    lines = [f"sampler benchmark, {record['timestamp']}, cpu, {args.threads} thread(s), 1-min load average "
+             f"{record['load_avg_1m']} (shared box: best of {args.repeats} interleaved rounds), {PROMPT_LEN}-token "
              f"prompts, {NEW_TOKENS} new tokens, temperature {TEMPERATURE}\n",
              "| model | batch | provider | tok/s | peak MiB | note |", "|---|---|---|---|---|---|"]
     for m, b, p, t, mib, note in rows:
         lines.append(f"| {m} | {b} | {p} | {'' if t is None else f'{t:.0f}'} | "
                      f"{'' if mib is None else f'{mib:.1f}'} | {note} |")
-    lines.append(f"\nhost scheduling per decode step, 1024 live sequences: {result.get('sched_overhead_ms_1024')} ms")
-    emit("\n".join(lines), result, args.out)
-
-
-def emit(table: str, result: dict, out: str) -> None:
-    """Print the table, then the JSON line; with `out`, also write <out>.md (both) and <out>.json (the line)."""
-    print(table)
-    print(json.dumps(result))
-    if out:
-        Path(out + ".md").write_text(table + "\n\n```json\n" + json.dumps(result) + "\n```\n")
-        Path(out + ".json").write_text(json.dumps(result) + "\n")
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    lines.append(f"\nhost scheduling per decode step, 1024 live sequences: {record.get('sched_overhead_ms_1024')} ms")
+    emit("\n".join(lines), record, args.out)
 
 
 if __name__ == "__main__":

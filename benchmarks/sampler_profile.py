@@ -35,7 +35,8 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 
 import dash.engine.sampler as sampler_mod  # noqa: E402
 from dash.engine import SamplingParams, generate  # noqa: E402
-from sampler import NEW_TOKENS, PROMPT_LEN, TEMPERATURE, _git_sha, build, emit, hf_generate  # noqa: E402
+from common import emit, result  # noqa: E402
+from sampler import NEW_TOKENS, PROMPT_LEN, TEMPERATURE, build, hf_generate  # noqa: E402
 
 BATCH = 256
 CALL_EVENT = "sampler_profile.call"
@@ -105,22 +106,20 @@ def main() -> None:
         hf_best = min(hf_best, time.perf_counter() - t0)
     prof = profiled_call(run)
     ms = {k: round(v * 1e3, 2) for k, v in prof.items()}
-    result = {"bench": "sampler_profile", "batch": BATCH, "call_ms": round(best * 1e3, 2),
-              "profiled_call_ms": ms["call"], **{f"{k}_ms": ms[k] for k in [*STAGES, "other"]},
-              "hf_call_ms": round(hf_best * 1e3, 2), "dash_over_hf": round(hf_best / best, 2),
-              "hf_over_linear": round(hf_best / prof["linear"], 2), "device": "cpu", "threads": args.threads,
-              "torch": torch.__version__, "git_sha": _git_sha(),
-              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    lines = [f"sampler profile, {result['timestamp']}, cpu, {args.threads} thread(s), tiny model, batch {BATCH}, "
+    record = result("sampler_profile", "cpu", batch=BATCH, call_ms=round(best * 1e3, 2), profiled_call_ms=ms["call"],
+                    **{f"{k}_ms": ms[k] for k in [*STAGES, "other"]}, hf_call_ms=round(hf_best * 1e3, 2),
+                    dash_over_hf=round(hf_best / best, 2), hf_over_linear=round(hf_best / prof["linear"], 2),
+                    threads=args.threads)
+    lines = [f"sampler profile, {record['timestamp']}, cpu, {args.threads} thread(s), tiny model, batch {BATCH}, "
              f"{PROMPT_LEN}-token prompts, {NEW_TOKENS} new tokens\n",
-             f"dash call {result['call_ms']:.1f} ms, HF generate {result['hf_call_ms']:.1f} ms (best of "
+             f"dash call {record['call_ms']:.1f} ms, HF generate {record['hf_call_ms']:.1f} ms (best of "
              f"{args.repeats} interleaved calls each, no profiler). One more call under torch.profiler:\n",
              "| stage | ms | share of the profiled call |", "|---|---|---|"]
     for k in ["call", *STAGES, "other"]:
         lines.append(f"| {k} | {ms[k]:.1f} | {100 * prof[k] / prof['call']:.0f}% |")
-    lines.append(f"\ndash / HF: {result['dash_over_hf']}x; HF's call / dash's GEMM time: {result['hf_over_linear']}x "
+    lines.append(f"\ndash / HF: {record['dash_over_hf']}x; HF's call / dash's GEMM time: {record['hf_over_linear']}x "
                  "(the ceiling of dash / HF at this GEMM speed)")
-    emit("\n".join(lines), result, args.out)
+    emit("\n".join(lines), record, args.out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -44,18 +43,13 @@ import torch  # noqa: E402
 
 from dash.config import load_config  # noqa: E402
 from dash.rl.trainer import Trainer  # noqa: E402
+from dash.runtime import resolve_device  # noqa: E402
+from common import emit, result  # noqa: E402
 
 WARMUP_STEPS = 1  # first step pays one-time costs (allocator growth, lazy init); excluded from the means
 # The tiny model is overhead-bound: one thread is as fast as two on an idle 2-core machine, and on a shared one
 # OpenMP's second thread spins on a descheduled core (steps measured up to 10x slower), which made runs unrepeatable.
 CPU_THREADS_DEFAULT = 1
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run_variant(cfg, name: str, steps: int, out_dir: Path) -> dict:
@@ -140,30 +134,27 @@ def run_nproc(args, base, overrides: list[str]) -> int:
         ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(nproc)]
         results.append(summarise_ranks(name, nproc, ranks))
     one = results[0]
-    print(f"\nDASH step time, 1 vs {args.nproc} processes: {base.train.prompts_per_step} prompts x "
-          f"G={base.train.group_size} per step (split over ranks), {args.steps} timed steps, {args.threads} torch "
-          f"thread(s) per process, load average {load_start:.2f} at start")
+    lines = [f"\nDASH step time, 1 vs {args.nproc} processes: {base.train.prompts_per_step} prompts x "
+             f"G={base.train.group_size} per step (split over ranks), {args.steps} timed steps, {args.threads} torch "
+             f"thread(s) per process, load average {load_start:.2f} at start"]
     header = f"{'variant':<12}{'s/step':>9}{'speedup':>9}{'gen':>8}{'train':>8}{'lost gen':>10}{'lost train':>11}" \
              f"{'sync':>8}{'kept/rank':>12}{'mbs':>6}{'pads':>6}"
-    print(header)
-    print("-" * len(header))
+    lines += [header, "-" * len(header)]
     for r in results:
-        print(f"{r['name']:<12}{r['s_per_step']:>9.3f}{one['s_per_step'] / r['s_per_step']:>9.2f}"
-              f"{r['generate_s']:>8.3f}{r['train_s']:>8.3f}{r['lost_gen_s']:>10.3f}{r['lost_train_s']:>11.3f}"
-              f"{r['grad_sync_s']:>8.4f}{r['rank_kept_min']:>6.2f}-{r['rank_kept_max']:<5.2f}"
-              f"{r['micro_batches']:>6.1f}{r['pad_micro_batches']:>6.1f}")
+        lines.append(f"{r['name']:<12}{r['s_per_step']:>9.3f}{one['s_per_step'] / r['s_per_step']:>9.2f}"
+                     f"{r['generate_s']:>8.3f}{r['train_s']:>8.3f}{r['lost_gen_s']:>10.3f}{r['lost_train_s']:>11.3f}"
+                     f"{r['grad_sync_s']:>8.4f}{r['rank_kept_min']:>6.2f}-{r['rank_kept_max']:<5.2f}"
+                     f"{r['micro_batches']:>6.1f}{r['pad_micro_batches']:>6.1f}")
     ddp, fsdp = results[1], results[2]
-    record = {
-        "bench": "step_time_nproc", "nproc": args.nproc, "steps": args.steps, "config": Path(args.config).name,
-        "overrides": overrides, "s_per_step_1": one["s_per_step"], "s_per_step_ddp": ddp["s_per_step"],
-        "s_per_step_fsdp": fsdp["s_per_step"], "speedup_ddp": one["s_per_step"] / ddp["s_per_step"],
-        "speedup_fsdp": one["s_per_step"] / fsdp["s_per_step"],
-        "lost_imbalance_s_ddp": ddp["lost_gen_s"] + ddp["lost_train_s"], "variants": results,
-        "threads_per_process": args.threads, "load_start": load_start, "load_end": os.getloadavg()[0],
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-        "git_sha": _git_sha(), "wall_s": time.perf_counter() - t_start,
-    }
-    print(json.dumps(record))
+    record = result(
+        "step_time_nproc", "cpu", nproc=args.nproc, steps=args.steps, config=Path(args.config).name,
+        overrides=overrides, s_per_step_1=one["s_per_step"], s_per_step_ddp=ddp["s_per_step"],
+        s_per_step_fsdp=fsdp["s_per_step"], speedup_ddp=one["s_per_step"] / ddp["s_per_step"],
+        speedup_fsdp=one["s_per_step"] / fsdp["s_per_step"],
+        lost_imbalance_s_ddp=ddp["lost_gen_s"] + ddp["lost_train_s"], variants=results,
+        threads_per_process=args.threads, load_start=load_start, load_end=os.getloadavg()[0],
+        wall_s=time.perf_counter() - t_start)
+    emit("\n".join(lines), record)
     return 0
 
 
@@ -234,36 +225,34 @@ def main() -> int:
         print(f"running {name} ({args.steps} timed steps) ...", file=sys.stderr, flush=True)
         results.append(run_variant(cfg, name, args.steps, out_root / name))
     grpo = results[0]
-    print(f"\nstep time, {base.train.prompts_per_step} prompts x G={base.train.group_size} per step, micro-batch "
-          f"{base.train.micro_batch_size}, {args.steps} timed steps, {torch.get_num_threads()} threads, "
-          f"device {base.model.device}")
+    device = resolve_device(base.model.device).type
+    lines = [f"\nstep time, {base.train.prompts_per_step} prompts x G={base.train.group_size} per step, micro-batch "
+             f"{base.train.micro_batch_size}, {args.steps} timed steps, {torch.get_num_threads()} threads, "
+             f"device {device}"]
     header = f"{'variant':<15}{'s/step':>9}{'p50':>8}{'gen':>8}{'reward':>8}{'train':>8}{'kept':>7}" \
              f"{'calls':>7}{'mbs':>6}{'tokens':>8}{'acc0':>7}{'acc':>7}{'ratio':>7}"
-    print(header)
-    print("-" * len(header))
+    lines += [header, "-" * len(header)]
     for r in results:
-        print(f"{r['name']:<15}{r['s_per_step']:>9.3f}{r['p50_s']:>8.3f}{r['generate_s']:>8.3f}{r['reward_s']:>8.3f}"
-              f"{r['train_s']:>8.3f}{r['kept_frac']:>7.2f}{r['sampling_calls']:>7.0f}{r['micro_batches']:>6.1f}"
-              f"{r['train_tokens']:>8.0f}"
-              f"{r['acc_before']:>7.3f}{r['acc_after']:>7.3f}{r['s_per_step'] / grpo['s_per_step']:>7.3f}")
+        lines.append(f"{r['name']:<15}{r['s_per_step']:>9.3f}{r['p50_s']:>8.3f}{r['generate_s']:>8.3f}"
+                     f"{r['reward_s']:>8.3f}{r['train_s']:>8.3f}{r['kept_frac']:>7.2f}{r['sampling_calls']:>7.0f}"
+                     f"{r['micro_batches']:>6.1f}{r['train_tokens']:>8.0f}"
+                     f"{r['acc_before']:>7.3f}{r['acc_after']:>7.3f}{r['s_per_step'] / grpo['s_per_step']:>7.3f}")
     dash = results[1]
-    record = {
-        "bench": "step_time", "steps": args.steps, "config": Path(args.config).name, "overrides": overrides,
-        "grpo_s_per_step": grpo["s_per_step"], "dash_s_per_step": dash["s_per_step"],
-        "ratio": dash["s_per_step"] / grpo["s_per_step"], "grpo_acc": grpo["acc_after"], "dash_acc": dash["acc_after"],
-        "acc_before": grpo["acc_before"], "kept_frac": dash["kept_frac"], "variants": results,
-        "device": str(base.model.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(), "git_sha": _git_sha(),
-        "wall_s": time.perf_counter() - t_start,
-    }
+    record = result(
+        "step_time", device, steps=args.steps, config=Path(args.config).name, overrides=overrides,
+        grpo_s_per_step=grpo["s_per_step"], dash_s_per_step=dash["s_per_step"],
+        ratio=dash["s_per_step"] / grpo["s_per_step"], grpo_acc=grpo["acc_after"], dash_acc=dash["acc_after"],
+        acc_before=grpo["acc_before"], kept_frac=dash["kept_frac"], variants=results,
+        threads=torch.get_num_threads(), wall_s=time.perf_counter() - t_start,
+        png=args.plot or None)
     if args.plot:
         plot_step_split(results, Path(args.plot), f"{base.train.prompts_per_step} prompts x G={base.train.group_size}, "
                         f"{args.steps} steps, {torch.get_num_threads()} thread(s)")
-        record["png"] = args.plot
-    print(f"summary: DASH {dash['s_per_step']:.3f} s/step vs GRPO {grpo['s_per_step']:.3f} "
-          f"({record['ratio']:.2f}x the time), held-out accuracy {grpo['acc_before']:.3f} -> GRPO "
-          f"{grpo['acc_after']:.3f} / DASH {dash['acc_after']:.3f}" + (f"; plot {args.plot}" if args.plot else ""))
-    print(json.dumps(record))
+    lines.append(f"summary: DASH {dash['s_per_step']:.3f} s/step vs GRPO {grpo['s_per_step']:.3f} "
+                 f"({record['ratio']:.2f}x the time), held-out accuracy {grpo['acc_before']:.3f} -> GRPO "
+                 f"{grpo['acc_after']:.3f} / DASH {dash['acc_after']:.3f}"
+                 + (f"; plot {args.plot}" if args.plot else ""))
+    emit("\n".join(lines), record)
     return 0
 
 

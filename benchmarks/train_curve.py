@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,9 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from common import emit, result  # noqa: E402
 from trainer_runs import quiet_trainer, train_with_evals  # noqa: E402
 
 from dash.config import load_config  # noqa: E402
+from dash.runtime import resolve_device  # noqa: E402
 
 CPU_THREADS_DEFAULT = 1  # see benchmarks/step_time.py: the tiny model is overhead-bound
 
@@ -80,17 +81,16 @@ def main() -> int:
     plot(points, out.with_suffix(".png"), title)
     table = ["| step | training s | held-out greedy acc |", "|---|---|---|"]
     table += [f"| {p['step']} | {p['train_s']:.1f} | {p['acc']:.3f} |" for p in points]
-    record = {"bench": "train_curve", "algorithm": cfg.train.algorithm, "steps": args.steps, "lr": cfg.train.lr,
-              "acc_start": points[0]["acc"], "acc_end": points[-1]["acc"], "acc_best": max(p["acc"] for p in points),
-              "train_s": train_s, "wall_s": wall, "threads": torch.get_num_threads(), "overrides": overrides,
-              "points": points, "png": str(out.with_suffix(".png").relative_to(ROOT))
-              if out.is_relative_to(ROOT) else str(out.with_suffix(".png")), "torch": torch.__version__}
-    out.with_suffix(".md").write_text(f"# {title}\n\n" + "\n".join(table) + f"\n\nwall time {wall:.0f} s "
-                                      f"(evaluations included)\n\n```json\n{json.dumps(record)}\n```\n")
-    print("\n".join(table))
-    print(f"summary: held-out greedy accuracy {record['acc_start']:.3f} -> {record['acc_end']:.3f} in "
-          f"{train_s:.0f} s of training ({args.steps} {cfg.train.algorithm} steps); plot {record['png']}")
-    print(json.dumps(record))
+    png = out.with_suffix(".png")
+    record = result("train_curve", resolve_device(cfg.model.device).type, algorithm=cfg.train.algorithm,
+                    steps=args.steps, lr=cfg.train.lr, acc_start=points[0]["acc"], acc_end=points[-1]["acc"],
+                    acc_best=max(p["acc"] for p in points), train_s=train_s, wall_s=wall,
+                    threads=torch.get_num_threads(), overrides=overrides, points=points,
+                    png=str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png))
+    table.append(f"\nsummary: held-out greedy accuracy {record['acc_start']:.3f} -> {record['acc_end']:.3f} in "
+                 f"{train_s:.0f} s of training ({args.steps} {cfg.train.algorithm} steps), wall time {wall:.0f} s "
+                 f"(evaluations included); plot {record['png']}")
+    emit("\n".join(table), record, out, heading=f"# {title}\n\n")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The training loop with held-out evaluations that train_curve.py, reproduce.py and rl_transfer.py share.
+"""The training loop with held-out evaluations that train_curve.py, reproduce.py, rl_crosscheck.py and rl_transfer.py
+share.
 
 A benchmark trainer logs to a fresh temporary folder and has no eval / checkpoint schedule of its own: the benchmark
 decides when to evaluate, and evaluations are kept out of the training seconds it reports.
@@ -7,10 +8,8 @@ decides when to evaluate, and evaluations are kept out of the training seconds i
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 from dash.rl.trainer import Trainer
 
@@ -47,12 +46,3 @@ def train_with_evals(trainer: Trainer, steps: int, eval_every: int,
                 on_eval(curve[-1])
     return curve, rows
 
-
-def write_report(out: str | Path, heading: str, table: list[str], record: dict) -> None:
-    """`<out>.md` (heading + table) and `<out>.json` (the record); then print the table and the one JSON line."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(heading + "\n".join(table) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(record) + "\n")
-    print("\n".join(table))
-    print(json.dumps(record))

@@ -12,10 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE_TIMEOUT_S = 300  # ~11 s on an idle 2-core VM
 
 
+@pytest.mark.slow
 def test_dp_sync_smoke_runs_every_strategy():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from dp_sync import GRAD_CHECK_RTOL, STRATEGIES

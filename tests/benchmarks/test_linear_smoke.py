@@ -8,6 +8,7 @@ from dash_kernels import _C
 from tests.benchmarks.run_script import run_benchmark
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (_C is not None and _C.has_avx512()), reason="the packed GEMMs need an AVX-512 CPU")
 def test_every_shape_times_both_gemms(tmp_path):
     out = tmp_path / "linear"

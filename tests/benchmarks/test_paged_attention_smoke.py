@@ -3,9 +3,12 @@ with that mode's SDPA reference (the script exits non-zero when it does not), an
 
 from __future__ import annotations
 
+import pytest
+
 from tests.benchmarks.run_script import run_benchmark
 
 
+@pytest.mark.slow
 def test_every_mode_runs_and_agrees_with_its_reference(tmp_path):
     out = tmp_path / "pa"
     record = run_benchmark("paged_attention.py", out, "--batches", "16", "--head-dims", "32", "--threads", "1",

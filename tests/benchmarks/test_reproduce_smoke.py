@@ -12,10 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE_TIMEOUT_S = 600  # ~30 s on an idle 2-core VM; generous for a loaded CI machine
 
 
+@pytest.mark.slow
 def test_reproduce_smoke_runs_every_arm(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from reproduce import ARMS
@@ -39,6 +42,7 @@ def test_reproduce_smoke_runs_every_arm(tmp_path):
     assert not (tmp_path / "repro_runs.jsonl").exists()  # smoke runs never feed the cache of the real run
 
 
+@pytest.mark.slow
 def test_reproduce_rejects_unknown_arm(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/reproduce.py"), "--arms", "dash,nope", "--out",
                            str(tmp_path / "r")], capture_output=True, text=True, timeout=120)

@@ -4,9 +4,12 @@ cross-check would compare different models or held-out sets."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.benchmarks.run_script import run_benchmark
 
 
+@pytest.mark.slow
 def test_crosscheck_runs_and_all_arms_start_from_the_same_accuracy(tmp_path):
     out = tmp_path / "cc"
     record = run_benchmark("rl_crosscheck.py", out, "--steps", "2", "--eval-every", "1")

@@ -4,9 +4,12 @@ they split."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.benchmarks.run_script import run_benchmark
 
 
+@pytest.mark.slow
 def test_profile_times_every_stage_within_the_call(tmp_path):
     out = tmp_path / "prof"
     record = run_benchmark("sampler_profile.py", out, "--threads", "1", "--repeats", "1")

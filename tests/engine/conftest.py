@@ -1,33 +1,28 @@
 """Tiny random HF models (Llama / Qwen2 / Qwen3) and the same weights as `dash.model.CausalLM`, built once per session.
 
 Weights are redrawn at std 0.2 (HF's 0.02 init gives near-uniform logits, where greedy ties would make a parity test
-meaningless), norms at 1 + N(0, 0.1).
+meaningless), norms at 1 + N(0, 0.1): tests/tiny_models.py.
 """
 
 import pytest
 import torch
-import transformers
 
 from dash.model_io import load_model
+from tests.tiny_models import random_hf_model
 
 _BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=96, bos_token_id=1, eos_token_id=2)
-FAMILIES = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(tie_word_embeddings=False)),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=32, tie_word_embeddings=False)),
+FAMILIES = {  # family -> (transformers class, config on top of _BASE)
+    "llama": ("LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    "qwen2": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=False)),
 }
 
 
 def build_pair(family: str, folder, seed: int = 0):
-    config_cls, model_cls, extra = FAMILIES[family]
-    config = config_cls(**_BASE, **extra)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    hf = model_cls(config).float().eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    """(HF model, our `CausalLM` loaded from the HF checkpoint it saved at `folder`) for FAMILIES[family]."""
+    hf_class, extra = FAMILIES[family]
+    hf = random_hf_model(hf_class, {**_BASE, **extra}, seed)
     hf.save_pretrained(folder)
     hf.generation_config.eos_token_id = None  # parity runs compare full-length completions
     return hf, load_model(folder)

@@ -1,8 +1,8 @@
 """Shared fixtures for tests/model: tiny random HF models of each family, saved as HF checkpoints.
 
 Every spec is small (hidden 64, 2 layers, vocab ~100) so the whole directory runs in well under a minute on 2 cores.
-Weights are re-drawn with a larger scale than HF's init (std 0.02, zero biases, unit norms) so that biases, norm
-weights and RoPE all move the logits by O(1): a parity test on HF's init would pass even with a bias dropped.
+Weights are re-drawn with a larger scale than HF's init (tests/tiny_models.py) so that biases, norm weights and RoPE
+all move the logits by O(1): a parity test on HF's init would pass even with a bias dropped.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-_WEIGHT_STD = 0.2  # logits come out with std ~1-2: large enough to expose a wrong term, small enough for fp32
-_NORM_JITTER = 0.1  # norm weights 1 + N(0, 0.1): a norm applied on the wrong axis / missing is visible
+from tests.tiny_models import random_hf_model
 
 
 @dataclass(frozen=True)
@@ -45,21 +44,7 @@ SPECS: dict[str, Spec] = {
 
 def build_hf_model(name: str, seed: int = 0) -> torch.nn.Module:
     """A random fp32 eval-mode HF model for SPECS[name], with eager attention (the plainest reference)."""
-    import transformers
-
-    spec = SPECS[name]
-    cls = getattr(transformers, spec.hf_class)
-    config = cls.config_class(**spec.config)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = cls(config).float().eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.copy_(1.0 + _NORM_JITTER * torch.randn_like(p))
-            else:
-                p.copy_(_WEIGHT_STD * torch.randn_like(p))
-    return model
+    return random_hf_model(SPECS[name].hf_class, SPECS[name].config, seed)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ adapter has B = 0 and would match whatever A did)."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -105,13 +106,14 @@ def test_peft_loads_our_adapter_same_logits(hf_checkpoint, tmp_path, family):
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == 4 and cfg["bias"] == "none"
     ids = _ids()
     ours = model(ids)
-    peft_model = peft.PeftModel.from_pretrained(hf_model, tmp_path / "adapter").eval()
+    # a copy: peft freezes the base parameters it wraps, and the session-cached HF model is shared with other tests
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "adapter").eval()
     try:
         theirs = peft_model(input_ids=ids).logits
         loaded = {k for k in peft_model.state_dict() if "lora_A" in k}
         assert len(loaded) == 2 * 4  # 2 layers x 4 targets: every adapter was read, none silently dropped
     finally:
-        peft_model.unload()  # leaves the session's HF model as it was
+        peft_model.unload()
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     assert (ours - load_model(folder)(ids)).abs().max() > 1e-2  # the adapter mattered
 
@@ -120,7 +122,7 @@ def test_we_load_an_adapter_peft_saved(hf_checkpoint, tmp_path):
     hf_model, folder = hf_checkpoint("llama")
     config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["k_proj", "gate_proj", "down_proj"],
                              task_type="CAUSAL_LM", lora_dropout=0.1)
-    peft_model = peft.get_peft_model(hf_model, config)
+    peft_model = peft.get_peft_model(copy.deepcopy(hf_model), config)  # peft freezes what it wraps
     try:
         torch.manual_seed(3)
         with torch.no_grad():

@@ -142,6 +142,7 @@ def test_state_files_round_trip_bitwise_with_the_types_json_lacks(tmp_path):
     assert after == (random.random(), np.random.rand(), torch.rand(1))
 
 
+@pytest.mark.slow
 def test_resume_restores_weights_and_optimizer_state_bit_for_bit(model_dir, tmp_path):  # noqa: F811
     first = Trainer(_cfg(model_dir, tmp_path, "--model.dtype=bfloat16"), quiet=True)
     first.setup()
@@ -298,6 +299,7 @@ for step in itertools.count(int(sys.argv[2])):
 """
 
 
+@pytest.mark.slow
 def test_a_save_killed_at_a_random_point_leaves_a_checkpoint_that_resumes(tmp_path):
     """kill -9 of a process saving in a loop, at a seeded random point of a save (one round: a fresh process costs
     seconds of imports; the kill between the two renames is tested deterministically above)."""

@@ -22,6 +22,7 @@ import torch
 
 from dash.rl.step import PolicyUpdate, run_step
 from tests.rl.test_update_equivalence import PROMPTS, FixedSampler, config, make_rollout, tiny_model
+from tests.tiny_models import save_tiny_dash_model
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -57,7 +58,9 @@ def _torchrun(*args, timeout=600):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found next to this python")
+# every test here starts torchrun processes (tens of seconds each): `slow`, out of `make test-fast`
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found next to this python")]
 
 
 @pytest.mark.parametrize("skew", [True, False], ids=["rank1-idle", "both-ranks-train"])
@@ -89,12 +92,7 @@ def test_two_process_update_equals_single_process(tmp_path, mode, skew):
 
 
 def test_two_process_run_finishes_resumes_and_logs_once(tmp_path):
-    from dash.model_io import save_model
-    from dash.tasks.warmstart import build_tiny_model
-    from dash.tokenizer import build_arith_tokenizer
-
-    model_dir = tmp_path / "model"
-    save_model(build_tiny_model(seed=1), model_dir, tokenizer=build_arith_tokenizer())
+    model_dir = save_tiny_dash_model(tmp_path / "model", seed=1)
     out = tmp_path / "run"
     first = _torchrun("train", model_dir, out, 2)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -118,13 +116,9 @@ def _final_weights(ckpt):
 
 def test_fsdp_run_resumes_exactly_from_sharded_checkpoint_and_on_one_process(tmp_path):
     from dash.cli import main
-    from dash.model_io import save_model
-    from dash.tasks.warmstart import build_tiny_model
-    from dash.tokenizer import build_arith_tokenizer
     from tests.rl.ddp_worker import train_args
 
-    model_dir = tmp_path / "model"
-    save_model(build_tiny_model(seed=1), model_dir, tokenizer=build_arith_tokenizer())
+    model_dir = save_tiny_dash_model(tmp_path / "model", seed=1)
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
     for args in [(model_dir, resumed, 2), (model_dir, resumed, 3, "--resume"), (model_dir, straight, 3)]:
         proc = _torchrun("train", *args, "--fsdp")

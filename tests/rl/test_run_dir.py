@@ -28,6 +28,7 @@ def _cli_train(model_dir, out_dir, steps, *extra):  # noqa: F811
                      "--log.eval_every=0", "--log.ckpt_every=2", *extra])
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_used_folder_needs_resume_or_overwrite(model_dir, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "run"
     assert _cli_train(model_dir, out, 2) == 0
@@ -53,6 +54,7 @@ def test_an_evaluation_before_training_is_not_a_run(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_the_second_fails_at_once_naming_the_first(model_dir, tmp_path, monkeypatch):  # noqa: F811
     hold = (f"import sys; from dash.rl.run_dir import claim_run_dir; held = claim_run_dir({str(tmp_path)!r}); "
             "print('locked', flush=True); sys.stdin.read()")  # `held`: the lock lives as long as its RunDir
@@ -94,6 +96,7 @@ def test_a_read_only_checkpoint_folder_fails_at_set_up(tmp_path):
         claim_run_dir(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_resume_from_an_earlier_checkpoint_logs_each_step_once(model_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     assert _cli_train(model_dir, out, 4, "--log.eval_every=3") == 0  # checkpoints at steps 2 and 4

@@ -7,12 +7,11 @@ import torch
 
 from dash.cli import main as cli_main
 from dash.config import ConfigError, load_config
-from dash.model_io import save_model
 from dash.rewards import register_reward
 from dash.rl.optim import MasterWeightAdamW
 from dash.rl.trainer import Trainer
 from dash.tasks.warmstart import build_tiny_model
-from dash.tokenizer import build_arith_tokenizer
+from tests.tiny_models import save_tiny_dash_model
 
 
 def _even_length(completion: str, answer: str) -> float:
@@ -32,9 +31,7 @@ register_reward("test_flaky", _flaky)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-random") / "model"
-    save_model(build_tiny_model(seed=1), folder, tokenizer=build_arith_tokenizer())
-    return folder
+    return save_tiny_dash_model(tmp_path_factory.mktemp("tiny-random") / "model", seed=1)
 
 
 def _cfg(model_dir, out_dir, *extra):
@@ -49,6 +46,7 @@ def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_resume_continues_bitwise(model_dir, tmp_path, dtype):
     """bfloat16: AdamW steps fp32 master weights (dash/rl/optim.py) and the checkpoint carries them."""
@@ -80,6 +78,7 @@ def test_resume_continues_bitwise(model_dir, tmp_path, dtype):
     assert latest == "step-4"
 
 
+@pytest.mark.slow
 def test_dash_filters_before_training_and_counts_it(model_dir, tmp_path):
     tr = Trainer(_cfg(model_dir, tmp_path, "--train.algorithm=dash"), quiet=True)
     tr.setup()
@@ -123,6 +122,7 @@ def test_non_finite_loss_skips_the_update(model_dir, tmp_path, monkeypatch):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_cli_train_writes_metrics_and_checkpoint(model_dir, tmp_path):
     out = tmp_path / "cli"
     rc = cli_main(["train", f"--model.path={model_dir}", "--model.device=cpu", "--data.test_size=8",
@@ -135,6 +135,7 @@ def test_cli_train_writes_metrics_and_checkpoint(model_dir, tmp_path):
     assert cli_main(["train", "--train.stepz=3"]) == 2  # config errors name the key and exit 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra,updates", [(("--train.ppo_epochs=2",), 2), (("--train.ppo_minibatches=2",), 2),
                                             (("--train.ppo_epochs=2", "--train.old_logp=sampler"), 2)])
 def test_ppo_multi_and_mini_take_several_clipped_updates(model_dir, tmp_path, extra, updates):
@@ -148,6 +149,7 @@ def test_ppo_multi_and_mini_take_several_clipped_updates(model_dir, tmp_path, ex
     assert m["loss/clip_frac"] > 0
 
 
+@pytest.mark.slow
 def test_kl_reference_only_built_when_beta_positive_and_tensorboard(model_dir, tmp_path):
     tr = Trainer(_cfg(model_dir, tmp_path / "nokl"), quiet=True)
     tr.setup()
@@ -162,6 +164,7 @@ def test_kl_reference_only_built_when_beta_positive_and_tensorboard(model_dir, t
     assert list((tmp_path / "kl" / "tb").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_cli_eval_sample_and_sft(model_dir, tmp_path, capsys):
     common = [f"--model.path={model_dir}", "--model.device=cpu", "--data.test_size=8", "--sampling.max_new_tokens=5"]
     assert cli_main(["eval", *common, f"--log.out_dir={tmp_path / 'ev'}"]) == 0
@@ -175,6 +178,7 @@ def test_cli_eval_sample_and_sft(model_dir, tmp_path, capsys):
     assert "sft: greedy test accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_trains_to_the_same_weights(model_dir, tmp_path):
     """train.gradient_checkpointing reaches the training model (not the sampler's no-grad forwards) and changes no
     update: two steps land on bitwise the same weights as without it."""

@@ -183,7 +183,7 @@ class FixedSampler:
 
     def __init__(self, rollout):
         self.rollout, self.reward_seconds = rollout, 0.0
-        self.reward_stats = type("S", (), {"failures": 0})()
+        self.reward_stats = type("S", (), {"failures": 0, "no_reward": 0})()
 
     def sample(self, examples, group_size, run_seed, step, first_index):
         rows = range(first_index * G, (first_index + len(examples)) * G)

@@ -1,5 +1,6 @@
 """SFT loop: packing layout, loss goes down, determinism, and batched greedy decoding with ragged prompts."""
 
+import pytest
 import torch
 
 from dash.rl.sft import greedy_accuracy, greedy_decode, pack_sft_batch, run_sft
@@ -33,6 +34,7 @@ def test_pack_layout():
     assert b.input_ids.dtype == torch.long and b.cu_seqlens.dtype == torch.int32
 
 
+@pytest.mark.slow
 def test_loss_decreases_and_is_deterministic():
     tok = build_arith_tokenizer()
     train, _ = _data()

@@ -81,6 +81,7 @@ def test_transformers_reads_the_shipped_folder(shipped):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_warmstart_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     """`python -m dash.tasks.warmstart` end to end with a 2-step budget (the real run is minutes)."""
     from dash.tasks.warmstart import main
@@ -95,6 +96,7 @@ def test_warmstart_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert sum(p.numel() for p in model.parameters()) == record["num_params"]
 
 
+@pytest.mark.slow
 def test_warmstart_cli_takes_the_task_shape_and_schedule(tmp_path):
     """The options that build tiny-add-sft reach the task split and the SFT schedule (recorded)."""
     from dash.tasks.warmstart import main
