@@ -9,9 +9,9 @@
 //
 // Inputs are validated here (TORCH_CHECK_VALUE -> Python ValueError) because a bad slot would be an out-of-bounds
 // write, which on CUDA is a device assert and on CPU silent memory corruption. The slot range check reads the slots:
-// free on CPU (always done), two device->host syncs per call on CUDA, so there `check_slots=False` skips it for a
+// free on CPU (always done), one device->host sync per call on CUDA, so there `check_slots=False` skips it for a
 // caller that guarantees the range (the sampler: its slots come from the page allocator, once per step, not per
-// layer).
+// layer). The CUDA copy_pages checks no id range (see kv_cache_cuda.cpp); the CUDA kernels skip bad indices.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -53,6 +53,8 @@ void check_copy_pages_args(const at::Tensor& k_cache, const at::Tensor& v_cache,
   TORCH_CHECK_VALUE(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
                     "copy_pages: caches must be equal [num_pages, page_size, kv_heads, head_dim], got ",
                     k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK_VALUE(v_cache.scalar_type() == k_cache.scalar_type(), "copy_pages: dtype mismatch: k_cache ",
+                    k_cache.scalar_type(), ", v_cache ", v_cache.scalar_type());  // pages are copied as bytes
   TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(), "copy_pages: caches must be contiguous");
   TORCH_CHECK_VALUE(src.dim() == 1 && dst.sizes() == src.sizes(), "copy_pages: src and dst must be equal 1-D, got ",
                     src.sizes(), " and ", dst.sizes());

@@ -18,11 +18,15 @@ linear_packed, pack_gate_up, gate_up_silu_packed): AVX-512 GEMMs on packed weigh
 dash_kernels.decoder_layer (decoder_layer_, pack_layer): one C++ call per layer on fp32 CPU.
 """
 
-from dash_kernels._ext import HAS_C, require_c
-from dash_kernels.ops.logprobs_from_logits import token_logprobs_from_logits
-from dash_kernels.ops.policy_loss import fused_policy_loss
-from dash_kernels.ops.token_logprobs import token_logprobs
-from dash_kernels.reference import LOSS_TYPES, policy_loss
+from dash_kernels.torch_floor import check_torch_version
+
+check_torch_version()  # an older torch fails here, naming the version and the fix (not at its first bf16 step)
+
+from dash_kernels._ext import HAS_C, require_c  # noqa: E402 (after the version check)
+from dash_kernels.ops.logprobs_from_logits import token_logprobs_from_logits  # noqa: E402
+from dash_kernels.ops.policy_loss import fused_policy_loss  # noqa: E402
+from dash_kernels.ops.token_logprobs import token_logprobs  # noqa: E402
+from dash_kernels.reference import LOSS_TYPES, policy_loss  # noqa: E402
 
 __all__ = [
     "HAS_C",

@@ -3,9 +3,10 @@
     python -m dash_kernels.aot            # table per kernel variant and arch, then one JSON line
 
 Each variant the launchers use (listed by the `aot_specs()` of each op module and of the sampler's decode ops: token
-sampling, RMSNorm, RoPE, SiLU * up; plus the sampler's paged attention)
-goes through `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`; the PTX is then assembled by the
-ptxas Triton bundles for that arch with `-v`, whose report gives registers, spill stores/loads and shared memory.
+sampling, RMSNorm, RoPE, SiLU * up, paged attention, the KV store and page copy), with the `num_warps` / `num_stages`
+the launcher passes (each module's NUM_WARPS / NUM_STAGES constants, read by both), goes through
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`; the PTX is then assembled by the ptxas Triton
+bundles for that arch with `-v`, whose report gives registers, spill stores/loads and shared memory.
 The check (and the CI test) asks for zero spill bytes and shared memory within the sm_80 per-block limit. Exit
 status 1 if a kernel fails to compile or breaks either rule.
 """
@@ -33,17 +34,12 @@ _PTXAS_RE = {
 
 def kernel_specs():
     """(name, kernel, signature, constexprs, options) for every Triton kernel variant we launch."""
-    from dash_kernels import paged_attention, rms_norm, rotary, sample, silu_mul
+    from dash_kernels import copy_pages, paged_attention, rms_norm, rotary, sample, silu_mul, store_kv
     from dash_kernels.ops import logprobs_from_logits, policy_loss, token_logprobs
 
-    specs = (token_logprobs.aot_specs() + policy_loss.aot_specs() + logprobs_from_logits.aot_specs()
-             + sample.aot_specs() + rms_norm.aot_specs() + rotary.aot_specs() + silu_mul.aot_specs())
-    for dtype in ("fp16", "bf16", "fp32"):  # fp32: full-precision dots (no TF32), FMA instead of tensor cores
-        for head_dim, group in ((64, 1), (128, 2)):
-            sig, const = paged_attention.AOT_SIGNATURE(dtype=dtype, page_size=16, head_dim=head_dim, group=group)
-            specs.append((f"paged_attention[{dtype},d{head_dim},g{group}]", paged_attention._paged_attention_kernel,
-                          sig, const, {"num_warps": 4, "num_stages": 2}))
-    return specs
+    return (token_logprobs.aot_specs() + policy_loss.aot_specs() + logprobs_from_logits.aot_specs()
+            + sample.aot_specs() + rms_norm.aot_specs() + rotary.aot_specs() + silu_mul.aot_specs()
+            + paged_attention.aot_specs() + store_kv.aot_specs() + copy_pages.aot_specs())
 
 
 def _ptxas_path(arch):

@@ -32,6 +32,8 @@ __all__ = ["cpu_prefill_prefers_pages", "paged_attention", "paged_attention_fwd"
 
 _BLOCK_M = 16  # queries per program: prefill chunks; decode uses one row of it (masked)
 _BLOCK_N = 32  # key tokens per inner iteration, independent of the page size
+NUM_WARPS = 4
+NUM_STAGES = 2  # key-loop pipelining depth; Triton's default 3 spills 8 bytes on sm_90 for fp32 head_dim 128 (aot)
 
 if triton is not None:
 
@@ -103,9 +105,43 @@ def AOT_SIGNATURE(dtype: str = "fp16", page_size: int = 16, head_dim: int = 128,
     return sig, constexprs
 
 
+# (dtype, page_size, head_dim, GQA group) of the launches `python -m dash_kernels.aot` compiles: the paper presets
+# (configs/qwen2.5-*-math.yaml: page size 256, bf16) for Qwen2.5-0.5B (14 query / 2 KV heads of 64: group 7) and
+# 1.5B (12 / 2 of 128: group 6), the same models at the default page size 16, and the tiny fp32 model (4 / 2 of 32).
+AOT_LAUNCHES = (
+    ("bf16", 256, 64, 7), ("bf16", 256, 128, 6), ("bf16", 16, 64, 7), ("bf16", 16, 128, 6),
+    ("fp16", 256, 128, 6), ("fp32", 16, 32, 2), ("fp32", 256, 64, 7), ("fp32", 256, 128, 6),
+)
+
+
+def aot_specs():
+    """(name, kernel, signature, constexprs, options) for `python -m dash_kernels.aot`, with the launcher's own
+    num_warps / num_stages (fp32: full-precision dots, FMA instead of tensor cores)."""
+    specs = []
+    for dtype, page_size, head_dim, group in AOT_LAUNCHES:
+        sig, const = AOT_SIGNATURE(dtype=dtype, page_size=page_size, head_dim=head_dim, group=group)
+        specs.append((f"paged_attention[{dtype},p{page_size},d{head_dim},g{group}]", _paged_attention_kernel, sig,
+                      const, {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}))
+    return specs
+
+
+def check_paged_layout(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The memory layout the Triton kernel assumes, checked on the host (metadata only) before any launch: q's head
+    dimension at unit stride (q[t, h] is read as D consecutive values) and contiguous caches (slot s of a layer is
+    read at s * stride(1), which spans pages only when the pages are packed). Raises ValueError naming the tensor."""
+    if q.stride(-1) != 1:
+        raise ValueError(f"paged_attention: q must have unit stride on its last (head_dim) dimension, got strides "
+                         f"{q.stride()}; pass q.contiguous()")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not cache.is_contiguous():
+            raise ValueError(f"paged_attention: {name} must be contiguous [num_pages, page_size, Hkv, D], got "
+                             f"strides {cache.stride()} for shape {tuple(cache.shape)}")
+
+
 @on_tensor_device
 def paged_attention_fwd(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q, max_q_len, scale):
     """Triton launcher; arguments as in `paged_attention` (cu_seqlens_q: [B+1] int32, max_q_len: host int)."""
+    check_paged_layout(q, k_cache, v_cache)
     T, Hq, D = q.shape
     _, page_size, Hkv, _ = k_cache.shape
     out = torch.empty_like(q)
@@ -122,6 +158,7 @@ def paged_attention_fwd(q, k_cache, v_cache, page_table, context_lens, cu_seqlen
         # bf16 / fp16 caches lose nothing to TF32 (their values fit) and keep the tensor cores; an fp32 cache gets
         # full fp32 products ("ieee") unless torch itself allows TF32 matmuls, as in the fused log-prob kernels.
         BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=_block_d(D), DOT_PRECISION=dot_precision(k_cache.dtype),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out
 
@@ -211,6 +248,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         elif max_q_len is None:
             max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
         scale = q.shape[-1] ** -0.5 if scale is None else scale
+        q = q if q.stride(-1) == 1 else q.contiguous()  # the kernel reads each head's D values at unit stride
         return paged_attention_fwd(q, k_cache, v_cache, page_table.to(torch.int32).contiguous(),
                                    context_lens.to(torch.int32), cu_seqlens_q.to(torch.int32), max_q_len, scale)
     if use_cpu_kernel(q, k_cache, v_cache):

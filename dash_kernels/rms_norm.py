@@ -26,6 +26,7 @@ except ImportError:  # the reference and C++ paths need only torch
 __all__ = ["rms_norm", "add_rms_norm_", "rms_norm_ref", "rms_norm_fwd"]
 
 NUM_WARPS = 4
+NUM_STAGES = 1  # no loop to pipeline; launcher and `python -m dash_kernels.aot` both read it
 
 if triton is not None:
 
@@ -60,22 +61,22 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch
     d2 = x2 if delta is None else delta.reshape(-1, H).contiguous()
     _rms_norm_kernel[(x2.shape[0],)](x2, d2, weight.contiguous(), out, x2.stride(0), d2.stride(0), out.stride(0), H,
                                      eps, ADD=delta is not None, BLOCK_H=triton.next_power_of_2(H),
-                                     num_warps=NUM_WARPS)
+                                     num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out.view(x.shape)
 
 
 def aot_specs():
     """(name, kernel, signature, constexprs, options) for `python -m dash_kernels.aot`: the decode widths of
-    Qwen2.5-0.5B (896) and 7B (3584), with and without the residual add."""
+    Qwen2.5-0.5B (896), 1.5B (1536) and 7B (3584), with and without the residual add."""
     specs = []
     for dt in ("fp32", "bf16"):
         sig = {"X": f"*{dt}", "Delta": f"*{dt}", "W": f"*{dt}", "Out": f"*{dt}", "stride_x": "i32", "stride_d": "i32",
                "stride_o": "i32", "H": "i32", "eps": "fp32", "ADD": "constexpr", "BLOCK_H": "constexpr"}
-        for H in (896, 3584):
+        for H in (896, 1536, 3584):
             for add in (False, True):
                 specs.append((f"rms_norm[{dt},h{H},{'add' if add else 'plain'}]", _rms_norm_kernel, sig,
                               {"ADD": add, "BLOCK_H": triton.next_power_of_2(H)},
-                              {"num_warps": NUM_WARPS, "num_stages": 1}))
+                              {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}))
     return specs
 
 

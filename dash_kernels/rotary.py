@@ -23,6 +23,7 @@ except ImportError:  # the reference and C++ paths need only torch
 
 __all__ = ["rotary_", "rotary_ref", "rotary_fwd"]
 
+NUM_STAGES = 1  # no loop to pipeline; launcher and `python -m dash_kernels.aot` both read it
 NUM_WARPS = 4  # a program rotates one token's heads, [H, D / 2] pairs: 28 x 64 at 7B would spill with fewer
 
 if triton is not None:
@@ -58,20 +59,20 @@ def rotary_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     cos, sin = cos.contiguous(), sin.contiguous()
     _rotary_kernel[(T,)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), H, D // 2,
                          BLOCK_H=triton.next_power_of_2(H), BLOCK_HALF=triton.next_power_of_2(D // 2),
-                         num_warps=NUM_WARPS)
+                         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
 def aot_specs():
     """(name, kernel, signature, constexprs, options) for `python -m dash_kernels.aot`: Qwen2.5-0.5B's q (14 heads)
-    and k (2 heads) at head_dim 64, and 7B's q (28 heads) at head_dim 128."""
+    and k (2 heads) at head_dim 64, 1.5B's q (12 heads) and k (2) at head_dim 128, 7B's q (28 heads) at 128."""
     specs = []
     for dt in ("fp32", "bf16"):
         sig = {"X": f"*{dt}", "Cos": "*fp32", "Sin": "*fp32", "stride_xt": "i32", "stride_xh": "i32",
                "stride_c": "i32", "H": "i32", "HALF": "i32", "BLOCK_H": "constexpr", "BLOCK_HALF": "constexpr"}
-        for H, D in ((14, 64), (2, 64), (28, 128)):
+        for H, D in ((14, 64), (2, 64), (12, 128), (2, 128), (28, 128)):
             specs.append((f"rotary[{dt},h{H},d{D}]", _rotary_kernel, sig,
                           {"BLOCK_H": triton.next_power_of_2(H), "BLOCK_HALF": D // 2},
-                          {"num_warps": NUM_WARPS, "num_stages": 1}))
+                          {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}))
     return specs
 
 

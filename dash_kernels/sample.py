@@ -36,6 +36,7 @@ __all__ = ["sample_rows", "sample_rows_ref", "sample_from_logp", "mask_stop_toke
 
 BLOCK_V = 1024  # vocabulary entries per step of a pass: 3 passes of ~150 steps over a 152k vocabulary
 NUM_WARPS = 4
+NUM_STAGES = 3  # Triton's default, what the launcher always ran; launcher and `python -m dash_kernels.aot` read it
 
 if triton is not None:
 
@@ -124,19 +125,23 @@ def sample_rows_fwd(logits, temperature, u, stop_ids, stop_active):
     active = stop_active.to(torch.int8).contiguous()  # bytes, not i1: the kernel compares them with 0
     _sample_rows_kernel[(B,)](logits, temperature.float().contiguous(), u.double().contiguous(), stop_ids, active,
                               tokens, logp, logits.stride(0), stop_ids.stride(0), V, S,
-                              BLOCK_V=BLOCK_V, BLOCK_S=_block_s(S), num_warps=NUM_WARPS)
+                              BLOCK_V=BLOCK_V, BLOCK_S=_block_s(S), num_warps=NUM_WARPS,
+                              num_stages=NUM_STAGES)
     return tokens, logp
 
 
 def aot_specs():
-    """(name, kernel, signature, constexprs, options) for `python -m dash_kernels.aot`."""
+    """(name, kernel, signature, constexprs, options) for `python -m dash_kernels.aot`: up to 2 stop ids per row
+    (Qwen2.5-Instruct's <|im_end|> and <|endoftext|>) and up to 4."""
     specs = []
     for dt in ("fp32", "bf16"):
         sig = {"Logits": f"*{dt}", "Temperature": "*fp32", "U": "*fp64", "Stop_ids": "*i64", "Stop_active": "*i8",
                "Tokens": "*i64", "Logp": "*fp32", "stride_l": "i32", "stride_s": "i32", "V": "i32", "S": "i32",
                "BLOCK_V": "constexpr", "BLOCK_S": "constexpr"}
-        specs.append((f"sample_rows[{dt}]", _sample_rows_kernel, sig, {"BLOCK_V": BLOCK_V, "BLOCK_S": 4},
-                      {"num_warps": NUM_WARPS, "num_stages": 1}))
+        for stops in (2, 4):
+            specs.append((f"sample_rows[{dt},s{_block_s(stops)}]", _sample_rows_kernel, sig,
+                          {"BLOCK_V": BLOCK_V, "BLOCK_S": _block_s(stops)},
+                          {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}))
     return specs
 
 

@@ -25,6 +25,7 @@ __all__ = ["silu_mul_", "silu_mul_ref", "silu_mul_fwd"]
 
 BLOCK = 1024  # elements per program
 NUM_WARPS = 4
+NUM_STAGES = 1  # no loop to pipeline; launcher and `python -m dash_kernels.aot` both read it
 
 if triton is not None:
 
@@ -49,7 +50,8 @@ def silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Triton launcher: gate (contiguous) <- silu(gate) * up in place; returns gate."""
     n = gate.numel()
     if n:
-        _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](gate, up.contiguous(), n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](gate, up.contiguous(), n, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                                                    num_stages=NUM_STAGES)
     return gate
 
 
@@ -63,4 +65,4 @@ def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def aot_specs():
     """(name, kernel, signature, constexprs, options) for `python -m dash_kernels.aot`."""
     return [(f"silu_mul[{dt}]", _silu_mul_kernel, {"Gate": f"*{dt}", "Up": f"*{dt}", "n": "i32", "BLOCK": "constexpr"},
-             {"BLOCK": BLOCK}, {"num_warps": NUM_WARPS, "num_stages": 1}) for dt in ("fp32", "bf16")]
+             {"BLOCK": BLOCK}, {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}) for dt in ("fp32", "bf16")]

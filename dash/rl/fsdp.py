@@ -39,7 +39,11 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+import dash_kernels  # noqa: F401 (first: its torch floor check names the fix where the next import would fail)
+
+# isort: split
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method  # public from torch 2.6
 
 from dash.rl.distributed import DistInfo, all_reduce_max
 from dash.rl.packing import collate

@@ -24,6 +24,7 @@ from dash_kernels.reference import IGNORE_INDEX, token_logprobs_from_logits_ref
 
 BLOCK_V = 1024  # vocab tile per step; row-wise online softmax, memory-bound
 NUM_WARPS = 4
+NUM_STAGES = 3  # Triton's default, what the launchers always ran; they and `python -m dash_kernels.aot` read it
 _GROUP_BYTES = 16 * 2**20  # torch backend: fp32 working set per row group
 
 
@@ -108,7 +109,8 @@ def logprobs_from_logits_fwd(logits, targets, rows, inv_temp, backend):
             out[1, lo:lo + G] = log_s - e.mul_(z).sum(1) / s
         return norm, out[0], out[1]
     _logprobs_from_logits_fwd_kernel[(n,)](logits, targets, rows, norm, out[0], out[1], V, logits.stride(0),
-                                           inv_temp, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+                                           inv_temp, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
+                                           num_stages=NUM_STAGES)
     return norm, out[0], out[1]
 
 
@@ -139,7 +141,8 @@ def logprobs_from_logits_bwd(logits, targets, rows, norm, entropy, c, ch, inv_te
         return grad
     _logprobs_from_logits_bwd_kernel[(n, triton.cdiv(V, BLOCK_V))](
         logits, grad, targets, rows, norm.contiguous(), entropy, c, ch if ch is not None else c, V, logits.stride(0),
-        grad.stride(0), inv_temp, HAS_ENTROPY_GRAD=ch is not None, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+        grad.stride(0), inv_temp, HAS_ENTROPY_GRAD=ch is not None, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES)
     return grad
 
 
@@ -213,11 +216,12 @@ def aot_specs():
                    "logp_ptr": "*fp32", "ent_ptr": "*fp32", "vocab": "i32", "stride_n": "i32", "inv_temp": "fp32",
                    "BLOCK_V": "constexpr"}
         specs.append((f"from_logits_fwd[{dt}]", _logprobs_from_logits_fwd_kernel, fwd_sig, {"BLOCK_V": BLOCK_V},
-                      {"num_warps": NUM_WARPS, "num_stages": 1}))
+                      {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}))
         bwd_sig = {"logits_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "targets_ptr": "*i64", "rows_ptr": "*i64",
                    "norm_ptr": "*fp32", "ent_ptr": "*fp32", "c_ptr": "*fp32", "ch_ptr": "*fp32", "vocab": "i32",
                    "stride_n": "i32", "stride_gn": "i32", "inv_temp": "fp32", "HAS_ENTROPY_GRAD": "constexpr",
                    "BLOCK_V": "constexpr"}
         specs.append((f"from_logits_bwd[{dt}]", _logprobs_from_logits_bwd_kernel, bwd_sig,
-                      {"HAS_ENTROPY_GRAD": True, "BLOCK_V": BLOCK_V}, {"num_warps": NUM_WARPS, "num_stages": 1}))
+                      {"HAS_ENTROPY_GRAD": True, "BLOCK_V": BLOCK_V},
+                      {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}))
     return specs

@@ -38,6 +38,8 @@ from dash_kernels.reference import (
 )
 
 COEF_BLOCK = 1024  # elements per program of the O(N) kernel: memory-bound, any large power of two will do
+COEF_NUM_WARPS = 4
+COEF_NUM_STAGES = 1  # no loop to pipeline; the launcher and `python -m dash_kernels.aot` both read these
 
 
 # ------------------------------------------------------------------------------------------------------ kernel
@@ -142,7 +144,8 @@ def policy_coef(logp, old, ref, adv, w, entropy, params, backend):
             out[0], out[1], out[2], out[3], out[4],
             n, float(eps_low), float(eps_high), float(delta if delta is not None else 0.0), float(beta),
             float(entropy_coef), HAS_OLD=old is not None, HAS_DELTA=delta is not None, HAS_KL=beta != 0.0,
-            KL_BIAS_CORRECTION=bool(kl_bias_correction), HAS_ENTROPY=entropy_coef != 0.0, BLOCK=COEF_BLOCK)
+            KL_BIAS_CORRECTION=bool(kl_bias_correction), HAS_ENTROPY=entropy_coef != 0.0, BLOCK=COEF_BLOCK,
+            num_warps=COEF_NUM_WARPS, num_stages=COEF_NUM_STAGES)
     return out[0], out[1], (out[2] if entropy_coef != 0.0 else None), out[3], out[4]
 
 
@@ -338,4 +341,4 @@ def aot_specs():
     const = {"HAS_OLD": True, "HAS_DELTA": True, "HAS_KL": True, "KL_BIAS_CORRECTION": True, "HAS_ENTROPY": True,
              "BLOCK": COEF_BLOCK}
     return [("policy_coef[all terms]", _policy_coef_kernel, {**sig, **{k: "constexpr" for k in const}}, const,
-             {"num_warps": 4, "num_stages": 1})]
+             {"num_warps": COEF_NUM_WARPS, "num_stages": COEF_NUM_STAGES})]

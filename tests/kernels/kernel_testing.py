@@ -49,8 +49,9 @@ def assert_close_to_ref(name, ours, naive, ref, factor=FACTOR, atol=None):
     """Verbose check of the criterion above; the message names the worst indices and values. `naive` may be a
     list of fp32 results (the error is the largest of theirs)."""
     naives = naive if isinstance(naive, (list, tuple)) else [naive]
-    ours64, ref64 = (t.detach().to(torch.float64).cpu() for t in (ours, ref))
-    naive64 = naives[0].detach().to(torch.float64).cpu()
+    dev = ref.device  # compared where the reference lives: a GPU test's [V, H] gradients stay on the GPU
+    ours64, ref64 = (t.detach().to(device=dev, dtype=torch.float64) for t in (ours, ref))
+    naive64 = naives[0].detach().to(device=dev, dtype=torch.float64)
     assert ours64.shape == ref64.shape, f"{name}: shape {tuple(ours64.shape)} != reference {tuple(ref64.shape)}"
     for kind, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
         a, b = test(ours64), test(ref64)
@@ -61,7 +62,7 @@ def assert_close_to_ref(name, ours, naive, ref, factor=FACTOR, atol=None):
     finite = torch.isfinite(ref64)
     zero = torch.zeros_like(ref64)
     err = torch.where(finite, (ours64 - ref64).abs(), zero)
-    err_naive = torch.stack([torch.where(finite, (n.detach().to(torch.float64).cpu() - ref64).abs(), zero)
+    err_naive = torch.stack([torch.where(finite, (n.detach().to(device=dev, dtype=torch.float64) - ref64).abs(), zero)
                              for n in naives]).amax(0)
     scale = torch.where(finite, ref64.abs(), zero).max().item() if ref64.numel() else 0.0
     atol = ATOL_REL * scale + 1e-12 if atol is None else atol

@@ -118,3 +118,55 @@ def test_native_ops_only_where_they_have_a_kernel(monkeypatch):
         monkeypatch.setattr(kv._C, "WITH_CUDA", with_cuda)
         assert kv.native_kv_ops(FakeCache("cuda")) is with_cuda
     assert not kv.native_kv_ops(FakeCache("meta"))
+
+
+def test_cuda_caches_without_a_cuda_build_take_the_triton_kernels(monkeypatch):
+    """A CUDA cache with a CPU-only _C goes to the Triton kernels (no host sync per layer) when the backend resolves
+    to triton, to the reference when torch / reference is forced, and to the compiled op in a CUDA build."""
+    from dash_kernels import backend
+
+    class FakeCache:
+        device = torch.device("cuda")
+
+    for with_cuda, forced, expected in ((False, "triton", True), (True, "triton", False),
+                                        (False, "torch", False), (False, "reference", False)):
+        monkeypatch.setattr(kv._C, "WITH_CUDA", with_cuda)
+        with backend.use_backend(forced):
+            assert kv.triton_kv_ops(FakeCache()) is expected, (with_cuda, forced)
+    assert not kv.triton_kv_ops(torch.zeros(1))  # CPU: the C++ op (the interpreter is off in this process)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(slots=torch.tensor([0, 1], dtype=torch.int64)), "int32"),
+    (dict(slots=torch.tensor([0], dtype=torch.int32)), "slot_mapping must be"),
+    (dict(k=torch.randn(2, 3, 8), v=torch.randn(2, 3, 8)), "caches must be equal"),
+    (dict(v=torch.randn(2, 2, 7)), "k and v must be equal"),
+    (dict(k=torch.randn(2, 2, 8, dtype=torch.float64), v=torch.randn(2, 2, 8, dtype=torch.float64)), "dtype"),
+    (dict(k_cache=torch.randn(4, 16, 8, 2).transpose(2, 3)), "contiguous"),
+])
+def test_triton_path_host_checks_reject_what_the_compiled_op_rejects(bad, match):
+    """The Triton path's checks (shapes, dtypes, layout: metadata, no sync) raise ValueError before any launch."""
+    from dash_kernels.store_kv import check_store_kv_args
+
+    args = dict(k=torch.randn(2, 2, 8), v=torch.randn(2, 2, 8), k_cache=torch.zeros(4, 16, 2, 8),
+                v_cache=torch.zeros(4, 16, 2, 8), slots=torch.tensor([0, 1], dtype=torch.int32))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        check_store_kv_args(args["k"], args["v"], args["k_cache"], args["v_cache"], args["slots"])
+
+
+def test_copy_pages_checks_on_every_path():
+    from dash_kernels.copy_pages import check_copy_pages_args, check_page_range
+
+    k_cache, v_cache = _caches(4, 2, 1, 4, torch.float32)
+    ids = torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="dtype mismatch"):
+        torch.ops.dash.copy_pages(k_cache, v_cache.double(), ids, ids)  # pages are copied as bytes
+    with pytest.raises(ValueError, match="caches must be equal"):
+        check_copy_pages_args(k_cache, v_cache.double(), ids, ids)
+    with pytest.raises(ValueError, match="int32"):
+        check_copy_pages_args(k_cache, v_cache, ids.long(), ids)
+    with pytest.raises(ValueError, match=r"src has page ids outside \[0, 4\) \(min -1, max 1\)"):
+        check_page_range(torch.tensor([-1, 1], dtype=torch.int32), 4, "src")
+    with pytest.raises(ValueError, match=r"dst has page ids outside"):
+        kv.copy_pages_ref(k_cache, v_cache, ids, torch.tensor([0, 4], dtype=torch.int32))

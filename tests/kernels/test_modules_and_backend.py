@@ -38,6 +38,7 @@ def test_linear_logprobs_module(torch_backend):
         LinearLogprobs(nn.Embedding(4, 4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env,expected", [("reference", "reference"), ("torch", "torch"), ("", "torch")])
 def test_backend_from_environment(env, expected):
     code = "import dash_kernels.backend as b, torch; print(b.resolve(torch.device('cpu')))"
@@ -46,6 +47,7 @@ def test_backend_from_environment(env, expected):
     assert out == expected
 
 
+@pytest.mark.slow
 def test_bad_backend_environment_is_an_error():
     proc = subprocess.run([sys.executable, "-c", "import dash_kernels"], capture_output=True, text=True,
                           env=dict(os.environ, DASH_KERNELS_BACKEND="cuda"), check=False)

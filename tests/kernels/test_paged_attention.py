@@ -164,6 +164,25 @@ def test_rejects_mismatched_heads():
         paged_attention(q[:, :3], k, v, table, lens)
 
 
+def test_triton_launcher_checks_the_layout_it_assumes_before_launching():
+    """The kernel reads q[t, h] as D consecutive values and slot s at s * k_cache.stride(1): a q without unit stride
+    on D or a non-contiguous cache would be read wrongly, so the launcher refuses them (host metadata, no launch:
+    these CPU tensors would fail any real launch)."""
+    pytest.importorskip("triton")
+    from dash_kernels.paged_attention import paged_attention_fwd
+
+    q, k, v, table, lens, cu = make_case([1, 1], [3, 4], 4, D=16)
+    strided_q = torch.randn(2, 16, 4).transpose(1, 2)  # [2, 4, 16] with stride 4 on D
+    strided_k = torch.randn(k.shape[0], k.shape[1], k.shape[3], k.shape[2]).transpose(2, 3)  # same shape, D strided
+    args = (table, lens, cu, 1, 0.25)
+    with pytest.raises(ValueError, match=r"q must have unit stride on its last \(head_dim\) dimension"):
+        paged_attention_fwd(strided_q, k, v, *args)
+    with pytest.raises(ValueError, match="k_cache must be contiguous"):
+        paged_attention_fwd(q, strided_k, v, *args)
+    with pytest.raises(ValueError, match="v_cache must be contiguous"):
+        paged_attention_fwd(q, k, torch.cat([v, v], 1)[:, ::2], *args)  # pages with gaps between slots
+
+
 _INTERPRETER_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
@@ -200,6 +219,7 @@ print("ENGINE_SAME", runs["triton"] == runs["torch"])
 """
 
 
+@pytest.mark.slow
 def test_triton_kernel_in_interpreter():
     """Kernel vs dense reference on decode and prefill-with-prefix cases, then inside the engine's decode loop."""
     pytest.importorskip("triton")

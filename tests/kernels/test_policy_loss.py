@@ -26,6 +26,7 @@ def test_fused_loss_matches_reference(torch_backend, chunking, kw, V, bias, per_
     check_loss_against_ref(fused_policy_loss, inp, **kw)
 
 
+@pytest.mark.slow
 def test_fused_loss_realistic_vocab(torch_backend):
     inp = loss_inputs(4, 10, 64, 151936, seed=5)
     check_loss_against_ref(fused_policy_loss, inp, loss_type="dapo", beta=0.04, adv_threshold=0.1)

@@ -34,6 +34,7 @@ def test_token_logprobs_matches_reference(torch_backend, chunking, V, temperatur
     _check_linear(37, 31, V, temperature, bias, entropy, ignore_frac=0.2)
 
 
+@pytest.mark.slow
 def test_token_logprobs_realistic_vocab(torch_backend):
     """Qwen2.5's vocabulary (H kept small so the fp64 reference stays cheap): real vocab-sized tiles."""
     _check_linear(40, 128, 151936, 1.0, False, True, ignore_frac=0.1)
@@ -93,6 +94,7 @@ def test_leading_dims_and_shapes(torch_backend):
     assert torch.allclose(out.reshape(-1), flat)
 
 
+@pytest.mark.slow
 def test_int64_offsets_chunked_path(torch_backend):
     """N * V > 2**31 through the chunked path (forward; the index math is per-row slices and gather)."""
     V, N, H = 65536, 32769, 2

@@ -17,10 +17,12 @@ HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 600
 
 
-def test_triton_kernels_under_interpreter():
+@pytest.mark.slow
+@pytest.mark.parametrize("cases", ["interp_cases.py", "interp_kv_cases.py"])
+def test_triton_kernels_under_interpreter(cases):
     env = dict(os.environ, TRITON_INTERPRET="1", DASH_KERNELS_BACKEND="triton")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "interp_cases.py")],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / cases)],
         cwd=HERE.parent.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
     assert proc.returncode == 0, f"interpreter run failed:\n{tail}"
