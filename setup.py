@@ -2,8 +2,11 @@
 
 Rules (see README "Install"):
   * The C++ extension is always built (CppExtension, CPU kernels).
-  * The .cu sources are added (CUDAExtension) only when torch is a CUDA build AND nvcc is found; otherwise, or with
-    DASH_SKIP_CUDA_BUILD=1, we warn and build the CPU extension. Never a failure for lack of CUDA.
+  * The .cu sources are added (CUDAExtension) only when torch is a CUDA build AND a CUDA toolkit of the same major
+    is found (CUDA_HOME, else the folder the `nvcc` on PATH really runs from); otherwise, or with
+    DASH_SKIP_CUDA_BUILD=1, we warn and build the CPU extension. Never a failure for lack of CUDA
+    (dash_kernels/build_compat.py decides; tests/packaging/test_build_compat.py fakes the versions).
+  * The build writes dash_kernels/_C_build.json (the torch it compiled against) next to the .so; import compares it.
   * TORCH_CUDA_ARCH_LIST is respected when set; otherwise we emit -gencode for sm_80 and sm_90.
   * MAX_JOBS (ninja parallelism) is honoured by torch's BuildExtension; NVCC_THREADS sets nvcc --threads.
   * DEBUG=1 builds with -O0 -g.
@@ -12,29 +15,65 @@ would download a fresh, multi-GB CUDA torch just to build).
 """
 
 import glob
+import importlib.util
 import os
+import shutil
 import sys
 import warnings
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = ("80", "90")  # A100 and H100: the targets CI compiles and checks for spills
 
 
+def _load_build_compat():
+    """dash_kernels/build_compat.py by path: importing the package would import torch and triton first."""
+    spec = importlib.util.spec_from_file_location("dash_build_compat", os.path.join(ROOT, "dash_kernels",
+                                                                                    "build_compat.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+compat = _load_build_compat()
+# torch guesses CUDA_HOME as dirname(dirname(which nvcc)) at import of cpp_extension: wrong for a wrapper script such as
+# /usr/local/bin/nvcc (it would read /usr/local/include). Ask nvcc itself where its toolkit is, before that import.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+    _toolkit = compat.find_toolkit(shutil.which("nvcc"))
+    if _toolkit:
+        os.environ["CUDA_HOME"] = _toolkit
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+import torch  # noqa: E402
+
+
 def _want_cuda() -> bool:
-    if os.environ.get("DASH_SKIP_CUDA_BUILD", "0") == "1":
-        warnings.warn("DASH_SKIP_CUDA_BUILD=1: building the CPU-only dash_kernels._C")
-        return False
-    if torch.version.cuda is None:
-        warnings.warn("torch is a CPU build: building the CPU-only dash_kernels._C (Triton and CPU paths still work)")
-        return False
-    if CUDA_HOME is None:
-        warnings.warn("no CUDA toolkit (nvcc) found: building the CPU-only dash_kernels._C")
-        return False
-    return True
+    plan = compat.cuda_build_plan(torch.version.cuda, compat.nvcc_release(CUDA_HOME),
+                                  skip=os.environ.get("DASH_SKIP_CUDA_BUILD", "0") == "1", cuda_home=CUDA_HOME)
+    if not plan.build_cuda:
+        warnings.warn(plan.reason)
+    else:
+        print(f"dash_kernels._C: {plan.reason}")
+    return plan.build_cuda
+
+
+class _BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension, then the build record next to the .so (and next to the in-place copy of an editable
+    install): dash_kernels._ext compares it with the importing torch and names the fix on a mismatch."""
+
+    def run(self):
+        super().run()
+        with_cuda = any(s.endswith(".cu") for ext in self.extensions for s in ext.sources)
+        text = compat.build_record(torch.__version__, torch.version.cuda, with_cuda)
+        folders = {os.path.join(self.build_lib, "dash_kernels")}
+        if self.inplace:
+            folders.add(self.get_finalized_command("build_py").get_package_dir("dash_kernels"))
+        for folder in folders:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, compat.RECORD_NAME), "w", encoding="utf-8") as f:
+                f.write(text)
 
 
 def _extension():
@@ -74,5 +113,5 @@ setup(
     packages=find_packages(include=["dash", "dash.*", "dash_kernels", "dash_kernels.*"]),
     package_data={"dash": ["assets/**/*"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExt},
 )

@@ -4,14 +4,25 @@
 `use_cpu_kernel(...)` says whether the fp32 CPU kernels apply to some tensors; `on_tensor_device` wraps every Triton
 launcher. Importing _C registers the
 `torch.ops.dash.*` ops (store_kv, copy_pages, rms_norm, add_rms_norm_, rotary_, sample_rows) as a side effect.
+Before loading it, the build record setup.py wrote next to it is compared with the running torch (build_compat): a
+_C built for another torch raises ImportError naming both versions and the rebuild command.
 """
 
 import contextlib
 import functools
+import os
 
 import torch  # libtorch must be loaded before the extension's shared library
 
-from dash_kernels import backend
+from dash_kernels import backend, build_compat
+
+# The torch.ops.dash ops that a CUDA build of _C gives CUDA kernels (csrc/*_cuda.cpp); every other dash op is CPU only.
+# .ci/cuda_build_check.sh asserts the dispatcher of a real CUDA build agrees, op by op (dispatch_table).
+CUDA_KERNEL_OPS = ("store_kv", "copy_pages")
+
+# A _C compiled against another torch fails here with both versions and the fix, not an undefined-symbol trace.
+build_compat.check_record(os.path.join(os.path.dirname(__file__), build_compat.RECORD_NAME), torch.__version__,
+                          torch.version.cuda)
 
 try:
     from dash_kernels import _C  # type: ignore[attr-defined]
@@ -23,7 +34,15 @@ except ImportError as exc:  # a pure-Python checkout, or a build for another tor
     HAS_C = False
     _IMPORT_ERROR = exc
 
-REINSTALL_HINT = "pip install -e . --no-build-isolation   (or: make install)"
+REINSTALL_HINT = build_compat.REBUILD_COMMAND
+
+
+def dispatch_table() -> dict[str, tuple[bool, bool]]:
+    """{op name without "dash::": (has a CPU kernel, has a CUDA kernel)} for every registered torch.ops.dash op, as
+    the dispatcher sees it (empty when _C is not loaded: the ops register when its library loads)."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("dash::"))
+    return {n.removeprefix("dash::"): (has(n, "CPU"), has(n, "CUDA")) for n in names}
 
 
 def require_c():
