@@ -1,6 +1,6 @@
 """Tables and plots of benchmarks/reproduce.py: our measurement of each paper finding beside the paper's numbers.
 
-The paper's numbers are Qwen2.5-0.5B on MATH-500 (../shared/research/paper.md section 4); ours are the tiny task on a
+The paper's numbers are Qwen2.5-0.5B on MATH-500 (Huang et al., arXiv 2505.17218, section 4); ours are the tiny task on a
 CPU, so compare directions and ratios, not values.
 """
 

@@ -48,7 +48,7 @@ PRESETS = {  # preset file -> (architecture, parameter count)
     "qwen2.5-1.5b-math.yaml": (QWEN25_1_5B, QWEN25_1_5B_PARAMS),
 }
 
-# The paper's settings (../shared/research/paper.md section 2.6).
+# The paper's settings (Huang et al., arXiv 2505.17218, section 2.6).
 PAPER_PROMPTS_PER_STEP, PAPER_G, PAPER_MICRO_BATCH = 64, 4, 8
 PAPER_SAMPLES_PER_STEP = 256  # M = 64 prompts x G
 PAPER_ACCUM_STEPS = 32  # K_acc = M / micro-batch

@@ -50,8 +50,13 @@ def in_token_interval(logp64, tokens, u):
 
 def check_against_reference(V, B=257):
     """The public sample_rows (whichever kernel the backend picks) on random rows: see the module docstring."""
-    logits, temperature, u, stop_ids, active = sample_inputs(B, V)
-    tokens, logp = sample_rows(logits, temperature, u, stop_ids, active)
+    inputs = sample_inputs(B, V)
+    check_sampled_rows(*inputs, *sample_rows(*inputs))
+
+
+def check_sampled_rows(logits, temperature, u, stop_ids, active, tokens, logp):
+    """The checks of the module docstring on one kernel's (tokens, logp) for these CPU inputs (outputs on the CPU)."""
+    B, V = logits.shape
     ref_tokens, _ = sample_rows_ref(logits, temperature, u, stop_ids, active)
     logp64 = logp64_ref(logits, temperature, stop_ids, active)
     greedy = temperature == 0
