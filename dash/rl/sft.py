@@ -1,22 +1,27 @@
-"""Supervised fine-tuning on (prompt, completion) pairs, and greedy evaluation.
+"""Supervised fine-tuning: the masked-loss step every SFT in dash runs, the tiny task's loop, and greedy evaluation.
 
-Purpose: the warm start of the tiny task (`python -m dash.tasks.warmstart`) and the building block of the later
-`dash sft` recipe. The loop is explicit: sample a batch, pack it, forward, masked cross-entropy, AdamW step.
+Purpose: one SFT step (`sft_step`) shared by the built-in task's warm start (`run_sft`, called by
+`python -m dash.tasks.warmstart` and `dash sft` on data.task=arith) and `dash sft` on your own data
+(dash/rl/sft_train.py, with checkpoints and resume). Pack a batch end to end (dash/rl/sft_data.py), run the engine's
+packed forward (`model.forward_packed`, no padding), take the log-probs of the solution tokens with the fused kernel
+(dash_kernels.token_logprobs: the lm_head GEMM and log-softmax in one pass, no [N, V] logits held), AdamW step.
+
+    loss = -(1 / N) * sum over the step's solution tokens t of log p(y_t | y_<t)      (N: solution tokens of the step)
+
+Every solution token weighs the same whatever its sequence's length, and a step split into micro-batches
+(`sft.token_budget`) divides by the whole step's N, so it makes the same update as one micro-batch (up to float
+summation order). Prompt tokens carry no loss.
 
 Design limits:
-- Training uses the engine's packed path (`model.forward_packed`): sequences are laid end to end with no padding,
-  and logits are computed only at the positions whose next token is a completion token (prompt tokens are masked,
-  and the vocabulary is tiny, so plain `compute_logits` + cross-entropy is fine here; large vocabularies belong to
-  `dash_kernels`).
-- Loss = mean over all completion tokens of the batch (every token weighs the same, whatever its sequence length).
-- Deterministic given `seed` and the model's initial weights: batches come from a private `torch.Generator`, the
-  model has no dropout, and nothing reads the global RNG. Bitwise equality also assumes the same thread count.
+- Deterministic given the seed and the model's initial weights: `run_sft` draws batches from a private
+  `torch.Generator`, the model has no dropout, and nothing reads the global RNG. Bitwise equality also assumes the
+  same thread count. The fused kernel's CPU path (a chunked torch sweep) is deterministic too.
 - `greedy_decode` re-runs the padded `forward` on the whole sequence at every step (no KV cache). That is
   O(new_tokens * length^2) but trivial for the tiny task's ~15-token sequences; the paged sampler replaces it at
   scale. Ragged prompts are left-padded so every row's next token sits in the last column.
 
-Departures from the paper: the paper's SFT comparison fine-tunes Qwen2.5-0.5B on MATH solutions; this is the same
-objective on the tiny task.
+Departures from the paper: the paper's SFT comparison (SFT-H) fine-tunes Qwen2.5-0.5B on MATH solutions; the tiny
+task runs the same objective on arithmetic, and `dash sft` runs it on any model and file (docs/sft.md).
 """
 
 from __future__ import annotations
@@ -24,71 +29,37 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from dash.model import CausalLM
+from dash.rl.optim import LR_SCHEDULES, gradient_tensors, lr_factor
+from dash.rl.sft_data import PackedSFTBatch, pack_sft_ids, tokenize_pairs
+from dash.tasks.arith import arith_reward
+from dash_kernels import token_logprobs
+
+__all__ = ["PackedSFTBatch", "pack_sft_batch", "sft_loss", "sft_step", "lr_scheduler", "run_sft", "greedy_decode",
+           "greedy_accuracy"]
 
 # Prompts decoded per forward in greedy_decode: bounds the [B, L, V] logits buffer, large enough to amortise the
-# per-call overhead on CPU (VERIFIED.md: decode steps cost ~1 ms whatever the batch up to a few hundred rows).
+# per-call overhead on CPU (decode steps cost ~1 ms whatever the batch up to a few hundred rows).
 _DECODE_BATCH = 256
-
-
-@dataclass(frozen=True, slots=True)
-class PackedSFTBatch:
-    """Sequences (prompt + completion) packed end to end.
-
-    Attributes:
-        input_ids: [T] int64 token ids of all sequences, concatenated.
-        cu_seqlens: [B+1] int32 start offsets of each sequence; cu_seqlens[-1] == T.
-        positions: [T] int64 position of each token inside its own sequence.
-        targets: [T] int64 the next token within the same sequence (0 where there is none).
-        loss_mask: [T] bool True where the target is a completion token, i.e. where the loss applies.
-    """
-
-    input_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    positions: torch.Tensor
-    targets: torch.Tensor
-    loss_mask: torch.Tensor
-
-    def to(self, device: torch.device) -> PackedSFTBatch:
-        return PackedSFTBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def pack_sft_batch(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
 ) -> PackedSFTBatch:
-    """Tokenize and pack (prompt, completion) pairs; see PackedSFTBatch for the layout."""
+    """Tokenize (as RL does: dash/rl/sft_data.tokenize_pairs, EOS appended unless the completion ends with it) and
+    pack (prompt, completion) pairs; see PackedSFTBatch for the layout."""
     if len(prompts) != len(completions) or not prompts:
         raise ValueError(
             f"need equal, non-zero numbers of prompts and completions, got {len(prompts)}/{len(completions)}"
         )
-    # No specials are added: a prompt is its characters and the completion carries its own EOS.
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    ids, pos, tgt, mask, cu = [], [], [], [], [0]
-    for p, c in zip(p_ids, c_ids, strict=True):
-        seq = p + c
-        n = len(seq)
-        ids += seq
-        pos += range(n)
-        # Position t predicts seq[t+1]; it counts iff seq[t+1] is a completion token (t + 1 >= len(p)).
-        tgt += seq[1:] + [0]
-        mask += [t + 1 >= len(p) and t + 1 < n for t in range(n)]
-        cu.append(cu[-1] + n)
-    return PackedSFTBatch(
-        input_ids=torch.tensor(ids, dtype=torch.long),
-        cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-        positions=torch.tensor(pos, dtype=torch.long),
-        targets=torch.tensor(tgt, dtype=torch.long),
-        loss_mask=torch.tensor(mask, dtype=torch.bool),
-    )
+    return pack_sft_ids(tokenize_pairs(tokenizer, prompts, completions, append_eos=True))
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -96,25 +67,55 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
 
-def sft_loss(model: CausalLM, batch: PackedSFTBatch) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the completion tokens of `batch` -> (loss, number of completion tokens)."""
-    batch = batch.to(_device_of(model))  # built on the CPU by pack_sft_batch
+def sft_loss(model: CausalLM, batch: PackedSFTBatch, normalizer: int | None = None) -> tuple[torch.Tensor, int]:
+    """-sum of the solution tokens' log-probs / `normalizer` (default: this batch's solution tokens)
+    -> (loss, number of solution tokens in `batch`)."""
+    batch = batch.to(_device_of(model))  # built on the CPU by pack_sft_ids
     hidden = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.positions)  # [T, H]
-    logits = model.compute_logits(hidden[batch.loss_mask])  # [N, V], N = completion tokens
-    n_tokens = int(batch.loss_mask.sum())
-    # Denominator: completion tokens of this batch, so the loss reads as nats per answer token.
-    loss = F.cross_entropy(logits.float(), batch.targets[batch.loss_mask], reduction="sum") / n_tokens
-    return loss, n_tokens
+    rows = batch.loss_mask.nonzero().squeeze(1)  # [N] positions predicting a solution token
+    logp = token_logprobs(hidden[rows], model.lm_head_weight, batch.targets[rows])  # [N] fp32, no [N, V] logits
+    n_tokens = rows.numel()
+    # Denominator: the step's solution tokens, so the loss reads as nats per solution token.
+    return -logp.sum() / (normalizer or n_tokens), n_tokens
 
 
-def _lr_factor(step: int, steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
-    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then constant or cosine."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def sft_step(model: CausalLM, optimizer, scheduler, batches: Sequence[PackedSFTBatch], grad_clip: float) -> dict:
+    """One optimizer step on the micro-batches of one step (loss normalised by all their solution tokens): backward
+    each, clip, step the optimizer and the lr scheduler. A non-finite loss or gradient skips the update (reported).
+
+    Returns detached metrics: train/loss, train/grad_norm, train/lr (the lr this step used), train/tokens,
+    train/skipped_update.
+    """
+    total = sum(int(b.loss_mask.sum()) for b in batches)
+    if total == 0:
+        raise ValueError("sft_step: the step's batches hold no solution token")
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for batch in batches:
+        loss, _ = sft_loss(model, batch, total)
+        loss.backward()
+        loss_sum += loss.item()
+    params = [p for p in gradient_tensors(optimizer, model) if p.grad is not None]
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf))
+    skipped = not (math.isfinite(norm) and math.isfinite(loss_sum))
+    lr = scheduler.get_last_lr()[0]
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # a skipped update still advances the schedule; torch warns about that
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+    return {"train/loss": loss_sum, "train/grad_norm": norm, "train/lr": lr, "train/tokens": float(total),
+            "train/skipped_update": float(skipped)}
+
+
+def lr_scheduler(optimizer, steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float):
+    """torch LambdaLR over RL's lr_factor (dash/rl/optim.py: warm-up, then constant / linear / cosine); its state is
+    saved in checkpoints, so a resume continues the schedule."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: lr_factor(i, steps, warmup_steps, schedule, min_lr_ratio))
 
 
 def run_sft(
@@ -135,19 +136,20 @@ def run_sft(
     min_lr_ratio: float = 0.1,
     on_log: Callable[[int, dict], None] | None = None,
 ) -> dict:
-    """Fine-tune `model` in place on `train_examples` (objects with `.prompt` and `.solution` strings).
+    """Fine-tune `model` in place on `train_examples` (objects with `.prompt` and `.solution` strings), in memory.
 
     Each step draws `batch_size` examples (a fresh permutation per epoch, from a generator seeded with `seed`),
-    packs them, and takes one AdamW step on the masked cross-entropy. `schedule` is "constant" or "cosine" (decay
-    to `min_lr_ratio * lr` after `warmup_steps` of linear warmup). `grad_clip` <= 0 disables clipping.
-    `on_log(step, metrics)` is called every `log_every` steps and at the end.
+    packs them, and takes one `sft_step`. `schedule` is "constant", "linear" or "cosine" (decay to
+    `min_lr_ratio * lr` after `warmup_steps` of linear warmup). `grad_clip` <= 0 disables clipping.
+    `on_log(step, metrics)` is called every `log_every` steps and at the end. No checkpoints: `dash sft` on a file
+    (dash/rl/sft_train.py) has them.
 
     Returns a dict: `losses` (per-step loss list), `final_loss` (mean of the last `log_every` steps), `steps`,
-    `tokens` (completion tokens trained on), `wall_time_s`, `cpu_time_s` (process CPU time, all threads),
+    `tokens` (solution tokens trained on), `wall_time_s`, `cpu_time_s` (process CPU time, all threads),
     `steps_per_s`.
     """
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"run_sft: schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"run_sft: schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
     if steps < 1 or not 1 <= batch_size <= len(train_examples):
         raise ValueError(
             f"run_sft: need steps >= 1 and 1 <= batch_size <= len(train_examples), got steps={steps}, "
@@ -156,6 +158,7 @@ def run_sft(
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    sched = lr_scheduler(opt, steps, warmup_steps, schedule, min_lr_ratio)
     model.train()
 
     order = torch.randperm(len(train_examples), generator=gen).tolist()
@@ -168,32 +171,20 @@ def run_sft(
         batch_ex = [train_examples[i] for i in order[cursor : cursor + batch_size]]
         cursor += batch_size
         batch = pack_sft_batch(tokenizer, [e.prompt for e in batch_ex], [e.solution for e in batch_ex])
+        out = sft_step(model, opt, sched, [batch], grad_clip)
 
-        cur_lr = lr * _lr_factor(step, steps, warmup_steps, schedule, min_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = cur_lr
-        loss, n_tok = sft_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        opt.step()
-
-        losses.append(loss.item())
-        tokens += n_tok
+        losses.append(out["train/loss"])
+        tokens += int(out["train/tokens"])
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if (log_every and (step + 1) % log_every == 0) or step + 1 == steps:
             window = losses[-log_every:] if log_every else losses[-1:]
-            metrics = {
-                "train/loss": sum(window) / len(window),
-                "train/lr": cur_lr,
-                "train/grad_norm": float(grad_norm),
-                "time/elapsed_s": time.perf_counter() - t0,
-            }
+            metrics = {"train/loss": sum(window) / len(window), "train/lr": out["train/lr"],
+                       "train/grad_norm": out["train/grad_norm"], "time/elapsed_s": time.perf_counter() - t0}
             if on_log is not None:
                 on_log(step + 1, metrics)
             else:
                 tqdm.write(
-                    f"sft step {step + 1}/{steps} loss {metrics['train/loss']:.4f} lr {cur_lr:.2e} "
+                    f"sft step {step + 1}/{steps} loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e} "
                     f"grad_norm {metrics['train/grad_norm']:.3f} elapsed {metrics['time/elapsed_s']:.1f}s"
                 )
     bar.close()
@@ -263,7 +254,7 @@ def greedy_accuracy(
     `reward_fn(completion_text, answer)` defaults to the arithmetic task's exact-answer reward.
     """
     if reward_fn is None:
-        from dash.tasks.arith import arith_reward as reward_fn
+        reward_fn = arith_reward
     if not examples:
         return 0.0
     completions = greedy_decode(model, tokenizer, [e.prompt for e in examples], max_new_tokens)
