@@ -6,7 +6,7 @@ device (the layout of `dash_kernels.kv` and `dash_kernels.paged_attention`). Pag
 slot mappings and page tables, so no per-sequence Python runs on the hot path.
 
 Sizing: by default the pool holds every sequence of the call at its longest (prompt + max_new_tokens), so nothing is
-ever preempted; a smaller `num_pages` trades memory for recompute (preemption), never for a crash.
+ever evicted; a smaller `num_pages` trades memory for recompute (eviction), never for a crash.
 """
 
 from __future__ import annotations

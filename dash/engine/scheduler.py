@@ -1,53 +1,54 @@
 """Continuous batching: every step admits waiting sequences (a prefill step) or advances all running ones by one
 token (a decode step); finished sequences leave at once and free their pages.
 
-Policy (nano-vllm's prefill-first, plus group fork and preemption by recompute):
+Policy (nano-vllm's prefill-first, plus group fork and eviction by recompute):
 - Waiting entries are FIFO. A fresh entry is a whole group (the n samples of one prompt): its prompt is prefilled once
   and the allocator forks it into n sequences sharing the prompt's pages; each sample then draws its own first token
-  from the shared last-position logits. A preempted sequence comes back alone, in front, and recomputes prompt +
+  from the shared last-position logits. An evicted sequence comes back alone, in front, and recomputes prompt +
   generated tokens (its sampling keys do not change, so neither do its tokens).
 - Prefix caching (`prefix_caching`): the allocator names every full page a prefill writes by its chained token hash,
   so a later entry whose prompt starts with the same full pages (a shared system prompt or template, a repeated
-  prompt, a preempted sample's own prompt while its siblings still hold it) reuses them and prefills only the rest;
+  prompt, an evicted sample's own prompt while its siblings still hold it) reuses them and prefills only the rest;
   that step's attention then reads the prefix from the pages (`Context.page_table` set on a prefill). The cache lives
   as long as the call's KV pool: the next call may run on updated weights, so nothing is reused across calls.
-- `paged_prefill` (the runner sets it on fp32 CPU, where the C++ paged kernel serves query runs): a prefill without
-  a hit also reads its attention from the pages when `cpu_prefill_prefers_pages` expects that kernel to beat varlen
-  attention over the fresh K/V (short or ragged runs).
+- `prefill_prefers_pages` (the runner's choice: on fp32 CPU, where the C++ paged kernel serves query runs, it is
+  `dash_kernels.paged_attention.cpu_prefill_prefers_pages`): a prefill without a hit also reads its attention from
+  the pages when this predicate on its query-run lengths expects that kernel to beat varlen attention over the fresh
+  K/V (short or ragged runs). The scheduler holds no kernel knowledge of its own.
 - Admission needs the entry's pages plus one page of headroom per sequence when anything else is running, so a step
-  that admits is not immediately undone by preemption.
+  that admits is not immediately undone by eviction.
 - Decode: if the step's new pages (page boundaries + copy-on-write) exceed the free pages, the newest running
-  sequences are preempted until it fits. The pool always fits one longest sequence (checked in `generate`), so the
-  oldest sequence always progresses.
+  sequences are evicted (pages freed, recomputed when readmitted) until it fits. The pool always fits one longest
+  sequence (checked in `generate`), so the oldest sequence always progresses.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from dash.engine.kv_cache import Context, KVCache
 from dash.engine.sequence import SequenceTable
-from dash_kernels.paged_attention import cpu_prefill_prefers_pages
 
 
 class Scheduler:
     def __init__(self, table: SequenceTable, cache: KVCache, max_num_seqs: int, max_batched_tokens: int,
                  tokenizer=None, group_fork: bool = True, prefix_caching: bool = True,
-                 paged_prefill: bool = False) -> None:
+                 prefill_prefers_pages: Callable[[torch.Tensor], bool] | None = None) -> None:
         self.table, self.cache, self.alloc = table, cache, cache.allocator
         self.max_num_seqs, self.max_batched_tokens = max_num_seqs, max_batched_tokens
         self.tokenizer = tokenizer
-        self.prefix_caching, self.paged_prefill = prefix_caching, paged_prefill
+        self.prefix_caching, self.prefill_prefers_pages = prefix_caching, prefill_prefers_pages
         n = table.n
         groups = [list(range(r * n, (r + 1) * n)) for r in range(len(table.prompts))]
         # Without group fork every sample is its own entry and prefills the prompt again (the baseline to beat).
         self.waiting: deque[list[int]] = deque(groups if group_fork else ([s] for g in groups for s in g))
         self.running: list[int] = []
         self._running_ids: torch.Tensor | None = None  # cached tensor of `running`, rebuilt when it changes
-        self.num_preemptions = 0
+        self.num_evictions = 0
         self.num_finished = 0
         self.num_cached_tokens = 0  # prefill tokens served from the prefix cache
 
@@ -110,10 +111,10 @@ class Scheduler:
     def _prefill_context(self, tokens, lens, slots, cached, firsts) -> Context:
         """Entry e computes tokens [cached[e], lens[e]); with no cache hit in the step (cached all 0) attention runs
         over the fresh K/V (varlen), otherwise it reads each entry's first cached[e] tokens from the pages. With
-        `paged_prefill`, a step whose run lengths favour the paged kernel also carries page tables."""
+        `prefill_prefers_pages`, a step whose run lengths favour the paged kernel also carries page tables."""
         hit = bool(cached.any())
         q_lens = lens - cached  # [E] >= 1: the allocator always leaves the last token to compute
-        paged = hit or (self.paged_prefill and cpu_prefill_prefers_pages(q_lens))
+        paged = hit or (self.prefill_prefers_pages is not None and self.prefill_prefers_pages(q_lens))
         self.num_cached_tokens += int(cached.sum())
         positions = torch.arange(len(tokens)) - (lens.cumsum(0) - lens).repeat_interleave(lens)  # [sum(lens)] in entry
         if hit:  # keep the tokens the step computes
@@ -135,7 +136,7 @@ class Scheduler:
     def _schedule_decode(self):
         ids = self.running_ids()
         while self.alloc.pages_needed_for_append(ids) > self.alloc.num_free_pages:
-            self._preempt_newest()
+            self._evict_newest()
             ids = self.running_ids()
         slots, page_table, context_lens, src, dst = self.alloc.append(ids)
         t = self.table
@@ -151,12 +152,12 @@ class Scheduler:
         )
         return ctx, ids, None
 
-    def _preempt_newest(self) -> None:
+    def _evict_newest(self) -> None:
         victim = self.running.pop()
         self._running_ids = None
         self.alloc.free(torch.tensor([victim], dtype=torch.long))
         self.waiting.appendleft([victim])
-        self.num_preemptions += 1
+        self.num_evictions += 1
 
     def postprocess(self, seq_ids: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> int:
         """Record the sampled tokens, retire finished sequences; returns how many finished this step."""

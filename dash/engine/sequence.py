@@ -145,6 +145,7 @@ class SequenceTable:
         self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long)[req]
         self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)[req]
         self.any_filter = bool((self.top_k > 0).any() or (self.top_p < 1).any())
+        self.max_top_k = int(self.top_k.max()) if N else 0  # host-side: sizes the Triton sampler's top-k buffer
         seeds = [p.seed if p.seed is not None else int(torch.randint(_SEED_RANGE, ())) for p in params]
         self.seed = torch.tensor(seeds, dtype=torch.long)[req]  # [N]
         self.sample = torch.arange(N) % n  # [N]
@@ -164,7 +165,7 @@ class SequenceTable:
         self._rows: BatchRows | None = None  # of the last batch (see `rows`)
 
     def full_tokens(self, seq_id: int) -> list[int]:
-        """Prompt + generated tokens (what a preempted sequence recomputes). Read-only: may be the prompt itself."""
+        """Prompt + generated tokens (what an evicted sequence recomputes). Read-only: may be the prompt itself."""
         prompt, k = self.prompts[seq_id // self.n], int(self.num_gen[seq_id])
         return prompt + self.tokens[seq_id, :k].tolist() if k else prompt
 

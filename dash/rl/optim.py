@@ -20,9 +20,14 @@ MixedPrecisionPolicy is the way to get the same effect there (see dash/rl/fsdp.p
 from __future__ import annotations
 
 import functools
+import math
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # annotations only: dash.config is not needed to build an optimizer
+    from dash.config import DashConfig
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 _MASTER_KEY = "dash_master_weights"
@@ -120,3 +125,40 @@ def make_adamw(params, *, lr: float, weight_decay: float) -> torch.optim.Optimiz
     if any(p.dtype in LOW_PRECISION for p in params):
         return MasterWeightAdamW(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "constant",
+              min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based); the one schedule of RL and SFT.
+
+    Warm-up: (step + 1) / warmup_steps for the first `warmup_steps` steps (the first update already moves, at
+    lr / warmup_steps). After it, with progress p = (step - warmup_steps) / (total_steps - warmup_steps), capped at 1,
+    and m = min_lr_ratio:
+        constant: 1        linear: m + (1 - m) * (1 - p)        cosine: m + (1 - m) * (1 + cos(pi * p)) / 2
+    linear with m = 0 and no warm-up is the HF Trainer default the paper used (decay to 0 over the run).
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_factor: schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * max(0.0, 1.0 - progress)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(cfg: DashConfig, model: torch.nn.Module):
+    """The RL trainer's AdamW (make_adamw) and its LR schedule (lr_factor), stepped once per optimizer step: there
+    are train.steps x ppo_epochs x ppo_minibatches of them, and warm-up counts in the same unit. The scheduler's
+    state (its step count) is saved in checkpoints, so a resumed run continues the same LR sequence."""
+    t = cfg.train
+    opt = make_adamw(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)  # fp32 masters for 16-bit models
+    total = t.steps * t.ppo_epochs * t.ppo_minibatches
+    warmup, schedule, min_ratio = t.warmup_steps, t.lr_schedule, t.min_lr_ratio
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, total, warmup, schedule, min_ratio))
+    return opt, sched

@@ -21,6 +21,9 @@ import torch
 from tqdm import tqdm
 
 from dash.config import ConfigError, DashConfig, config_to_dict
+from dash.data_sources import resolve_source
+from dash import model_io  # called as model_io.load_model: tests patch it to prove the checks come first
+from dash.rewards import get_reward
 from dash.rl.checkpoint import (
     ADAPTER_DIR,
     MODEL_DIR,
@@ -32,22 +35,26 @@ from dash.rl.checkpoint import (
     set_rng_state,
 )
 from dash.rl.distributed import close_distributed, init_distributed
-from dash.rl.evaluate import evaluate
+from dash.rl.eval_sets import check_eval_sets, load_eval_sets
+from dash.rl.evaluate import evaluate_sets, headline
 from dash.rl.fsdp import gathered, shard_model
 from dash.rl.metrics import MetricsLogger
+from dash.rl.optim import build_optimizer
+from dash.rl.policy_update import PolicyUpdate, frozen_copy
 from dash.rl.run_dir import claim_run_dir
 from dash.rl.sample import RolloutSampler
-from dash.rl.step import PolicyUpdate, build_optimizer, frozen_copy, run_step
+from dash.rl.step import run_step
+from dash.rl.task_data import load_task, prompt_token_limit
 from dash.runtime import resolve_device, resolve_dtype, resolve_model_path, seed_everything
 
 
 def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two config_to_dict trees, leaving out `log.*` (where output goes,
-    how often it is written: nothing the run computes depends on it)."""
+    how often it is written) and `eval.*` (how it is measured): nothing the run computes depends on them."""
     out = []
     for key in sorted(set(saved) | set(current)):
         name = prefix + key
-        if name == "log":
+        if name in ("log", "eval"):
             continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -60,20 +67,20 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
 def check_before_loading(cfg: DashConfig, folder: Path) -> None:
     """What the config cannot know alone, checked before any weights or data are read: the data files exist, and a
     completion fits the model's context (one capped there would still be normalised by the uncapped length)."""
-    if cfg.data.task != "arith":
-        for key in ("train_path", "test_path"):
-            path = getattr(cfg.data, key)
-            if path and not Path(path).is_file():
-                raise ConfigError(f"data.{key}: no such file {path}")
-    from dash.model_io import read_config  # as setup() imports model_io: lazily
-
-    context = read_config(folder).max_position_embeddings
+    if cfg.data.task != "arith":  # a file, a glob that matches, a save_to_disk folder with the split asked for
+        for key, split_key in (("train_path", "split"), ("test_path", "test_split")):
+            if getattr(cfg.data, key):
+                try:
+                    resolve_source(getattr(cfg.data, key), split=getattr(cfg.data, split_key), key=f"data.{key}",
+                                   split_key=f"data.{split_key}")
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+    context = model_io.read_config(folder).max_position_embeddings
     if cfg.sampling.max_new_tokens >= context:
         raise ConfigError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} must be below the model's context "
                           f"({context} tokens, {folder}/config.json), which also holds the prompt")
-    from dash.rl.task_data import prompt_token_limit
-
     prompt_token_limit(cfg.data, cfg.sampling, context)  # ConfigError if a fixed KV pool leaves no room for a prompt
+    check_eval_sets(cfg, context)  # eval set files and eval's answer length, before the weights load too
 
 
 class Trainer:
@@ -87,10 +94,6 @@ class Trainer:
     def setup(self, resume: str | None = None, overwrite: bool = False, claim_out_dir: bool = True) -> None:
         """`overwrite`: replace a run already in log.out_dir; `claim_out_dir=False` (`dash eval`): neither lock nor
         check log.out_dir (dash/rl/run_dir.py), which an evaluation only appends to."""
-        from dash.model_io import load_model, load_tokenizer
-        from dash.rewards import get_reward
-        from dash.rl.task_data import load_task
-
         cfg = self.cfg
         seed_everything(cfg.train.seed)
         ckpt, state = load_checkpoint(resume) if resume else (None, None)  # never unpickles (checkpoint.py)
@@ -115,8 +118,8 @@ class Trainer:
         self.run_dir = None  # locked until close(); refuses a folder that holds another run or cannot be written
         if claim_out_dir and self.dist.is_main:
             self.run_dir = claim_run_dir(cfg.log.out_dir, resume=ckpt, resume_step=resumed_step, overwrite=overwrite)
-        self.tokenizer = load_tokenizer(folder)  # before the weights: a missing tokenizer file fails fast
-        self.model = load_model(folder, dtype=resolve_dtype(cfg.model.dtype), device=device).train()
+        self.tokenizer = model_io.load_tokenizer(folder)  # before the weights: a missing tokenizer file fails fast
+        self.model = model_io.load_model(folder, dtype=resolve_dtype(cfg.model.dtype), device=device).train()
         self.model.gradient_checkpointing = cfg.train.gradient_checkpointing
         if lora:  # base frozen (requires_grad False): the optimizer below holds the adapters alone
             from dash.lora import apply_lora, load_adapter, trainable_fraction
@@ -135,17 +138,22 @@ class Trainer:
 
             self.ref_model = BaseModelView(self.model)
         elif cfg.loss.beta > 0:
-            self.ref_model = frozen_copy(load_model(ref_folder, dtype=resolve_dtype(cfg.model.dtype), device=device))
+            self.ref_model = frozen_copy(model_io.load_model(ref_folder, dtype=resolve_dtype(cfg.model.dtype),
+                                                             device=device))
         self.train_data, self.test_examples = load_task(cfg.data, self.tokenizer,
                                                         self.model.config.max_position_embeddings, cfg.sampling)
+        # Rank 0 alone evaluates: the other ranks load no eval set.
+        self.eval_sets = (load_eval_sets(cfg, self.tokenizer, self.model, self.test_examples)
+                          if self.dist.is_main else {})
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         self.update = PolicyUpdate(cfg, self.model, self.optimizer, self.scheduler, self.ref_model)
         self.sampler = RolloutSampler(self.model, self.tokenizer, cfg.sampling, get_reward(cfg.data.reward),
                                       reward_timeout_s=cfg.data.reward_timeout_s)
         # Rank 0 alone logs, evaluates and checkpoints (the replicas are identical).
         purge = resumed_step + 1 if self.run_dir and ckpt else None  # TensorBoard: the old run's events from there on
-        self.logger = MetricsLogger(cfg.log.out_dir, tensorboard=cfg.log.tensorboard,
-                                    purge_step=purge) if self.dist.is_main else None
+        self.logger = MetricsLogger(cfg.log.out_dir, tensorboard=cfg.log.tensorboard, purge_step=purge,
+                                    wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
+                                    run_config=config_to_dict(cfg)) if self.dist.is_main else None
         if ckpt:
             if fsdp:
                 load_sharded(ckpt, self.model, self.optimizer)
@@ -204,8 +212,8 @@ class Trainer:
         self.model.eval()
         with torch.no_grad(), gathered(self.model):
             if self.dist.is_main:
-                metrics, shown = evaluate(self.sampler, self.test_examples, self.cfg.train.seed,
-                                          pass_k=self.cfg.log.eval_pass_k, samples_shown=self.cfg.log.samples_shown)
+                metrics, shown = evaluate_sets(self.eval_sets, self.cfg.eval, self.cfg.train.seed,
+                                               samples_shown=self.cfg.log.samples_shown)
         self.model.train()
         if not self.dist.is_main:
             return {}
@@ -213,7 +221,7 @@ class Trainer:
             self.logger.log(self.step, metrics)
             self.logger.log_samples(self.step, shown)
         self.history.append({"step": self.step, **metrics})
-        self._say(f"step {self.step}: greedy accuracy {metrics['eval/greedy_acc']:.3f}")
+        self._say(f"step {self.step}: {headline(metrics)}")
         return metrics
 
     # -- checkpoints -------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ Design limits:
   matters a lot at this size: see TINY_MODEL_CONFIG["initializer_range"].
 - Threads: on an idle machine torch's default (one per core) is fastest; on a shared machine 2 threads can be
   2x SLOWER than 1 (measured here: 0.33 vs 0.15 s/step at load 2), because the threads wait on each other's
-  preempted core. `--threads 1` is the safe choice when other jobs run.
+  descheduled core. `--threads 1` is the safe choice when other jobs run.
 
 Departures from the paper: the paper starts RL from a pretrained Qwen2.5-0.5B; our tiny model starts from this SFT.
 """

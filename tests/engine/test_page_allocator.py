@@ -153,7 +153,7 @@ def test_append_out_of_pages_is_atomic():
     with pytest.raises(ValueError, match="out of pages"):
         a.append(ids(0, 1))
     assert a.num_tokens(0) == 2 and a.num_tokens(1) == 2
-    a.free(ids(1))  # preemption frees room
+    a.free(ids(1))  # eviction frees room
     a.append(ids(0))
     check_invariants(a, [0])
 
@@ -183,7 +183,7 @@ def test_random_walk_keeps_invariants():
         elif op < 0.8 and live:
             batch = rng.sample(live, rng.randint(1, len(live)))
             while batch and a.pages_needed_for_append(torch.tensor(batch)) > a.num_free_pages:
-                victim = batch.pop()  # preempt, as the scheduler does
+                victim = batch.pop()  # evict, as the scheduler does
                 a.free(ids(victim))
                 live.remove(victim)
             if batch:

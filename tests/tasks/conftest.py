@@ -9,7 +9,7 @@ def one_thread():
     """Run each test on one torch thread, then restore the previous count.
 
     The tiny models here are overhead-bound, and on a shared 2-core machine 2 threads ran these tests up to 10x
-    slower than 1 (each thread spins waiting for the other's preempted core). The assertions hold either way:
+    slower than 1 (each thread spins waiting for the other's descheduled core). The assertions hold either way:
     the checkpoint band allows for the float differences another thread count brings.
     """
     before = torch.get_num_threads()
