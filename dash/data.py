@@ -9,7 +9,9 @@ after an optional system prompt, with the generation prompt appended). The answe
 answer parser (`dash.rewards.get_answer_parser`), so an unusable gold answer is caught at load time, not as a silent
 0 reward. Bad rows are skipped and counted per reason in `LoadStats` with their first few row numbers (logged), or
 raise `ValueError` naming the row and field when `strict=True`. Row numbers are 1-based line numbers for jsonl and
-0-based row indices for parquet (`LoadStats.unit` says which).
+0-based row indices for parquet (`LoadStats.unit` says which). The path may also be a glob of shards or a folder
+written by `datasets`' save_to_disk (dash/data_sources.py resolves it, with errors naming the config key); their
+rows are 0-based, across shards in sorted order.
 
 Iteration (`PromptIterator`): epoch e visits every example once in the order `random.Random(f"dash.data/{seed}/{e}")`
 shuffles to; `next_batch(n)` continues across epoch ends, so a batch at the boundary may repeat a prompt of the
@@ -36,6 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from dash.data_sources import DataSource, resolve_source, saved_records
+from dash.rewards import get_answer_parser
+
 logger = logging.getLogger(__name__)
 
 # Why a row can be skipped, in the order the checks run.
@@ -60,9 +65,12 @@ class DatasetConfig:
     """Where a dataset lives and how rows become prompts and answers."""
 
     path: str
-    """A .jsonl (one JSON object per line) or .parquet file."""
+    """A .jsonl (one JSON object per line) or .parquet file, a glob of such shards (`data/train-*.parquet`), or a
+    folder written by `datasets`' save_to_disk (dash/data_sources.py)."""
     format: Literal["auto", "jsonl", "parquet"] = "auto"
-    """`auto` picks by suffix: .parquet/.pq -> parquet, anything else -> jsonl."""
+    """`auto` picks by suffix: .parquet/.pq -> parquet, anything else -> jsonl (a saved folder says its own)."""
+    split: str = "train"
+    """The split read from a saved DatasetDict folder (ignored for files, globs and a saved Dataset)."""
     prompt_field: str = "prompt"
     """Row field holding the problem text."""
     answer_field: str = "answer"
@@ -146,10 +154,37 @@ class LoadStats:
         return f"{self.path}: kept {self.kept}/{self.rows} rows" + (f"; skipped {'; '.join(parts)}" if parts else "")
 
 
-def read_records(path: str | Path, fmt: str = "auto") -> Iterator[tuple[int, Any]]:
-    """(row number, record) for each row; a jsonl line that is not valid JSON yields its ValueError as the record."""
-    path = Path(path)
-    if _is_parquet(path, fmt):
+def read_records(path: str | Path, fmt: str = "auto", *, split: str = "train", key: str = "path",
+                 split_key: str = "split") -> Iterator[tuple[int, Any]]:
+    """(row number, record) for each row of a file, a glob of shards or a save_to_disk folder (dash/data_sources.py,
+    whose errors name `key` / `split_key`); a jsonl line that is not valid JSON yields its ValueError as the record.
+    Rows are 1-based lines of a single jsonl file, else 0-based rows (across shards, in sorted path order)."""
+    for _, row, record in _source_records(resolve_source(path, fmt=fmt, split=split, key=key, split_key=split_key),
+                                          key):
+        yield row, record
+
+
+def _source_records(source: DataSource, key: str) -> Iterator[tuple[str, int, Any]]:
+    """(where, row, record): `where` names the shard and its own line/row, for errors."""
+    if source.kind == "saved":
+        for row, record in saved_records(source, key):
+            yield f"{source.spec}: row {row}", row, record
+        return
+    if not source.sharded:
+        unit = "line" if source.kind == "jsonl" else "row"
+        for row, record in _file_records(source.files[0], source.kind):
+            yield f"{source.spec}: {unit} {row}", row, record
+        return
+    row = 0
+    for shard in source.files:
+        for own_row, record in _file_records(shard, source.kind):
+            yield f"{shard}: {'line' if source.kind == 'jsonl' else 'row'} {own_row}", row, record
+            row += 1
+
+
+def _file_records(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
+    """One file's rows: (1-based line, record) for jsonl, (0-based row, record) for parquet."""
+    if fmt == "parquet":
         yield from _parquet_records(path)
         return
     with path.open("rb") as f:  # decoded line by line: one bad line costs that line, not the file
@@ -171,16 +206,12 @@ def read_records(path: str | Path, fmt: str = "auto") -> Iterator[tuple[int, Any
                     yield line_no, ValueError("JSON nested too deeply")
 
 
-def _is_parquet(path: str | Path, fmt: str) -> bool:
-    return fmt == "parquet" or (fmt == "auto" and Path(path).suffix.lower() in (".parquet", ".pq"))
-
-
 def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # optional dependency (extra `data`): only parquet files need it
+        import pyarrow.parquet as pq  # optional dependency, as above
     except ImportError as exc:
         raise ImportError(f"reading the parquet file {path} needs pyarrow: pip install pyarrow") from exc
-    import pyarrow as pa
 
     row = 0
     try:  # pyarrow's errors name no file ("Parquet magic bytes not found in footer"): say which one, and why
@@ -246,10 +277,10 @@ def _check_row(cfg: DatasetConfig, record: Any, tokenizer: Any, use_chat: bool, 
     return "", (prompt, answer)
 
 
-def load_examples(cfg: DatasetConfig, tokenizer: Any = None) -> tuple[list[Example], LoadStats]:
-    """Read `cfg.path` into examples; bad rows are skipped and counted (or raise if `cfg.strict`)."""
-    from dash.rewards import get_answer_parser
-
+def load_examples(cfg: DatasetConfig, tokenizer: Any = None, *, key: str = "DatasetConfig.path",
+                  split_key: str = "DatasetConfig.split") -> tuple[list[Example], LoadStats]:
+    """Read `cfg.path` into examples; bad rows are skipped and counted (or raise if `cfg.strict`). A path problem is
+    a ValueError naming `key` (or `split_key`), raised before any row is read."""
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     if cfg.chat_template == "always" and not has_chat:
         raise ValueError("DatasetConfig.chat_template='always' but the tokenizer has no chat template")
@@ -257,17 +288,18 @@ def load_examples(cfg: DatasetConfig, tokenizer: Any = None) -> tuple[list[Examp
         raise ValueError("DatasetConfig.max_prompt_tokens needs a tokenizer to count tokens")
     use_chat = has_chat and cfg.chat_template != "never"
     parser = get_answer_parser(cfg.answer_parser) if cfg.answer_parser else (lambda s: s if s.strip() else None)
-    is_parquet = _is_parquet(cfg.path, cfg.format)
-    stats = LoadStats(path=str(cfg.path), unit="row" if is_parquet else "line")
+    source = resolve_source(cfg.path, fmt=cfg.format, split=cfg.split, key=key, split_key=split_key)
+    one_jsonl = source.kind == "jsonl" and not source.sharded
+    stats = LoadStats(path=str(cfg.path), unit="line" if one_jsonl else "row")
     examples: list[Example] = []
-    for row, record in read_records(cfg.path, "parquet" if is_parquet else "jsonl"):
+    for where, row, record in _source_records(source, key):
         stats.rows += 1
         reason, detail = _check_row(cfg, record, tokenizer, use_chat, parser)
         if not reason:
             examples.append(Example(prompt=detail[0], answer=detail[1], row=row, columns=record))
             continue
         if cfg.strict:
-            raise ValueError(f"{cfg.path}: {stats.unit} {row}: {reason}: {detail!r:.200}")
+            raise ValueError(f"{where}: {reason}: {detail!r:.200}")
         stats.skip(reason, row)
     stats.kept = len(examples)
     if stats.skipped:

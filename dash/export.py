@@ -49,8 +49,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import GenerationConfig
 
 from dash.config import ConfigError, LoRAConfig
 from dash.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, load_adapter, lora_modules, merged_weight
@@ -64,7 +66,7 @@ from dash.rl.checkpoint import _fsync_tree, load_sharded
 from dash.rl.safe_dcp import SafeFileSystemReader
 from dash.runtime import resolve_model_path
 
-__all__ = ["export_checkpoint", "ExportError", "MAX_SHARD_BYTES"]
+__all__ = ["export_checkpoint", "load_checkpoint_model", "ExportError", "MAX_SHARD_BYTES"]
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default max_shard_size "5GB" (decimal, as it parses it)
 _DCP_MODEL_PREFIX = "model."  # checkpoint.save_sharded_checkpoint saves {"model": ..., "optimizer": ...}
@@ -133,6 +135,23 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, overwri
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def load_checkpoint_model(src: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                          base: str | os.PathLike | None = None, before_weights=None) -> tuple[CausalLM, Path, Path]:
+    """A run's or checkpoint's model on the CPU, as export reads it (for `dash eval`): -> (model in eval mode, the
+    folder with its config.json and tokenizer, the checkpoint folder chosen). A LoRA checkpoint's adapters are
+    applied, not merged: LoRALinear modules over the base, as the run trained and evaluated them.
+    `before_weights(folder)`: called once the source is resolved and checked, before any weight is read."""
+    source = _resolve(Path(src), base, None)
+    if before_weights is not None:
+        before_weights(source.folder)
+    if source.lora is None:
+        model = _load(source, dtype)
+    else:
+        stored = _ST_DTYPES[next(iter(_read_headers([source.ckpt / ADAPTER_DIR / ADAPTER_WEIGHTS]).values()))[2]]
+        model = _attach(load_model(source.folder, dtype=dtype or stored), source)
+    return model.eval(), source.folder, source.ckpt
 
 
 def parse_size(text: str) -> int:
@@ -310,9 +329,6 @@ def _write_adapters(source: _Source, tokenizer, folder: Path, dtype: torch.dtype
 
 
 def _write(model: CausalLM, tokenizer, run_cfg: dict, folder: Path, max_shard_bytes: int) -> None:
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from transformers import GenerationConfig
-
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}  # tied: no lm_head duplicate
     dtype = next(iter(tensors.values())).dtype
     (folder / CONFIG_FILE).write_text(json.dumps(model.config.to_hf_dict(dtype), indent=2) + "\n")

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dash.config import LORA_MODULES, LoRAConfig
+from dash_kernels.decoder_layer import LAYER_WEIGHTS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -228,8 +229,6 @@ class BaseModelView:
 def layer_adapters(layer: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, float] | None] | None:
     """A decoder layer's adapters in dash_kernels LAYER_WEIGHTS order, (A [r, in], B [out, r], scaling) or None per
     slot; None when the layer has none (the sampler's plain path)."""
-    from dash_kernels.decoder_layer import LAYER_WEIGHTS
-
     found = {_SLOT[n.rsplit(".", 1)[-1]]: (m.lora_A.weight, m.lora_B.weight, m.scaling)
              for n, m in layer.named_modules() if isinstance(m, LoRALinear) and m.adapter_on}
     return [found.get(slot) for slot in LAYER_WEIGHTS] if found else None

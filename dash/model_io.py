@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dash.model import CausalLM, ModelConfig
 
@@ -131,13 +132,9 @@ def load_tokenizer(folder: str | os.PathLike) -> Any:
     folder = _existing_folder(folder)
     path = folder / TOKENIZER_FILE
     if path.is_file():
-        from transformers import PreTrainedTokenizerFast
-
         tokenizer = _read_tokenizer(PreTrainedTokenizerFast, folder)
         _check_vocab(tokenizer.get_vocab(), path)
     elif any((folder / name).is_file() for name in _LEGACY_TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
         tokenizer = _read_tokenizer(AutoTokenizer, folder)
     else:
         raise FileNotFoundError(f"{path}: no {TOKENIZER_FILE} (nor {' / '.join(_LEGACY_TOKENIZER_FILES)}) in {folder}")

@@ -12,7 +12,7 @@ once per call holds W + scaling * B A instead (built one layer at a time).
 
 Attention per step:
 - paged (`decoder_layer_`): a decode step, and a prefill with page tables (a prefix-cache hit, or on fp32 CPU short /
-  ragged runs, see `Scheduler.paged_prefill`). The new K/V are stored first, then read in place with the other
+  ragged runs, see `Scheduler.prefill_prefers_pages`). The new K/V are stored first, then read in place with the other
   tokens' by `dash_kernels.paged_attention` (its Triton kernel on CUDA; on fp32 CPU the whole layer is one C++ call).
   Pages another entry of the same step shares are written by that entry in the same layer before any attention of
   the layer runs, so in-step sharing needs no ordering between entries.
@@ -35,6 +35,7 @@ from dash_kernels import kv
 from dash_kernels._ext import use_cpu_kernel
 from dash_kernels.decoder_layer import decoder_layer_, decoder_layer_ref, pack_layer
 from dash_kernels.linear import linear_packed, pack_linear, packed_gemm_available
+from dash_kernels.paged_attention import cpu_prefill_prefers_pages
 from dash_kernels.rms_norm import rms_norm
 
 try:  # optional, CUDA only; its paged KV needs page_size % 256 == 0 (FA2's block-table constraint)
@@ -58,6 +59,9 @@ class ModelRunner:
         # can be the fast one (the scheduler picks per step; a paged step is also one C++ call per layer). On CUDA
         # varlen flash attention stays the no-hit prefill path.
         self.paged_prefill = use_cpu_kernel(cache.k[0])
+        # The scheduler's per-step choice (Scheduler.prefill_prefers_pages): the kernel's own cost model, given here
+        # so the scheduler imports no kernel module.
+        self.prefill_prefers_pages = cpu_prefill_prefers_pages if self.paged_prefill else None
         # RoPE tables for every position of this call, looked up per step: computing cos/sin of [T, D] angles costs
         # ~6 small ops per step, a row gather costs 2. Same values as the model's own tables (same function).
         with torch.no_grad():

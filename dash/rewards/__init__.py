@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from dash.rewards.safe_call import RewardStats, SafeReward
 from dash.rewards.scorer import RewardScorer, RewardSum
@@ -90,13 +90,30 @@ def get_reward(name: str) -> RewardFn | RewardSum:
     if len(sample_terms) == 1:
         per_sample = loaded[terms.index(sample_terms[0])].fn
     elif sample_terms:
-        from dash.rewards.format import combine_rewards
-
         per_sample = combine_rewards({term: 1.0 for term in sample_terms})
     else:
         per_sample = None
     batch = tuple(r for r in loaded if r.form == "batch")
     return RewardSum(per_sample, batch, name) if batch else per_sample
+
+
+def combine_rewards(weights: Mapping[str | RewardFn, float]) -> RewardFn:
+    """A reward that is the weighted sum of others, given by registry name or as functions.
+
+    Example: `combine_rewards({"math": 1.0, "format": 0.1})` pays 1.1 for a correct, well-formed answer.
+    """
+    if not weights:
+        raise ValueError("combine_rewards needs at least one reward")
+    parts = [(get_reward(k) if isinstance(k, str) else k, float(w)) for k, w in weights.items()]
+    batch = [k for (fn, _), k in zip(parts, weights) if not callable(fn)]  # a RewardSum: TRL form, not per-sample
+    if batch:
+        raise ValueError(f"combine_rewards: {batch} are TRL-form (batch) rewards; sum them with get_reward('a+b')")
+
+    def combined(completion: str, answer: str) -> float:
+        return sum(w * fn(completion, answer) for fn, w in parts)
+
+    combined.__name__ = "+".join(k if isinstance(k, str) else getattr(k, "__name__", "fn") for k in weights)
+    return combined
 
 
 def check_reward_spec(name: str) -> None:
@@ -142,9 +159,8 @@ def _parse_plain(raw: object) -> str | None:
 
 def _parse_code(raw: object) -> str | None:
     """code answers: anything `parse_code_tests` understands, passed on as a JSON string."""
-    from dash.rewards.code import parse_code_tests
-
-    tests = parse_code_tests(raw)
+    # resolved like the registry's rewards, on first use: `import dash.rewards` stays without the sandbox modules
+    tests = _resolve("dash.rewards.code:parse_code_tests")(raw)
     return None if tests is None else json.dumps({"tests": list(tests.tests), "setup": tests.setup})
 
 
@@ -158,6 +174,7 @@ __all__ = [
     "SafeReward",
     "available_rewards",
     "check_reward_columns",
+    "combine_rewards",
     "check_reward_spec",
     "get_answer_parser",
     "get_reward",

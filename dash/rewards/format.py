@@ -1,9 +1,9 @@
-"""Format reward and reward combination.
+"""Format reward.
 
 Purpose: an optional shaping term that pays for the answer *shape*, not its correctness: exactly one complete
 `\\boxed{}` (so the MATH extractor has one unambiguous answer) and, optionally, a finished generation (the EOS token
-appears, i.e. the completion was not cut at the length limit). `combine_rewards` adds it to an accuracy reward with a
-weight, e.g. `combine_rewards({"math": 1.0, "format": 0.1})`.
+appears, i.e. the completion was not cut at the length limit). `dash.rewards.combine_rewards` adds it to an accuracy
+reward with a weight, e.g. `combine_rewards({"math": 1.0, "format": 0.1})`.
 
 Design limits: the EOS check needs the completion decoded with special tokens kept (as `dash.tasks.arith` does);
 text after the first EOS is ignored (generation stops there; the rest is padding).
@@ -16,7 +16,7 @@ Run the tests: `python -m pytest tests/rewards -q`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dash.rewards.math import BOX_COMMANDS, last_boxed
@@ -60,24 +60,3 @@ def format_reward(completion: str, answer: str = "", *, cfg: FormatRewardConfig 
         if count_boxed(text) != 1 or boxed is None or not boxed.strip():
             return 0.0
     return 1.0
-
-
-def combine_rewards(weights: Mapping[str | RewardFn, float]) -> RewardFn:
-    """A reward that is the weighted sum of others, given by registry name or as functions.
-
-    Example: `combine_rewards({"math": 1.0, "format": 0.1})` pays 1.1 for a correct, well-formed answer.
-    """
-    if not weights:
-        raise ValueError("combine_rewards needs at least one reward")
-    from dash.rewards import get_reward  # lazy: the registry imports this module
-
-    parts = [(get_reward(k) if isinstance(k, str) else k, float(w)) for k, w in weights.items()]
-    batch = [k for (fn, _), k in zip(parts, weights) if not callable(fn)]  # a RewardSum: TRL form, not per-sample
-    if batch:
-        raise ValueError(f"combine_rewards: {batch} are TRL-form (batch) rewards; sum them with get_reward('a+b')")
-
-    def combined(completion: str, answer: str) -> float:
-        return sum(w * fn(completion, answer) for fn, w in parts)
-
-    combined.__name__ = "+".join(k if isinstance(k, str) else getattr(k, "__name__", "fn") for k in weights)
-    return combined

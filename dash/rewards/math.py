@@ -170,7 +170,7 @@ def _load_math_verify():
     if not _math_verify_checked:  # import once: it pulls in sympy and antlr (~1 s)
         _math_verify_checked = True
         try:
-            import math_verify
+            import math_verify  # optional dependency (extra `data`): only the math reward's checker needs it
 
             _math_verify_module = math_verify
         except ImportError:

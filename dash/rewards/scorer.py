@@ -53,14 +53,15 @@ def _as_list(value: Any) -> list | None:
 
 
 class RewardScorer:
-    """A reward spec, a `RewardSum` or any reward function (form told from its signature), guarded and counted."""
+    """A `RewardSum` or any reward function (form told from its signature), guarded and counted. A reward spec
+    (a name, `file.py:function`, `a+b`) is resolved by the caller with `dash.rewards.get_reward`, which imports this
+    module."""
 
-    def __init__(self, reward: str | RewardSum | Callable, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+    def __init__(self, reward: RewardSum | Callable, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  mode: Literal["auto", "thread"] = "auto") -> None:
         if isinstance(reward, str):
-            from dash.rewards import get_reward  # lazy: the registry imports this module
-
-            reward = get_reward(reward)
+            raise TypeError(f"RewardScorer takes a reward function or RewardSum, not the spec {reward!r}: pass "
+                            f"dash.rewards.get_reward({reward!r})")
         if isinstance(reward, RewardSum):
             per_sample, batch = reward.per_sample, reward.batch
         else:

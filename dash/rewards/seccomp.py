@@ -62,7 +62,7 @@ _DENIED_IN_HARNESS = ("execve", "execveat", "setrlimit")
 
 def _load_pyseccomp():
     try:
-        import pyseccomp
+        import pyseccomp  # optional dependency (extra `code`): only the code reward's sandbox needs it
     except (ImportError, OSError) as exc:  # OSError: pyseccomp is there but libseccomp.so.2 is not
         raise RuntimeError(
             "the code sandbox needs libseccomp and its binding: `pip install 'dash-rl[code]'` (pyseccomp) and the "

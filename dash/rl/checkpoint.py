@@ -33,9 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
+from torch.distributed.checkpoint import state_dict as sd
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from dash.config import ConfigError
+from dash.lora import has_adapters, save_adapter
 from dash.model_io import save_model
 from dash.rl.distributed import DistInfo, broadcast_object
 from dash.rl.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError
@@ -73,8 +77,6 @@ def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, trainer_st
                     base_model: str | None = None) -> Path:
     """Writes checkpoint `step-<step>` atomically and points `latest` at it; returns its folder. A model with LoRA
     adapters saves them alone, as ADAPTER_DIR (`base_model`: the base folder named in its adapter_config.json)."""
-    from dash.lora import has_adapters, save_adapter
-
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -95,9 +97,6 @@ def save_sharded_checkpoint(out_dir: str | Path, step: int, model, optimizer, tr
                             info: DistInfo) -> Path:
     """FSDP: every rank calls this. Each writes its shards (model + optimizer, DCP) into one temporary folder made by
     rank 0; rank 0 adds the trainer state and publishes the folder as save_checkpoint does."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     root = Path(out_dir) / "checkpoints"
     final = root / f"step-{step}"
     tmp = None
@@ -122,9 +121,6 @@ def save_sharded_checkpoint(out_dir: str | Path, step: int, model, optimizer, tr
 
 def load_sharded(ckpt: Path, model, optimizer=None) -> None:
     """Loads a sharded checkpoint's weights (and optimizer state) into `model` (FSDP-sharded or plain) in place."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import state_dict as sd
-
     # The targets define what is read and how it is sharded here; the optimizer's is built by a zero-lr step when it
     # has no state yet, so every AdamW moment has a tensor to load into.
     state = {"model": sd.get_model_state_dict(model)}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from dash.engine import SamplingParams, generate
+from dash.rewards import RewardScorer
 from dash.rewards.user import example_columns
 from dash.rl.rollout import Rollout
 
@@ -25,8 +27,6 @@ class RolloutSampler:
     """Generates G completions per prompt from the live training model and scores them."""
 
     def __init__(self, model, tokenizer, sampling_cfg, reward_fn, reward_timeout_s: float = 10.0):
-        from dash.rewards import RewardScorer
-
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = sampling_cfg
@@ -45,8 +45,6 @@ class RolloutSampler:
 
     def params(self, seed: int, temperature: float | None = None):
         """The config's sampling settings with this seed; a given temperature (evals: 0 = greedy) drops top-k/p."""
-        from dash.engine import SamplingParams
-
         return SamplingParams(
             temperature=self.cfg.temperature if temperature is None else temperature,
             top_p=self.cfg.top_p if temperature is None else 1.0,
@@ -58,8 +56,6 @@ class RolloutSampler:
 
     def generate(self, prompts: list[str], n: int, seeds: list[int], temperature: float | None = None):
         """-> per prompt, n completions (token ids, text, log-probs, finish reason)."""
-        from dash.engine import generate
-
         params = [self.params(s, temperature) for s in seeds]
         return generate(self.model, self.tokenizer, prompts, n=n, params=params, page_size=self.cfg.page_size,
                         num_pages=self.cfg.num_pages)

@@ -1,7 +1,8 @@
 """The trainer's data: a resumable prompt stream for training and a fixed held-out list for evaluation.
 
 `data.task=arith` builds the built-in arithmetic task (dash/tasks/arith.py) from its seeded splits; `jsonl` /
-`parquet` read local files through dash/data.py (bad rows skipped and counted, or an error with `data.strict`).
+`parquet` read local files, globs of shards or save_to_disk folders (`data.split` / `data.test_split` pick a
+DatasetDict's split) through dash/data.py (bad rows skipped and counted, or an error with `data.strict`).
 Without `data.test_path`, the last `data.test_size` rows of the shuffled training file are held out instead.
 
 A prompt the sampler could not take would end the run at the step that draws it, so rows are checked here, at load:
@@ -17,6 +18,8 @@ import sys
 
 from dash.config import ConfigError, DataConfig, SamplingConfig
 from dash.data import DatasetConfig, Example, PromptIterator, load_examples
+from dash.rewards import RewardSpecError, check_reward_columns
+from dash.tasks.arith import ArithTaskConfig, make_splits
 
 
 def prompt_token_limit(data: DataConfig, sampling: SamplingConfig | None, max_context: int | None) -> tuple[int, str]:
@@ -43,12 +46,17 @@ def prompt_token_limit(data: DataConfig, sampling: SamplingConfig | None, max_co
     return min(limits) if limits else (0, "")
 
 
-def _file_examples(cfg: DataConfig, path: str, tokenizer, limit: int, why: str) -> list[Example]:
+def _file_examples(cfg: DataConfig, key: str, tokenizer, limit: int, why: str) -> list[Example]:
+    """The usable rows of `data.<key>` (train_path or test_path: a file, a glob or a save_to_disk folder)."""
+    path, split_key = getattr(cfg, key), "split" if key == "train_path" else "test_split"
     ds = DatasetConfig(path=path, format="auto" if cfg.task == "jsonl" else "parquet", prompt_field=cfg.prompt_field,
                        answer_field=cfg.answer_field, prompt_template=cfg.prompt_template,
                        chat_template=cfg.chat_template, max_prompt_tokens=limit or None,
-                       answer_parser=cfg.reward, strict=cfg.strict)
-    examples, stats = load_examples(ds, tokenizer)  # data.strict: a row over the limit raises, naming it and the limit
+                       answer_parser=cfg.reward, strict=cfg.strict, split=getattr(cfg, split_key))
+    try:  # data.strict: a row over the limit raises, naming it and the limit
+        examples, stats = load_examples(ds, tokenizer, key=f"data.{key}", split_key=f"data.{split_key}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     summary = stats.summary() + (f" (prompt_too_long: over {limit} tokens = {why})"
                                  if "prompt_too_long" in stats.skipped else "")
     if stats.skipped:
@@ -62,8 +70,6 @@ def _file_examples(cfg: DataConfig, path: str, tokenizer, limit: int, why: str) 
 
 def _check_reward_columns(cfg: DataConfig, examples: list, source: str) -> None:
     """A TRL-form reward's required columns must be in every row: an error now, not a failed reward call each step."""
-    from dash.rewards import RewardSpecError, check_reward_columns
-
     try:
         check_reward_columns(cfg.reward, examples, source)
     except RewardSpecError as exc:
@@ -72,8 +78,6 @@ def _check_reward_columns(cfg: DataConfig, examples: list, source: str) -> None:
 
 def arith_task(cfg: DataConfig):
     """The built-in task's settings from the data config: -> (ArithTaskConfig, train examples, test examples)."""
-    from dash.tasks.arith import ArithTaskConfig, make_splits
-
     try:
         task = ArithTaskConfig(form=cfg.arith_form, digits=cfg.arith_digits, seed=cfg.seed, test_size=cfg.test_size)
     except ValueError as exc:  # e.g. too few distinct problems for the split: name the keys that chose it
@@ -98,9 +102,9 @@ def load_task(cfg: DataConfig, tokenizer, max_context: int | None = None,
         return PromptIterator(train, seed=cfg.seed), test
     if cfg.chat_template == "always" and not getattr(tokenizer, "chat_template", None):
         raise ConfigError("data.chat_template=always, but the model's tokenizer has no chat template")
-    train = _file_examples(cfg, cfg.train_path, tokenizer, limit, why)
+    train = _file_examples(cfg, "train_path", tokenizer, limit, why)
     if cfg.test_path:
-        test = _file_examples(cfg, cfg.test_path, tokenizer, limit, why)[: cfg.test_size]
+        test = _file_examples(cfg, "test_path", tokenizer, limit, why)[: cfg.test_size]
     else:
         if len(train) <= cfg.test_size:
             raise ConfigError(f"data: {cfg.train_path} has {len(train)} usable rows, not enough to hold out "

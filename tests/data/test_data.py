@@ -151,6 +151,7 @@ def test_iterator_refuses_other_data():
 def test_parquet_without_pyarrow_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow...` raise ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")  # it must exist: a missing file is an error before any import
     with pytest.raises(ImportError, match="pip install pyarrow"):
         load_examples(DatasetConfig(path=str(tmp_path / "x.parquet")))
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from dash.rewards import available_rewards, get_answer_parser, get_reward, register_reward
-from dash.rewards.format import FormatRewardConfig, combine_rewards, count_boxed, format_reward
+from dash.rewards import available_rewards, combine_rewards, get_answer_parser, get_reward, register_reward
+from dash.rewards.format import FormatRewardConfig, count_boxed, format_reward
 
 
 def test_format_reward_single_box():

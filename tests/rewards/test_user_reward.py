@@ -15,7 +15,7 @@ import pytest
 from dash.config import ConfigError, load_config
 from dash.data import Example
 from dash.rewards import RewardScorer, RewardSpecError, RewardSum, describe, get_answer_parser, get_reward
-from dash.rewards.format import combine_rewards
+from dash.rewards import combine_rewards
 from dash.rl.task_data import load_task
 
 # Rows the built-in tiny model's character tokenizer can encode, with extra columns a TRL reward reads.
