@@ -4,6 +4,8 @@ Triton is optional: without it the kernel definitions below still import (as pla
 and the torch backend runs.
 """
 
+import os
+
 import torch
 
 try:
@@ -44,3 +46,16 @@ def num_programs_target(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+DETERMINISTIC_ENV = "DASH_KERNELS_DETERMINISTIC"
+
+
+def deterministic_mode() -> bool:
+    """Whether the Triton backwards must give bitwise-identical gradients run to run: DASH_KERNELS_DETERMINISTIC=1
+    (read at each call), or `torch.use_deterministic_algorithms(True)`. Off by default: the fused-loss backward then
+    adds its dW split-K partials with relaxed atomics, exact up to the order of those fp32 adds."""
+    env = os.environ.get(DETERMINISTIC_ENV, "").strip().lower()
+    if env and env not in ("0", "1", "true", "false"):
+        raise ValueError(f"{DETERMINISTIC_ENV} must be 0 or 1, got {env!r}")
+    return env in ("1", "true") or torch.are_deterministic_algorithms_enabled()

@@ -18,7 +18,8 @@ Torch backend: every denominator is known before the forward (it depends on the 
 formed chunk by chunk as soon as the chunk's log-probs are known, and the gradient GEMMs run while the logits tile
 is still in memory: 6NHV FLOPs, the same as the naive path, with no N x V buffer and no recompute. The gradient is
 computed in the forward (when grad is enabled) and only scaled by dL in backward.
-Triton backend: forward kernel, then `_policy_coef_kernel`, then the recomputing backward kernel (8NHV).
+Triton backend: forward kernel, then `_policy_coef_kernel`, then the recomputing three-kernel backward of
+token_logprobs (8NHV in all; deterministic under DASH_KERNELS_DETERMINISTIC=1, see token_logprobs).
 """
 
 import torch
