@@ -17,6 +17,7 @@ problems: the limit is the task / model, not the gradient. Prints a table, then 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -29,7 +30,8 @@ from common import emit, result  # noqa: E402
 from trainer_runs import quiet_trainer  # noqa: E402
 
 from dash.config import load_config  # noqa: E402
-from dash.rl.evaluate import evaluate  # noqa: E402
+from dash.rl.eval_sets import load_eval_sets  # noqa: E402
+from dash.rl.evaluate import evaluate_sets  # noqa: E402
 from dash.runtime import resolve_device  # noqa: E402
 from dash.tokenizer import EOS_TOKEN  # noqa: E402
 
@@ -88,7 +90,13 @@ def main() -> int:
 
     trainer = make_trainer(args.config, overrides)
     try:
-        head, _ = evaluate(trainer.sampler, trainer.test_examples, trainer.cfg.train.seed, pass_k=PASS_K)
+        s = trainer.cfg.sampling  # pass@k at the training sampler's settings (T=1), plus the greedy pass
+        cfg = dataclasses.replace(trainer.cfg, eval=dataclasses.replace(
+            trainer.cfg.eval, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, n=PASS_K, k=[1, PASS_K],
+            greedy=True, sets={}, select=""))
+        sets = load_eval_sets(cfg, trainer.tokenizer, trainer.model, trainer.test_examples)
+        with torch.no_grad():
+            head, _ = evaluate_sets(sets, cfg.eval, cfg.train.seed)
         digits_before = digit_accuracy(trainer)
     finally:
         trainer.close()
@@ -96,9 +104,9 @@ def main() -> int:
     fresh, digits_after = reward_curve(args.config, overrides, args.steps, fixed=False)
     ends = lambda c: (statistics.fmean(c[:WINDOW]), statistics.fmean(c[-WINDOW:]))  # noqa: E731
     rows = [
-        ("held-out greedy accuracy", f"{head['eval/greedy_acc']:.3f}"),
-        ("held-out sampled pass@1 (T=1)", f"{head['eval/pass@1_sampled']:.3f}"),
-        (f"held-out pass@{PASS_K} (T=1)", f"{head[f'eval/pass@{PASS_K}']:.3f}"),
+        ("held-out greedy accuracy", f"{head['eval/heldout/greedy_acc']:.3f}"),
+        ("held-out sampled pass@1 (T=1)", f"{head['eval/heldout/pass@1']:.3f}"),
+        (f"held-out pass@{PASS_K} (T=1)", f"{head[f'eval/heldout/pass@{PASS_K}']:.3f}"),
         (f"training reward, one fixed batch: first {WINDOW} -> last {WINDOW} steps",
          "{:.3f} -> {:.3f}".format(*ends(fixed))),
         (f"training reward, fresh prompts: first {WINDOW} -> last {WINDOW} steps",
@@ -112,8 +120,8 @@ def main() -> int:
                          f"{b:.2f} -> {a:.2f}" for b, a in zip(before["digits"], after["digits"]))))
     table = ["| measurement | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     device = resolve_device(trainer.cfg.model.device).type
-    record = result("rl_transfer", device, steps=args.steps, greedy_acc=head["eval/greedy_acc"],
-                    pass1_sampled=head["eval/pass@1_sampled"], **{f"pass{PASS_K}": head[f"eval/pass@{PASS_K}"]},
+    record = result("rl_transfer", device, steps=args.steps, greedy_acc=head["eval/heldout/greedy_acc"],
+                    pass1_sampled=head["eval/heldout/pass@1"], **{f"pass{PASS_K}": head[f"eval/heldout/pass@{PASS_K}"]},
                     fixed_reward_start=ends(fixed)[0], fixed_reward_end=ends(fixed)[1],
                     fresh_reward_start=ends(fresh)[0], fresh_reward_end=ends(fresh)[1],
                     fixed_curve=fixed, fresh_curve=fresh, digits_before=digits_before,

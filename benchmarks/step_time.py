@@ -56,11 +56,11 @@ def run_variant(cfg, name: str, steps: int, out_dir: Path) -> dict:
     trainer = Trainer(cfg, quiet=True)
     trainer.setup()
     try:
-        before = trainer.evaluate()["eval/greedy_acc"]
+        before = trainer.evaluate()["eval/heldout/greedy_acc"]
         rows = []
         for _ in range(steps + WARMUP_STEPS):
             rows.append(trainer.train_step())
-        after = trainer.evaluate()["eval/greedy_acc"]
+        after = trainer.evaluate()["eval/heldout/greedy_acc"]
     finally:
         trainer.close()
     timed = rows[WARMUP_STEPS:]

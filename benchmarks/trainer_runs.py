@@ -17,7 +17,8 @@ from dash.rl.trainer import Trainer
 def quiet_trainer(cfg, prefix: str) -> Trainer:
     """A set-up Trainer for `cfg` whose logs go to a new temporary folder named `prefix*`."""
     cfg = dataclasses.replace(cfg, log=dataclasses.replace(
-        cfg.log, out_dir=tempfile.mkdtemp(prefix=prefix), eval_every=0, ckpt_every=0, tensorboard=False))
+        cfg.log, out_dir=tempfile.mkdtemp(prefix=prefix), eval_every=0, ckpt_every=0, tensorboard=False),
+        eval=dataclasses.replace(cfg.eval, temperature=0.0, n=1, k=[1], greedy=True))  # greedy alone, as committed
     trainer = Trainer(cfg, quiet=True)
     trainer.setup()
     return trainer
@@ -26,7 +27,7 @@ def quiet_trainer(cfg, prefix: str) -> Trainer:
 def eval_point(trainer: Trainer, step: int, train_s: float) -> dict:
     """Held-out greedy accuracy and answer length now, tagged with the step and the training seconds so far."""
     ev = trainer.evaluate()
-    return {"step": step, "train_s": train_s, "acc": ev["eval/greedy_acc"], "len": ev["eval/answer_len"]}
+    return {"step": step, "train_s": train_s, "acc": ev["eval/heldout/greedy_acc"], "len": ev["eval/heldout/len_mean"]}
 
 
 def train_with_evals(trainer: Trainer, steps: int, eval_every: int,

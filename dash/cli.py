@@ -3,9 +3,13 @@
 Commands:
   train   RL fine-tuning (`train.algorithm`: dash or grpo); `--resume RUN_OR_CHECKPOINT` continues exactly;
           a log.out_dir that holds a run needs `--resume` or `--overwrite` (which deletes that run first)
-  eval    greedy (and sampled pass@k) accuracy of `model.path`, or of `--resume` checkpoint, on the held-out split
+  eval    `dash eval [MODEL_RUN_OR_CHECKPOINT]`: pass@1 / pass@k / greedy accuracy / answer lengths on the eval
+          section's test sets (default: the held-out split) with eval's sampling settings (docs/evaluation.md);
+          a table, and a JSON record at --out (default log.out_dir/eval_results.json). No argument: model.path
   sample  complete `--prompt` texts with the paged sampler (`--n` completions each)
-  sft     supervised warm start of the built-in tiny model on the arithmetic task (writes an HF folder)
+  sft     supervised fine-tuning on prompt + solution rows (`sft.train_path`, or data.train_path; docs/sft.md):
+          checkpoints in log.out_dir/sft, `--resume` / `--overwrite` as train, the HF folder at --out (default
+          log.out_dir/sft/final). With data.task=arith and no file: the built-in tiny model's warm start
   smoke   load the model of `model.path`, greedy-evaluate it on the held-out split with plain padded decoding
   export  `dash export RUN_OR_CHECKPOINT --out DIR`: an HF folder (safetensors, sharded above --max-shard-size,
           generation_config.json, tokenizer) from a run's latest checkpoint, a checkpoint, or FSDP shards;
@@ -81,21 +85,23 @@ def cmd_train(cfg: DashConfig, args) -> int:
     with _closing(trainer):
         trainer.setup(resume=args.resume, overwrite=args.overwrite)
         trainer.train()
-    final = [h for h in trainer.history if "eval/greedy_acc" in h]
+    from dash.rl.evaluate import headline  # lazy, as every command's: `dash --help` and config errors skip torch
+
+    final = [h for h in trainer.history if "time/eval_s" in h]
     if final:
-        print(f"done: {trainer.step} steps, held-out greedy accuracy {final[-1]['eval/greedy_acc']:.3f}; "
-              f"metrics in {cfg.log.out_dir}/metrics.jsonl")
+        print(f"done: {trainer.step} steps, {headline(final[-1])}; metrics in {cfg.log.out_dir}/metrics.jsonl")
     return 0
 
 
 def cmd_eval(cfg: DashConfig, args) -> int:
-    from dash.rl.trainer import Trainer
+    from dash.eval_run import format_table, run_eval  # lazy: `dash --help` and config errors skip torch
 
-    trainer = Trainer(cfg)
-    with _closing(trainer):
-        trainer.setup(resume=args.resume, claim_out_dir=False)
-        metrics = trainer.evaluate()
-    print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    if args.source and args.resume:
+        raise ConfigError(f"dash eval: give the model, run or checkpoint once ({args.source!r} or --resume "
+                          f"{args.resume!r})")
+    record = run_eval(cfg, source=args.source or args.resume, out=args.out)
+    print(format_table(record))
+    print(f"results in {record['results_file']}")
     return 0
 
 
@@ -128,10 +134,19 @@ def cmd_sample(cfg: DashConfig, args) -> int:
 def cmd_sft(cfg: DashConfig, args) -> int:
     from pathlib import Path
 
+    from dash.rl.sft_data import sft_source
+
+    if sft_source(cfg) is not None:  # the user's prompt + solution file
+        from dash.rl.sft_train import run_sft_on_file
+
+        folder = run_sft_on_file(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite)
+        print(f"sft: model in {folder} (use --model.path={folder})")
+        return 0
     from dash.tasks.warmstart import warmstart
 
-    if cfg.data.task != "arith":
-        raise SystemExit("dash sft: only the built-in arithmetic task (data.task=arith) has reference solutions yet")
+    if args.resume or args.overwrite:
+        raise ConfigError("the built-in warm start (data.task=arith, no sft.train_path) keeps no checkpoints "
+                          "to --resume and always replaces --out")
     out = Path(args.out) if args.out else Path(cfg.log.out_dir) / "sft"
     record = warmstart(out, steps=cfg.sft.steps, seed=cfg.data.seed, batch_size=cfg.sft.batch_size, lr=cfg.sft.lr)
     print(f"sft: greedy test accuracy {record['test_accuracy']:.3f}; model in {out} (use --model.path={out})")
@@ -164,16 +179,19 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sft": c
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dash", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS))
-    parser.add_argument("source", nargs="?", default=None, help="export: the run or checkpoint folder to export")
+    parser.add_argument("source", nargs="?", default=None, help="export: the run or checkpoint folder to export; "
+                        "eval: the HF model folder, run or checkpoint to evaluate (default: model.path)")
     parser.add_argument("--config", default=None, help="YAML preset (configs/*.yaml); defaults are used without one")
-    parser.add_argument("--resume", default=None, help="train/eval: a run folder or checkpoint folder to continue from")
+    parser.add_argument("--resume", default=None, help="train/eval/sft: a run or checkpoint folder to continue from")
     parser.add_argument("--overwrite", action="store_true",
                         help="train: replace the run already in log.out_dir (deletes its checkpoints and logs); "
                              "export: replace a non-empty --out folder")
     parser.add_argument("--prompt", action="append", default=[], help="sample: a prompt (repeatable)")
     parser.add_argument("--n", type=int, default=1, help="sample: completions per prompt")
-    parser.add_argument("--out", default=None, help="sft: output folder (default: the config's log.out_dir/sft); "
-                                                    "export: the HF folder to write")
+    parser.add_argument("--out", default=None, help="sft: the HF folder to write (default: log.out_dir/sft/final; "
+                                                    "the built-in warm start: log.out_dir/sft); "
+                                                    "export: the HF folder to write; eval: the results JSON file "
+                                                    "(default: log.out_dir/eval_results.json)")
     parser.add_argument("--base", default=None, help="export of FSDP shards or LoRA adapters: the HF folder giving "
                                                      "config.json, the tokenizer (and the LoRA base weights) "
                                                      "(default: the run's model.path)")
@@ -190,10 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dash: config error: {exc}", file=sys.stderr)
         return 2
-    if args.overwrite and args.command not in ("train", "export"):
-        print(f"dash {args.command}: --overwrite is a `dash train` / `dash export` option", file=sys.stderr)
+    if args.overwrite and args.command not in ("train", "export", "sft"):
+        print(f"dash {args.command}: --overwrite is a `dash train` / `dash sft` / `dash export` option",
+              file=sys.stderr)
         return 2
-    if args.source is not None and args.command != "export":
+    if args.source is not None and args.command not in ("export", "eval"):
         print(f"dash {args.command}: unexpected argument {args.source!r} (options are --key=value)", file=sys.stderr)
         return 2
     try:

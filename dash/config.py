@@ -13,6 +13,7 @@ training needs (no greedy sampling).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 import types
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from dash.data import template_problem
+from dash.rewards import RewardSpecError, check_reward_spec
 
 BUILTIN_TINY = "builtin:tiny-sft"  # the SFT warm start shipped in dash/assets/tiny-sft
 MAX_REWARD_TIMEOUT_S = 1e6  # the reward guard's OS timer overflows far above this; no reward call needs days
@@ -95,9 +99,14 @@ class DataConfig:
     task: Literal["arith", "jsonl", "parquet"] = "arith"
     """`arith`: the built-in synthetic arithmetic task; `jsonl`/`parquet`: local files given by `train_path`."""
     train_path: str | None = None
-    """Training file for jsonl/parquet tasks."""
+    """Training data for jsonl/parquet tasks: a file, a glob of shards (`data/train-*.parquet`), or a folder written
+    by `datasets`' save_to_disk (dash/data_sources.py)."""
     test_path: str | None = None
-    """Held-out file for jsonl/parquet tasks."""
+    """Held-out data for jsonl/parquet tasks, in any form train_path takes."""
+    split: str = "train"
+    """The split of a saved DatasetDict folder that train_path reads (files, globs and a saved Dataset ignore it)."""
+    test_split: str = "test"
+    """The split of a saved DatasetDict folder that test_path reads."""
     prompt_field: str = "prompt"
     """Row field holding the prompt."""
     answer_field: str = "answer"
@@ -128,11 +137,12 @@ class DataConfig:
     def __post_init__(self):
         if self.task != "arith" and not self.train_path:
             raise ConfigError(f"data.train_path is required when data.task={self.task!r}")
+        for name in ("split", "test_split"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"data.{name} must not be empty (a split name of a saved DatasetDict)")
         if not 1 <= self.arith_digits <= 4:
             raise ConfigError(f"data.arith_digits must be in [1, 4], got {self.arith_digits}")
         _positive("data.test_size", self.test_size)
-        from dash.rewards import RewardSpecError, check_reward_spec
-
         try:  # imports a user's reward file or module (their own code, by design): fails here, before any work
             check_reward_spec(self.reward)
         except RewardSpecError as exc:
@@ -142,8 +152,6 @@ class DataConfig:
                               f"range), got {self.reward_timeout_s}")
         if self.max_prompt_tokens < 0:
             raise ConfigError(f"data.max_prompt_tokens must be >= 0 (0 = no limit), got {self.max_prompt_tokens}")
-        from dash.data import template_problem
-
         problem = template_problem(self.prompt_template)
         if problem:
             raise ConfigError(f"data.prompt_template {self.prompt_template!r} is invalid: {problem}")
@@ -183,6 +191,36 @@ class SamplingConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class SelectionConfig:
+    rule: Literal["dash_filter", "pods", "greso", "dppo", "none"] = "dash_filter"
+    """Which samples train (dash/rl/selection.py, docs/selection.md): `dash_filter` |A| > loss.adv_threshold (DASH);
+    `pods` max-variance down-sampling of each group; `greso` skip prompts whose recent groups had zero reward
+    variance before generating them, then dash_filter; `dppo` random pruning with 1/p re-weighting; `none` all."""
+    pods_keep: int = 2
+    """pods: samples kept per group (m of train.group_size), in [2, train.group_size]."""
+    greso_base_skip: float = 0.5
+    """greso: skip probability after one zero-variance group; after z in a row, 1 - (1 - this)^z."""
+    greso_max_skip: float = 0.9
+    """greso: cap on the skip probability, below 1 so a skipped prompt can come back once it is informative."""
+    dppo_min_keep: float = 0.2
+    """dppo: the keep probability of the smallest-|A| samples (kept ones then weigh 1 / this), in (0, 1]."""
+    dppo_adv_scale: float = 1.0
+    """dppo: |A| at and above which a sample is always kept; below it the keep probability is |A| / this."""
+
+    def __post_init__(self):
+        if self.pods_keep < 2:
+            raise ConfigError(f"loss.selection.pods_keep must be >= 2 (a group of one has no variance), got "
+                              f"{self.pods_keep}")
+        if not 0 < self.greso_base_skip <= self.greso_max_skip < 1:
+            raise ConfigError(f"loss.selection: need 0 < greso_base_skip <= greso_max_skip < 1, got "
+                              f"{self.greso_base_skip:g} and {self.greso_max_skip:g}")
+        if not 0 < self.dppo_min_keep <= 1:
+            raise ConfigError(f"loss.selection.dppo_min_keep must be in (0, 1], got {self.dppo_min_keep:g}")
+        if self.dppo_adv_scale <= 0:
+            raise ConfigError(f"loss.selection.dppo_adv_scale must be > 0, got {self.dppo_adv_scale:g}")
+
+
+@dataclass(kw_only=True, slots=True)
 class LossConfig:
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dr_grpo"
     """Token-loss reduction, with TRL's meanings (the paper's code uses dr_grpo)."""
@@ -198,6 +236,8 @@ class LossConfig:
     """DASH's filter on (default) or off: off trains on every sample, the paper's No-GF ablation (dash only)."""
     normalizer: Literal["paper", "global"] = "global"
     """`paper`: per micro-batch kept rows x max length; `global`: fixed once per optimizer step."""
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """Which samples train: DASH's filter (default) or another rule (dash/rl/selection.py)."""
 
     def __post_init__(self):
         if self.eps_low < 0 or self.eps_high < 0 or self.beta < 0 or self.adv_threshold < 0:
@@ -237,8 +277,14 @@ class TrainConfig:
     old_logp: Literal["recompute", "sampler"] = "recompute"
     """Ratio denominator: `recompute` = the policy before the step's first update (free when ppo_epochs = 1 and
     ppo_minibatches = 1: on-policy, ratio 1, as in the paper's code); `sampler` = the sampler's processed log-probs."""
-    lr_schedule: Literal["constant", "linear"] = "constant"
-    """`linear` decays to 0 over `steps` (HF Trainer default, used by the paper)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """After the warm-up: a constant lr, or a `linear` / `cosine` decay to min_lr_ratio x lr at the last optimizer
+    step (`linear` with no warm-up and min_lr_ratio 0 is the HF Trainer default, used by the paper)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear lr warm-up, from lr / warmup_steps up to lr. Counted like the schedule: per optimizer
+    step, of which a run has steps x ppo_epochs x ppo_minibatches."""
+    min_lr_ratio: float = 0.0
+    """`linear` / `cosine`: the final lr as a fraction of train.lr (0: decay to 0)."""
     seed: int = 0
     """Seed for sampling, init and data order."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
@@ -253,6 +299,10 @@ class TrainConfig:
             _positive(f"train.{name}", getattr(self, name))
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.token_budget < 0:
             raise ConfigError("train.lr must be > 0; train.weight_decay, grad_clip, token_budget must be >= 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.group_size < 2:
             raise ConfigError(f"train.group_size must be >= 2, got {self.group_size}: advantages are relative to the "
                               "group, so with one sample per prompt every advantage is 0 and no step learns anything")
@@ -272,13 +322,170 @@ class SFTConfig:
     batch_size: int = 128
     """Examples per step."""
     lr: float = 1e-3
-    """AdamW learning rate."""
+    """AdamW learning rate (the tiny model's; a pretrained 0.5B model wants ~1e-5)."""
+    train_path: str | None = None
+    """Prompt + solution rows (jsonl / parquet, read by dash.data with data.prompt_template / chat_template);
+    None: data.train_path. With neither (data.task=arith): the built-in task's warm start (docs/sft.md)."""
+    prompt_field: str | None = None
+    """Row field holding the prompt; None: data.prompt_field."""
+    solution_field: str = "solution"
+    """Row field holding the solution the loss trains on (every row must have it)."""
+    append_eos: bool = True
+    """End each solution with the tokenizer's EOS (unless it already does), so the model learns to stop."""
+    token_budget: int = 0
+    """Pack a step's examples into micro-batches of at most this many tokens (the same update, less memory; a longer
+    example gets one to itself); 0: the whole step in one packed micro-batch."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """After the warm-up: a constant lr, or linear / cosine decay to min_lr_ratio x lr at the last step (RL's
+    schedule function, dash/rl/optim.py)."""
+    warmup_steps: int = 0
+    """Steps of linear lr warm-up from lr / warmup_steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule: the final lr as a fraction of sft.lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables."""
 
     def __post_init__(self):
         _positive("sft.steps", self.steps)
         _positive("sft.batch_size", self.batch_size)
         if self.lr <= 0:
             raise ConfigError(f"sft.lr must be > 0, got {self.lr}")
+        for name in ("token_budget", "warmup_steps", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"sft.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"sft.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("train_path", "prompt_field", "solution_field"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ConfigError(f"sft.{name} must not be empty (leave it unset for the default)")
+
+
+HELDOUT_SET = "heldout"  # the eval set an empty eval.sets stands for: the data section's held-out prompts
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalSetConfig:
+    path: str | None = None
+    """A local jsonl / parquet file, a glob of shards or a save_to_disk folder (read by dash.data); null: the data
+    section's held-out prompts (the built-in task's test split, data.test_path, or rows held out of data.train_path)."""
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    """`auto` picks by suffix (.parquet / .pq -> parquet, else jsonl)."""
+    split: str = "test"
+    """The split read from a save_to_disk DatasetDict folder (ignored for files and globs)."""
+    reward: str | None = None
+    """Reward spec scoring this set (a name, `file.py:function`, `a+b`); null: data.reward."""
+    prompt_field: str | None = None
+    """Row field holding the prompt; null: data.prompt_field."""
+    answer_field: str | None = None
+    """Row field holding the reference answer; null: data.answer_field."""
+    prompt_template: str | None = None
+    """`str.format` template over the row's fields; null: data.prompt_template."""
+    chat_template: Literal["never", "auto", "always"] | None = None
+    """Wrap prompts in the tokenizer's chat template; null: data.chat_template."""
+    limit: int = 0
+    """Evaluate the first `limit` usable rows only; 0 = all (the held-out set: data.test_size rules)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    temperature: float = 0.7
+    """Sampling temperature of evaluation (the paper on MATH-500: 0.7); 0 = greedy, which needs n = 1."""
+    top_p: float = 0.95
+    """Nucleus mass of evaluation sampling, in (0, 1] (the paper: 0.95)."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 disables."""
+    max_new_tokens: int | None = None
+    """Answer length limit of evaluation; null: sampling.max_new_tokens."""
+    n: int = 1
+    """Samples per prompt: pass@1 is their mean accuracy, pass@k the unbiased estimate from them."""
+    k: list[int] = field(default_factory=lambda: [1])
+    """pass@k values reported (`[1, 4]`, or `1,4` on the command line); every k must be <= n."""
+    greedy: bool = True
+    """Also decode each prompt greedily once and report its accuracy as greedy_acc (skipped when temperature is 0:
+    the sampled pass is then greedy itself)."""
+    sets: dict[str, Any] = field(default_factory=dict)
+    """Named test sets: {name: {path, reward, ...}} (EvalSetConfig keys); empty: the held-out set, named heldout."""
+    select: str = ""
+    """Comma-separated names of `sets` to run (e.g. `math500,gsm8k`); empty: all of them."""
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ConfigError(f"eval.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"eval.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"eval.top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens is not None:
+            _positive("eval.max_new_tokens", self.max_new_tokens)
+        _positive("eval.n", self.n)
+        self.k = _k_list(self.k)
+        if max(self.k) > self.n:
+            raise ConfigError(f"eval.k={self.k}: pass@{max(self.k)} needs at least {max(self.k)} samples per prompt, "
+                              f"but eval.n={self.n}; raise eval.n or drop that k")
+        if self.is_greedy() and self.n > 1:
+            raise ConfigError(f"eval.temperature={self.temperature:g}, eval.top_k={self.top_k} decodes greedily: the "
+                              f"eval.n={self.n} samples of a prompt would be identical; use eval.n=1 (or a temperature "
+                              "> 0 with eval.greedy=true to report greedy accuracy beside the sampled pass@k)")
+        if not isinstance(self.sets, dict):
+            raise ConfigError(f"eval.sets must be a mapping {{name: {{path: ..., reward: ...}}}}, got {self.sets!r}")
+        sets = {}
+        for name, spec in self.sets.items():
+            if not isinstance(name, str) or not re.fullmatch(r"[\w.@+-]+", name):
+                raise ConfigError(f"eval.sets: set name {name!r} must be letters, digits, _ . @ + - (it names metrics)")
+            if isinstance(spec, _CommandLineText):  # --eval.sets.NAME={path: a.jsonl}: a YAML mapping as text
+                spec = _read_command_line(f"eval.sets.{name}", spec, dict)
+            if spec is None:  # `heldout:` with no keys
+                spec = {}
+            if not isinstance(spec, (dict, EvalSetConfig)):
+                raise ConfigError(f"eval.sets.{name} must be a mapping of keys (path, reward, ...), got {spec!r}")
+            sets[name] = spec if isinstance(spec, EvalSetConfig) else _build(EvalSetConfig, spec, f"eval.sets.{name}.")
+            _check_eval_set(name, sets[name])
+        self.sets = sets
+        known = list(sets) or [HELDOUT_SET]
+        unknown = [s for s in self.selected_names(known) if s not in known]
+        if unknown:
+            raise ConfigError(f"eval.select: no eval set named {unknown[0]!r} (known: {', '.join(known)})")
+
+    def is_greedy(self) -> bool:
+        """Whether the sampled pass is greedy decoding (temperature 0, or top-k 1)."""
+        return self.temperature == 0 or self.top_k == 1
+
+    def selected_names(self, known: list[str] | None = None) -> list[str]:
+        """The set names to run, in eval.sets order (or eval.select's)."""
+        known = known if known is not None else (list(self.sets) or [HELDOUT_SET])
+        names = [s.strip() for s in self.select.split(",") if s.strip()]
+        return names or known
+
+
+def _k_list(value: Any) -> list[int]:
+    """eval.k as a sorted list of distinct ints >= 1, from a list, an int or a `1,4,8` text."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    ks = [int(x) if isinstance(x, str) and x.strip().isdigit() else x for x in items]
+    if not ks or len(set(ks)) != len(ks) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                                                     for x in ks):
+        raise ConfigError(f"eval.k must be distinct integers >= 1 (e.g. [1, 4], or 1,4 on the command line), got "
+                          f"{value!r}")
+    return sorted(ks)
+
+
+def _check_eval_set(name: str, spec: EvalSetConfig) -> None:
+    key = f"eval.sets.{name}"
+    if spec.path is not None and not spec.path.strip():
+        raise ConfigError(f"{key}.path must not be empty (null: the data section's held-out set)")
+    if spec.limit < 0:
+        raise ConfigError(f"{key}.limit must be >= 0 (0 = all rows), got {spec.limit}")
+    if spec.reward is not None:
+        try:  # a user's reward file is imported here, before any work, as data.reward's is
+            check_reward_spec(spec.reward)
+        except RewardSpecError as exc:
+            raise ConfigError(f"{key}.reward: {exc}") from None
+    if spec.prompt_template is not None:
+        problem = template_problem(spec.prompt_template)
+        if problem:
+            raise ConfigError(f"{key}.prompt_template {spec.prompt_template!r} is invalid: {problem}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -292,18 +499,32 @@ class LogConfig:
     ckpt_every: int = 0
     """Steps between checkpoints; 0 saves only at the end."""
     eval_pass_k: int = 0
-    """Also report sampled pass@k with k samples per held-out prompt at each eval; 0 skips it."""
+    """Replaced by the eval section (eval.n, eval.k, with eval's own sampling settings); kept so that setting it is
+    an error saying so, not an unknown key."""
     samples_shown: int = 4
-    """Completions written to samples.jsonl per eval."""
+    """Completions written to samples.jsonl per eval set at each eval."""
     tensorboard: bool = False
     """Also write TensorBoard event files."""
+    wandb: bool = False
+    """Also log metrics to Weights & Biases (rank 0 only; needs `pip install wandb`; WANDB_MODE=offline keeps the run
+    in <out_dir>/wandb for a later `wandb sync`)."""
+    wandb_project: str = "dash"
+    """The W&B project of the run (the run's name is log.out_dir's folder name)."""
 
     def __post_init__(self):
         if not self.out_dir.strip():
             raise ConfigError("log.out_dir must not be empty (the run folder for metrics and checkpoints)")
+        if self.wandb and importlib.util.find_spec("wandb") is None:  # find_spec: no import (wandb's takes ~1 s)
+            raise ConfigError("log.wandb=true needs the wandb package, which is not installed: pip install wandb")
+        if not self.wandb_project.strip():
+            raise ConfigError("log.wandb_project must not be empty")
         for name in ("log_every", "eval_every", "ckpt_every", "eval_pass_k", "samples_shown"):
             if getattr(self, name) < 0:  # 0 has a meaning for each (off / only at the end); below 0 has none
                 raise ConfigError(f"log.{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_pass_k:
+            raise ConfigError(f"log.eval_pass_k was replaced by the eval section: use --eval.n={self.eval_pass_k} "
+                              f"--eval.k=1,{self.eval_pass_k} (sampled with eval.temperature / eval.top_p, not "
+                              "sampling.*; docs/evaluation.md)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -315,6 +536,7 @@ class DashConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         # DDP steps fp32 master weights for a 16-bit model (dash/rl/optim.py); FSDP2 would step the bf16 shards
@@ -338,15 +560,26 @@ class DashConfig:
             raise ConfigError(f"loss.adv_threshold={self.loss.adv_threshold:g} must be below {max_adv:.4g}, the "
                               f"largest |advantage| a group of train.group_size={G} can have: every sample would be "
                               "filtered and nothing learned")
+        self._check_selection()
+
+    def _check_selection(self) -> None:
+        """The selection rule's limits that depend on other sections."""
+        sel, G = self.loss.selection, self.train.group_size
+        if sel.rule == "pods" and sel.pods_keep > G:
+            raise ConfigError(f"loss.selection.pods_keep={sel.pods_keep} must be <= train.group_size={G}")
+        if sel.rule == "dppo" and (self.loss.normalizer != "global" or self.loss.beta > 0):
+            raise ConfigError(f"loss.selection.rule=dppo needs loss.normalizer=global and loss.beta=0 (got "
+                              f"{self.loss.normalizer!r}, {self.loss.beta:g}): its 1/p re-weighting reaches the loss "
+                              "through the advantage, so the KL term and a kept-rows normaliser would be biased")
 
     def check_for_training(self) -> None:
         """What only training needs (`dash sample` / eval may sample greedily): ConfigError naming the key."""
         s = self.sampling
-        if s.temperature == 0 or s.top_k == 1:  # eval's greedy pass sets its own temperature and is unaffected
+        if s.temperature == 0 or s.top_k == 1:  # evaluation samples with its own settings (eval.*), unaffected
             key = "sampling.temperature=0" if s.temperature == 0 else "sampling.top_k=1"
             raise ConfigError(f"{key} samples greedily: the train.group_size={self.train.group_size} completions of "
                               "a prompt would be identical, every group advantage 0, and nothing learned; train "
-                              "with temperature > 0 (evaluation is greedy anyway)")
+                              "with temperature > 0 (evaluation has its own eval.temperature)")
 
 
 def _positive(name: str, value: int) -> None:

@@ -100,12 +100,12 @@ def test_a_read_only_checkpoint_folder_fails_at_set_up(tmp_path):
 def test_a_resume_from_an_earlier_checkpoint_logs_each_step_once(model_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     assert _cli_train(model_dir, out, 4, "--log.eval_every=3") == 0  # checkpoints at steps 2 and 4
-    assert _logged_steps(out) == [1, 2, 3, 4] and _logged_steps(out, "eval/greedy_acc") == [3, 4]
+    assert _logged_steps(out) == [1, 2, 3, 4] and _logged_steps(out, "eval/heldout/greedy_acc") == [3, 4]
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "time/st')  # the torn last line of a run killed mid-write
     with pytest.warns(UserWarning, match="dropped 1 unreadable line"):
         assert _cli_train(model_dir, out, 4, f"--resume={out / 'checkpoints' / 'step-2'}", "--log.eval_every=3") == 0
-    assert _logged_steps(out) == [1, 2, 3, 4] and _logged_steps(out, "eval/greedy_acc") == [3, 4]
+    assert _logged_steps(out) == [1, 2, 3, 4] and _logged_steps(out, "eval/heldout/greedy_acc") == [3, 4]
     assert _cli_train(model_dir, out, 5, f"--resume={out}") == 0  # from the latest (step 4)
     assert _logged_steps(out) == [1, 2, 3, 4, 5]
 

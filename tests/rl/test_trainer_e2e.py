@@ -1,6 +1,7 @@
 """The trainer end to end on a random tiny model: exact resume, filtering, failing rewards, non-finite updates, CLI."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -130,7 +131,8 @@ def test_cli_train_writes_metrics_and_checkpoint(model_dir, tmp_path):
                    "--train.micro_batch_size=4", "--train.steps=2", f"--log.out_dir={out}", "--log.eval_every=1"])
     assert rc == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sum("eval/greedy_acc" in x for x in lines) == 2 and sum("time/step_s" in x for x in lines) == 2
+    assert sum("eval/heldout/greedy_acc" in x for x in lines) == 2
+    assert sum("time/step_s" in x for x in lines) == 2
     assert (out / "checkpoints" / "step-2" / "model" / "model.safetensors").is_file()
     assert cli_main(["train", "--train.stepz=3"]) == 2  # config errors name the key and exit 2
 
@@ -168,7 +170,7 @@ def test_kl_reference_only_built_when_beta_positive_and_tensorboard(model_dir, t
 def test_cli_eval_sample_and_sft(model_dir, tmp_path, capsys):
     common = [f"--model.path={model_dir}", "--model.device=cpu", "--data.test_size=8", "--sampling.max_new_tokens=5"]
     assert cli_main(["eval", *common, f"--log.out_dir={tmp_path / 'ev'}"]) == 0
-    assert "eval/greedy_acc=" in capsys.readouterr().out
+    assert re.search(r"^heldout +8 ", capsys.readouterr().out, re.M)
     assert cli_main(["sample", *common, "--prompt", "12+34*56=", "--n", "2"]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("'12+34*56='")]
     assert len(lines) == 2 and all("(stop)" in x or "(length)" in x for x in lines)
