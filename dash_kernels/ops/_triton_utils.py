@@ -1,4 +1,5 @@
-"""Triton import guard and the helpers every kernel shares (int64 offsets, launch sizes).
+"""Triton import guard and the helpers the kernels share (int64 offsets, the linear-head logits tile, launch
+sizes and configs).
 
 Triton is optional: without it the kernel definitions below still import (as plain functions that are never called)
 and the torch backend runs.
@@ -34,6 +35,30 @@ def offsets_2d(rows, row_stride, cols, col_stride):
     return rows.to(tl.int64)[:, None] * row_stride + cols.to(tl.int64)[None, :] * col_stride
 
 
+@jit
+def logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, hdim,
+                stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
+                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """z[BLOCK_M, BLOCK_V] = (hidden[rows] @ weight[cols]^T + bias[cols]) * inv_temp, fp32; 0 where masked.
+
+    The linear head's logits tile, shared by the token_logprobs forward and its backward's dz kernel (which
+    recomputes it rather than keep the [N, V] logits)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    for k in range(0, hdim, BLOCK_H):
+        ks = k + tl.arange(0, BLOCK_H)
+        k_mask = ks < hdim
+        h = tl.load(hidden_ptr + offsets_2d(rows, stride_hn, ks, stride_hh),
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BH]
+        w = tl.load(weight_ptr + offsets_2d(cols, stride_wv, ks, stride_wh),
+                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)  # [BV, BH]
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)  # [BV]
+        acc += b[None, :]
+    return acc * inv_temp
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs: "ieee" unless torch itself allows TF32 matmuls (then "tf32"); ignored for 16-bit inputs."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -59,3 +84,13 @@ def deterministic_mode() -> bool:
     if env and env not in ("0", "1", "true", "false"):
         raise ValueError(f"{DETERMINISTIC_ENV} must be 0 or 1, got {env!r}")
     return env in ("1", "true") or torch.are_deterministic_algorithms_enabled()
+
+
+def pick_config(table, dtype: torch.dtype) -> dict:
+    """The launch config of a {"fp32": ..., "16bit": ...} tile table for operands of `dtype`."""
+    return table["fp32" if dtype == torch.float32 else "16bit"]
+
+
+def all_rows(rows, n: int, device) -> torch.Tensor:
+    """The selected-row list [n_sel] int64 of a launcher: `rows` itself, or every row 0..n-1 when it is None."""
+    return torch.arange(n, device=device, dtype=torch.int64) if rows is None else rows

@@ -19,7 +19,7 @@ formed chunk by chunk as soon as the chunk's log-probs are known, and the gradie
 is still in memory: 6NHV FLOPs, the same as the naive path, with no N x V buffer and no recompute. The gradient is
 computed in the forward (when grad is enabled) and only scaled by dL in backward.
 Triton backend: forward kernel, then `_policy_coef_kernel`, then the recomputing three-kernel backward of
-token_logprobs (8NHV in all; deterministic under DASH_KERNELS_DETERMINISTIC=1, see token_logprobs).
+token_logprobs (8NHV in all; deterministic under DASH_KERNELS_DETERMINISTIC=1, see token_logprobs_bwd).
 """
 
 import torch
@@ -29,7 +29,8 @@ from dash_kernels._ext import on_tensor_device
 from dash_kernels.ops import _chunked
 from dash_kernels.ops._checks import check_linear, check_same_device, check_shape, check_temperature, check_tensor
 from dash_kernels.ops._triton_utils import jit, tl, triton
-from dash_kernels.ops.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
+from dash_kernels.ops.token_logprobs import token_logprobs_fwd
+from dash_kernels.ops.token_logprobs_bwd import token_logprobs_bwd
 from dash_kernels.reference import (
     IGNORE_INDEX,
     LOSS_TYPES,

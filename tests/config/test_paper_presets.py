@@ -24,6 +24,7 @@ from dash.model_io import read_config
 from dash.rl.rollout import Rollout
 from dash.rl.step import run_step
 from dash.runtime import resolve_dtype, resolve_model_path
+from dash_kernels.ops.token_logprobs_bwd import backward_plan
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -57,11 +58,23 @@ PAPER_MAX_PROMPT, PAPER_MAX_COMPLETION = 256, 2048
 # The memory plan docs/paper-setting.md quotes, in GiB (2**30 bytes), per preset: bf16 policy + KL reference copy,
 # plus fp32 master weights, their fp32 gradients and 2 fp32 AdamW moments (dash/rl/optim.py: each backward's bf16
 # gradient is moved onto the master's fp32 .grad and freed); the worst-case KV pool of one DASH sampling call (256
-# sequences) and of one GRPO call (8 sequences); the fused loss's fp32 lm_head gradient buffer.
+# sequences) and of one GRPO call (8 sequences); the fused loss's Triton backward buffers (`backward_plan`).
+# The last column, derived from backward_plan's docstring for a micro-batch's n = 8 x 2048 = 16384 completion rows,
+# V = 151936, bf16 (e = 2), on an H100 (528 programs), deterministic mode (the larger of the two modes):
+#   Vc = DZ_CHUNK_BYTES / (n e) = 2**27 / 32768 = 4096 columns; dz chunk n Vc e = 16384 x 4096 x 2 = 128 MiB.
+#   38 chunks (> 1), so the fp32 dH running sum n H 4 is kept.
+#   0.5B, H = 896:  dH 16384 x 896 x 4 = 56 MiB; dW tiles per chunk (4096 / 128) x (896 / 64) = 448 < 528 programs,
+#                   so S = ceil(528 / 448) = 2 fp32 partial planes, 2 x 4096 x 896 x 4 = 28 MiB.
+#                   128 + 56 + 28 = 212 MiB = 0.207 GiB -> 0.21.
+#   1.5B, H = 1536: dH 16384 x 1536 x 4 = 96 MiB; (4096 / 128) x (1536 / 64) = 768 tiles fill 528 programs: S = 1,
+#                   no partials (each dW tile is written once, in bf16). 128 + 96 = 224 MiB = 0.219 GiB -> 0.22.
+# dW itself comes back in bf16 like every parameter gradient, which MasterWeightAdamW moves onto the fp32 master
+# .grad (counted in the first column).
 EXPECTED_GIB = {
-    "qwen2.5-0.5b-math.yaml": (9.20, 6.75, 0.21, 0.51),
-    "qwen2.5-1.5b-math.yaml": (28.75, 15.75, 0.49, 0.87),
+    "qwen2.5-0.5b-math.yaml": (9.20, 6.75, 0.21, 0.21),
+    "qwen2.5-1.5b-math.yaml": (28.75, 15.75, 0.49, 0.22),
 }
+_H100_PROGRAMS = 4 * 132  # num_programs_target on an H100: 4 programs per SM, 132 SMs
 _MASTER_FP32_COPIES = 4  # MasterWeightAdamW: master weights, their gradients, exp_avg, exp_avg_sq, all fp32
 _FP32_BYTES = 4
 
@@ -226,10 +239,13 @@ def test_memory_plan_quoted_in_docs(name, tmp_path):
     page_bytes = KVCache.bytes_per_page(model, cfg.sampling.page_size)
     dash_kv = cfg.train.prompts_per_step * cfg.train.group_size * pages_per_seq * page_bytes
     grpo_kv = cfg.train.micro_batch_size * pages_per_seq * page_bytes  # one call = one micro-batch of completions
-    # The Triton backward of the fused loss accumulates the [V, H] lm_head gradient in fp32 (token_logprobs_bwd);
-    # the [N, V] logits never exist (8 x 2048 x V fp32 would be 9.3 GiB).
-    loss_dw = model.lm_head_weight.numel() * _FP32_BYTES
-    plan = (state_bytes, dash_kv, grpo_kv, loss_dw)
+    # The Triton backward of the fused loss needs at most backward_plan's extra bytes (a dz chunk, the fp32 dH
+    # running sum, dW split-K partials) on a micro-batch's completion rows; the [N, V] logits never exist
+    # (8 x 2048 x V fp32 would be 9.3 GiB) and dW is written in the weight's dtype (no fp32 [V, H] buffer).
+    loss_rows = cfg.train.micro_batch_size * cfg.sampling.max_new_tokens  # [n] rows with a loss gradient, at most
+    V, H = model.lm_head_weight.shape
+    loss_bwd = backward_plan(loss_rows, V, H, model.lm_head_weight.dtype, _H100_PROGRAMS, deterministic=True)
+    plan = (state_bytes, dash_kv, grpo_kv, loss_bwd.extra_bytes)
     assert tuple(round(b / gib, 2) for b in plan) == EXPECTED_GIB[name]
 
 

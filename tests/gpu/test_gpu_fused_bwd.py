@@ -10,6 +10,7 @@ import torch
 
 from dash_kernels import token_logprobs
 from dash_kernels.ops import token_logprobs as tlp_module
+from dash_kernels.ops import token_logprobs_bwd as tlp_bwd_module
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -30,9 +31,10 @@ def _grads():
 
 
 def test_deterministic_mode_is_bitwise_run_to_run(monkeypatch):
-    monkeypatch.setattr(tlp_module, "num_programs_target", lambda device: MANY_PROGRAMS)
-    plan = tlp_module.backward_plan(N, V, H, torch.bfloat16, MANY_PROGRAMS, True)
-    assert plan.dw_splits == tlp_module.MAX_DW_SPLITS and plan.n_chunks > 1, plan
+    for module in (tlp_module, tlp_bwd_module):  # the forward's vocab splits and the backward's dW splits
+        monkeypatch.setattr(module, "num_programs_target", lambda device: MANY_PROGRAMS)
+    plan = tlp_bwd_module.backward_plan(N, V, H, torch.bfloat16, MANY_PROGRAMS, True)
+    assert plan.dw_splits == tlp_bwd_module.MAX_DW_SPLITS and plan.n_chunks > 1, plan
     monkeypatch.setenv("DASH_KERNELS_DETERMINISTIC", "1")
     runs = [_grads() for _ in range(RUNS)]
     for dh, dw in runs[1:]:

@@ -14,6 +14,7 @@ import torch
 from dash_kernels import fused_policy_loss, token_logprobs, token_logprobs_from_logits
 from dash_kernels.ops import logprobs_from_logits as from_logits_module
 from dash_kernels.ops import token_logprobs as tlp_module
+from dash_kernels.ops import token_logprobs_bwd as tlp_bwd_module
 from dash_kernels.reference import token_logprobs_from_logits_ref, token_logprobs_ref
 from tests.kernels.kernel_testing import (
     assert_close_to_ref,
@@ -48,7 +49,7 @@ def _check_all(names, ours, naives, ref):
                                                     (150, 20, 300, False, 1.0), (129, 64, 4099, True, 1.3)])
 def test_token_logprobs_small(dtype, N, H, V, bias, temperature, launches):
     launches.spy(tlp_module, "_token_logprobs_fwd_kernel")
-    launches.spy(tlp_module, "_token_logprobs_bwd_kernel")
+    launches.spy(tlp_bwd_module, "_token_logprobs_bwd_kernel")
     hidden, weight, targets, b = _cuda(*linear_inputs(N, H, V, seed=V, bias=bias, ignore_frac=0.2, dtype=dtype))
     g = torch.Generator().manual_seed(1)
     upstream = _cuda(torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64))
@@ -95,15 +96,15 @@ def _chunked(fn, hidden, weight, targets, upstream, dtype):
 def test_token_logprobs_real_shape_forward_and_backward(dtype, launches):
     """N = 16384, V = 151936, H = 896: the shape of a DASH micro-batch of Qwen2.5-0.5B."""
     launches.spy(tlp_module, "_token_logprobs_fwd_kernel")
-    launches.spy(tlp_module, "_token_logprobs_bwd_kernel")
+    launches.spy(tlp_bwd_module, "_token_logprobs_bwd_kernel")
     hidden, weight, targets = _real_inputs(dtype)
     g = torch.Generator(device=CUDA).manual_seed(1)
     upstream = [torch.randn(REAL_N, generator=g, device=CUDA, dtype=torch.float64) for _ in range(2)]
     ours, g_ours = run_with_grads(lambda h, w: token_logprobs(h, w, targets, return_entropy=True),
                                   [hidden, weight], upstream)
-    # The backward runs vocab chunk by vocab chunk (token_logprobs.backward_plan): one dz launch per chunk.
-    n_chunks = tlp_module.backward_plan(int((targets != -100).sum()), REAL_V, REAL_H, dtype,
-                                        tlp_module.num_programs_target(CUDA), False).n_chunks
+    # The backward runs vocab chunk by vocab chunk (token_logprobs_bwd.backward_plan): one dz launch per chunk.
+    n_chunks = tlp_bwd_module.backward_plan(int((targets != -100).sum()), REAL_V, REAL_H, dtype,
+                                            tlp_bwd_module.num_programs_target(CUDA), False).n_chunks
     assert launches == ["_token_logprobs_fwd_kernel"] + ["_token_logprobs_bwd_kernel"] * n_chunks
     assert g_ours[0].dtype == g_ours[1].dtype == dtype
     naive, g_naive = _chunked(token_logprobs_ref, hidden, weight, targets, upstream, torch.float32)

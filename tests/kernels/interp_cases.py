@@ -29,6 +29,7 @@ from kernel_testing import (
 from dash_kernels import backend, fused_policy_loss, token_logprobs, token_logprobs_from_logits
 from dash_kernels.ops import logprobs_from_logits
 from dash_kernels.ops import token_logprobs as tlp_module
+from dash_kernels.ops import token_logprobs_bwd as tlp_bwd_module
 from dash_kernels.ops._triton_utils import offsets_2d
 from dash_kernels.reference import token_logprobs_from_logits_ref, token_logprobs_ref
 
@@ -138,7 +139,7 @@ def test_fused_loss_edge_cases():
 def test_kernels_really_ran(monkeypatch):
     """The Triton launchers are what ran above (not a silent fallback)."""
     calls = []
-    for mod, name in ((tlp_module, "_token_logprobs_fwd_kernel"), (tlp_module, "_token_logprobs_bwd_kernel"),
+    for mod, name in ((tlp_module, "_token_logprobs_fwd_kernel"), (tlp_bwd_module, "_token_logprobs_bwd_kernel"),
                       (logprobs_from_logits, "_logprobs_from_logits_fwd_kernel")):
         _spy(monkeypatch, mod, name, calls)
     hidden, weight, targets, _ = linear_inputs(8, 16, 40)

@@ -19,6 +19,7 @@ from kernel_testing import assert_close_to_ref, linear_inputs, logprob_runner, n
 
 from dash_kernels import backend, token_logprobs
 from dash_kernels.ops import token_logprobs as tlp
+from dash_kernels.ops import token_logprobs_bwd as tlp_bwd
 from dash_kernels.reference import token_logprobs_ref
 
 SMALL_ALIGN = 64  # chunk widths a multiple of the fp32 BLOCK_V (64) instead of 128
@@ -28,18 +29,19 @@ MANY_PROGRAMS = 10_000  # asks for as many dW splits as MAX_DW_SPLITS and the ro
 @pytest.fixture(autouse=True)
 def small_plan(monkeypatch):
     """Two-tile vocab chunks and many dW splits at test shapes; the Triton backend throughout."""
-    monkeypatch.setattr(tlp, "DZ_CHUNK_ALIGN", SMALL_ALIGN)
-    monkeypatch.setattr(tlp, "num_programs_target", lambda device: MANY_PROGRAMS)
+    monkeypatch.setattr(tlp_bwd, "DZ_CHUNK_ALIGN", SMALL_ALIGN)
+    for module in (tlp, tlp_bwd):  # the forward's vocab splits and the backward's dW splits
+        monkeypatch.setattr(module, "num_programs_target", lambda device: MANY_PROGRAMS)
     with backend.use_backend("triton"):
         yield
 
 
 def _budget(monkeypatch, n_rows, chunk_v, elem=4):
-    monkeypatch.setattr(tlp, "DZ_CHUNK_BYTES", n_rows * chunk_v * elem)
+    monkeypatch.setattr(tlp_bwd, "DZ_CHUNK_BYTES", n_rows * chunk_v * elem)
 
 
 def _plan(n, H, V, deterministic=True, dtype=torch.float32):
-    return tlp.backward_plan(n, V, H, dtype, MANY_PROGRAMS, deterministic)
+    return tlp_bwd.backward_plan(n, V, H, dtype, MANY_PROGRAMS, deterministic)
 
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
@@ -82,7 +84,7 @@ def test_rows_without_gradient_are_skipped(monkeypatch):
     poisoned = hidden.clone()
     poisoned[skipped] = float("nan")
     launches = []
-    kernel = tlp._token_logprobs_bwd_kernel
+    kernel = tlp_bwd._token_logprobs_bwd_kernel
 
     class Spy:
         def __getitem__(self, grid):
@@ -91,7 +93,7 @@ def test_rows_without_gradient_are_skipped(monkeypatch):
                 return kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(tlp, "_token_logprobs_bwd_kernel", Spy())
+    monkeypatch.setattr(tlp_bwd, "_token_logprobs_bwd_kernel", Spy())
     h = poisoned.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     (token_logprobs(h, w, targets) * upstream.float()).sum().backward()
