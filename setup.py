@@ -1,6 +1,6 @@
 """Build dash_kernels._C: torch ops for the paged KV cache (CPU always; CUDA when a toolkit and a CUDA torch exist).
 
-Rules (see README "Install"):
+Rules (see docs/install.md):
   * The C++ extension is always built (CppExtension, CPU kernels).
   * The .cu sources are added (CUDAExtension) only when torch is a CUDA build AND a CUDA toolkit of the same major
     is found (CUDA_HOME, else the folder the `nvcc` on PATH really runs from); otherwise, or with
