@@ -142,7 +142,7 @@ def use_dash_loss(trainer):
 def __getattr__(name):
     # DashGRPOTrainer is built on first access so that importing this module does not import trl.
     if name == "DashGRPOTrainer":
-        from trl import GRPOTrainer
+        from trl import GRPOTrainer  # optional dependency (extra `trl`): only this class needs it
 
         class DashGRPOTrainer(GRPOTrainer):
             """GRPOTrainer whose policy loss runs through dash_kernels.fused_policy_loss (see module docstring)."""
