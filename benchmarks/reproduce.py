@@ -1,6 +1,7 @@
-"""Re-measure the paper's findings on the built-in tiny task: six experiments, each arm over several seeds.
+"""Re-measure the paper's findings on the built-in tiny task: six experiments and the sample-selection rules, each
+arm over several seeds.
 
-    python benchmarks/reproduce.py                 # 3 seeds x 150 steps x 11 arms, ~30 min on 1 core of this CPU
+    python benchmarks/reproduce.py                 # 3 seeds x 150 steps x 14 arms (11 paper arms: ~30 min, 1 core)
     python benchmarks/reproduce.py --smoke         # 1 seed, 3 steps, 64 eval prompts, to runs/: checks the pipeline
 
 Every arm starts from the shipped SFT warm start (builtin:tiny-sft) and changes one thing of `configs/tiny.yaml`
@@ -52,6 +53,10 @@ ARMS: dict[str, list[str]] = {
     "ppo_multi": [f"--train.ppo_epochs={PPO_MULTI_EPOCHS}"],
     "ppo_mini": [],  # ppo_minibatches is set from the step's sample count in arm_config
     "sft": [],  # continued supervised fine-tuning on the reference answers (run_sft_arm)
+    # Sample selection beyond DASH's filter (dash/rl/selection.py, docs/selection.md), each at its default settings.
+    "pods": ["--loss.selection.rule=pods"],
+    "greso": ["--loss.selection.rule=greso"],
+    "dppo": ["--loss.selection.rule=dppo"],
 }
 
 
@@ -74,6 +79,7 @@ def run_rl_arm(cfg, steps: int, eval_every: int) -> dict:
     timed = rows[WARMUP_STEPS:] or rows  # the first step pays one-time costs (as in step_time.py)
     mean = lambda key: statistics.fmean(r[key] for r in timed)  # noqa: E731
     return {"curve": curve, "s_per_step": mean("time/step_s"), "kept_frac": mean("rollout/kept_frac"),
+            "select_kept_frac": mean("select/kept_frac"), "skipped_prompts": mean("select/skipped_prompts"),
             "eval_prompts": eval_prompts,
             "generate_s": mean("time/generate_s"), "train_s": mean("time/train_s"),
             "reward": [r["rollout/reward_mean"] for r in rows], "completion_len": mean("rollout/completion_len")}

@@ -19,6 +19,7 @@ PAPER = {
     "no_kl": (5.7, 31.4), "ppo_multi": (None, 28.8), "ppo_mini": (None, 29.8), "sft": (None, 8.0), "base": (None, 22.6),
 }
 TAU_ARMS = ["tau_0", "tau_0.05", "dash", "tau_0.3", "tau_0.6"]  # dash is tau = 0.1
+SELECTION_ARMS = ["dash", "pods", "greso", "dppo"]  # dash: the default rule, dash_filter
 TAU_OF = {"tau_0": 0.0, "tau_0.05": 0.05, "dash": 0.1, "tau_0.3": 0.3, "tau_0.6": 0.6}
 
 
@@ -55,6 +56,8 @@ def summarize(runs: list[dict]) -> dict:
             "generate_s": [r["generate_s"] for r in rs if "generate_s" in r],
             "train_s": [r["train_s"] for r in rs if "train_s" in r],
             "kept_frac": [r["kept_frac"] for r in rs if "kept_frac" in r],
+            "select_kept": [r["select_kept_frac"] for r in rs if "select_kept_frac" in r],
+            "skipped": [r["skipped_prompts"] for r in rs if "skipped_prompts" in r],
             "answer_len": [r["curve"][-1]["len"] for r in rs],
             "to_target_s": [t for t in reach if t is not None], "reached": sum(t is not None for t in reach),
             "at_dash_time": [_acc_at(r["curve"], dash_time[r["seed"]]) for r in rs if r["seed"] in dash_time],
@@ -74,6 +77,7 @@ def _row(s: dict, arm: str, cols: list[str]) -> str:
         "len": _ms(a["answer_len"], ".2f"), "at_dash": _ms(a["at_dash_time"]),
         "to_target": f"{_ms(a['to_target_s'], '.1f')} ({a['reached']}/{a['seeds']})",
         "collapses": f"{a['collapses']}/{a['seeds']}", "jitter": _ms(a["jitter"]),
+        "sel_kept": _ms(a["select_kept"], ".2f"), "skipped": _ms(a["skipped"], ".1f"),
         "ratio": _ms([x / g for x, g in zip(a["s_per_step"], s["grpo"]["s_per_step"])]) if "grpo" in s else "n/a",
     }
     return f"| {arm} | " + " | ".join(cells[c] for c in cols) + " |"
@@ -81,7 +85,8 @@ def _row(s: dict, arm: str, cols: list[str]) -> str:
 
 HEADERS = {"final": "final acc", "best": "best acc", "s/step": "s / step", "gen": "generate s", "train": "train s",
            "kept": "kept frac", "len": "answer len", "at_dash": "acc at DASH's time", "to_target": "s to target",
-           "collapses": "collapses", "jitter": "eval jitter", "ratio": "time / GRPO"}
+           "collapses": "collapses", "jitter": "eval jitter", "ratio": "time / GRPO",
+           "sel_kept": "trained / prompts x G", "skipped": "prompts skipped / step"}
 
 EXPERIMENTS = [  # (title, arms, columns, the paper's finding, what to read in ours)
     ("1. GRPO vs DASH", ["grpo", "dash"], ["s/step", "ratio", "gen", "train", "to_target", "final"],
@@ -99,6 +104,10 @@ EXPERIMENTS = [  # (title, arms, columns, the paper's finding, what to read in o
      "at 1.5B (GSM8K 8.1)."),
     ("6. SFT on reference solutions vs RL from the same start", ["sft", "dash"], ["final", "best", "s/step", "len"],
      "SFT on human traces 8.0 vs DASH 27.2 MATH from a 22.6 base (0.5B): SFT hurt, RL helped."),
+    ("7. Sample selection: DASH's filter vs PODS, GRESO, DPPO (time to accuracy)", SELECTION_ARMS,
+     ["s/step", "gen", "train", "sel_kept", "skipped", "to_target", "at_dash", "final"],
+     "Not in the DASH paper. PODS (arXiv 2504.13818), GRESO (arXiv 2506.02177) and DPPO (arXiv 2603.04135) each "
+     "report speed-ups over their own GRPO baselines; docs/selection.md."),
 ]
 
 
@@ -150,6 +159,12 @@ def verdicts(s: dict) -> dict[str, str]:
                     + ("Unlike the paper, SFT helps here: the task's reference solutions are exactly the answers "
                        "the reward checks (no omitted reasoning steps, the paper's explanation of SFT-H's drop)."
                        if d > EVAL_SE else "As in the paper, SFT does not beat RL from the same start."))
+    sel = [a for a in SELECTION_ARMS[1:] if a in s]
+    if "dash" in s and sel:
+        out["7"] = "; ".join(
+            f"{a}: {_m(s, a, 's_per_step') / _m(s, 'dash', 's_per_step'):.0%} of DASH's time per step, target reached "
+            f"in {s[a]['reached']}/{s[a]['seeds']} seeds (DASH {s['dash']['reached']}/{s['dash']['seeds']}), final "
+            f"accuracy {_m(s, a, 'final') - _m(s, 'dash', 'final'):+.3f} vs DASH" for a in sel) + "."
     return out
 
 

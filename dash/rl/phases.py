@@ -1,7 +1,7 @@
 """The phases of one RL optimizer step, in the paper's order; dash/rl/step.py calls them one after the other.
 
     collect_rollouts    DASH: preemptive sampling, ONE call for the whole step; GRPO: one call per micro-batch
-    gradient_filter     group advantages, then DASH's |A| > adv_threshold keep mask
+    gradient_filter     group advantages, then the selection rule's keep mask (default DASH's |A| > adv_threshold)
     count_step          the step's counts over all ranks, in one collective (the global normaliser's inputs)
     plan_micro_batches  pack the kept samples into micro-batches, each with its loss normaliser
     update_policy       ppo_epochs x ppo_minibatches optimizer steps over those micro-batches
@@ -24,7 +24,8 @@ from dash.rl.distributed import DistInfo
 from dash.rl.loss_norm import global_normalizer, paper_normalizer
 from dash.rl.packing import collate, plan_balanced, plan_fixed
 from dash.rl.parallel import Parallel
-from dash.rl.rollout import Rollout, group_advantages, keep_mask, zero_non_finite
+from dash.rl.rollout import Rollout, group_advantages, zero_non_finite
+from dash.rl.selection import select_samples
 
 
 class Collected(NamedTuple):
@@ -60,15 +61,15 @@ class Filtered(NamedTuple):
     non_finite: int
 
 
-def gradient_filter(cfg: DashConfig, rollout: Rollout, step: int) -> Filtered:
-    """Group advantages of the step's samples, and DASH's filter: keep |A| > loss.adv_threshold (GRPO keeps all).
-    Filtering happens here, before any training forward: a dropped sample costs no compute at all."""
+def gradient_filter(cfg: DashConfig, rollout: Rollout, step: int, first_sample: int = 0) -> Filtered:
+    """Group advantages of the step's samples, and the selection rule's keep mask (loss.selection; by default DASH's
+    filter: keep |A| > loss.adv_threshold, GRPO keeps all; dash/rl/selection.py). Filtering happens here, before any
+    training forward: a dropped sample costs no compute at all. first_sample: this rank's first sample in the step."""
     adv, non_finite = zero_non_finite(group_advantages(rollout.rewards, cfg.train.group_size))  # [S]
     if non_finite:
         warnings.warn(f"step {step}: {non_finite} non-finite advantages (a reward beyond fp32's range) set to 0; "
                       "those samples carry no policy gradient (counted in rollout/non_finite_adv)")
-    filtering = cfg.train.algorithm == "dash" and cfg.loss.gradient_filtering
-    keep = keep_mask(adv, cfg.loss.adv_threshold if filtering else None)  # [S]
+    adv, keep = select_samples(cfg, rollout.rewards, adv, step, first_sample)  # [S], [S]
     keep &= torch.tensor([len(c) > 0 for c in rollout.completion_ids])  # nothing to train on an empty completion
     return Filtered(adv, keep, non_finite)
 

@@ -2,9 +2,10 @@
 
     for step in range(steps):
         examples = data.next_batch(prompts_per_step)
+        examples = skip(examples)                  # loss.selection.rule=greso: drop prompts before generation
         rollout  = collect_rollouts(examples)      # dash: preemptive sampling, ONE call; grpo: one per micro-batch
-        adv, keep = gradient_filter(rollout)       # group advantages; dash: keep |A| > adv_threshold, before any
-                                                   # training forward
+        adv, keep = gradient_filter(rollout)       # group advantages; the selection rule's keep mask (dash:
+                                                   # |A| > adv_threshold), before any training forward
         counts   = count_step(rollout, keep)       # one collective: the step's counts over all ranks
         plans    = plan_micro_batches(keep, counts)   # pack the survivors; a normaliser per micro-batch
         update_policy(plans)                       # ppo_epochs x ppo_minibatches of: backward per micro-batch,
@@ -39,6 +40,7 @@ from dash.rl.phases import (
 )
 from dash.rl.policy_update import PolicyUpdate, frozen_copy
 from dash.rl.rollout import Rollout
+from dash.rl.selection import SampleSelector, selection_metrics
 from dash.rl.step_report import PhaseTimer, step_metrics
 
 # Names the tests and benchmarks import from here.
@@ -47,19 +49,26 @@ __all__ = ["PolicyUpdate", "StepMicroBatches", "frozen_copy", "run_step"]
 
 
 def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, step: int,
-             dist_info: DistInfo | None = None) -> tuple[dict, Rollout]:
+             dist_info: DistInfo | None = None, selector: SampleSelector | None = None) -> tuple[dict, Rollout]:
     """One optimizer step (or ppo_epochs x ppo_minibatches of them) of `cfg.train.algorithm`; returns
     (metrics, this rank's rollout).
 
     `examples` is the whole step's prompt batch (the same list on every rank); under torchrun each rank samples and
-    trains on its contiguous share, and prompt k keeps its single-process seed.
+    trains on its contiguous share, and prompt k keeps its single-process seed. `selector` carries the selection
+    rule's state across steps (GRESO's; the trainer checkpoints it); None: a fresh one.
     """
     parallel = Parallel(update.model, dist_info)
+    selector = selector or SampleSelector(cfg)
+    total_prompts = len(examples)
+    # GRESO: prompts skipped here are never generated (every other rule: all of them go on).
+    examples, skipped = selector.before_rollout(examples, step, parallel.info.world_size)
+    share = parallel.share(len(examples))
     timer = PhaseTimer(sampler)
     with timer.generation(), parallel.generation():  # FSDP: one all-gather for the whole generation phase
-        collected = collect_rollouts(cfg, sampler, examples, step, parallel.share(len(examples)))
+        collected = collect_rollouts(cfg, sampler, examples, step, share)
     rollout = collected.rollout
-    filtered = gradient_filter(cfg, rollout, step)
+    filtered = gradient_filter(cfg, rollout, step, first_sample=share[0] * cfg.train.group_size)
+    selector.observe(examples, share, rollout.rewards, parallel)
     device = next(update.model.parameters()).device
     with timer.phase("train"):
         with timer.phase("count_sync"):
@@ -68,4 +77,6 @@ def run_step(cfg: DashConfig, sampler, update: PolicyUpdate, examples: list, ste
         plans = plan_micro_batches(cfg, rollout, filtered, minibatches, counts, device)
         plans, _ = parallel.pad(plans, device)  # FSDP: the same micro-batch count on every rank
         result = update_policy(cfg, update, plans, parallel.info)
-    return step_metrics(collected, filtered, counts, result, timer, sampler.reward_stats), rollout
+    metrics = step_metrics(collected, filtered, counts, result, timer, sampler.reward_stats)
+    metrics.update(selection_metrics(counts.kept, total_prompts, cfg.train.group_size, skipped))
+    return metrics, rollout

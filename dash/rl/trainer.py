@@ -43,6 +43,7 @@ from dash.rl.optim import build_optimizer
 from dash.rl.policy_update import PolicyUpdate, frozen_copy
 from dash.rl.run_dir import claim_run_dir
 from dash.rl.sample import RolloutSampler
+from dash.rl.selection import SampleSelector
 from dash.rl.step import run_step
 from dash.rl.task_data import load_task, prompt_token_limit
 from dash.runtime import resolve_device, resolve_dtype, resolve_model_path, seed_everything
@@ -147,6 +148,7 @@ class Trainer:
                           if self.dist.is_main else {})
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         self.update = PolicyUpdate(cfg, self.model, self.optimizer, self.scheduler, self.ref_model)
+        self.selector = SampleSelector(cfg)  # the selection rule's state across steps (GRESO's)
         self.sampler = RolloutSampler(self.model, self.tokenizer, cfg.sampling, get_reward(cfg.data.reward),
                                       reward_timeout_s=cfg.data.reward_timeout_s)
         # Rank 0 alone logs, evaluates and checkpoints (the replicas are identical).
@@ -161,6 +163,8 @@ class Trainer:
                 self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.train_data.load_state_dict(state["data"])
+            if "selection" in state:  # absent from checkpoints written before loss.selection existed
+                self.selector.load_state_dict(state["selection"])
             set_rng_state(state["rng"])
             self.step = state["step"]
             self._say(f"resumed from {ckpt} at step {self.step}")
@@ -197,7 +201,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         examples = self.train_data.next_batch(cfg.train.prompts_per_step)
-        metrics, rollout = run_step(cfg, self.sampler, self.update, examples, self.step, self.dist)
+        metrics, rollout = run_step(cfg, self.sampler, self.update, examples, self.step, self.dist, self.selector)
         self.step += 1
         metrics["time/step_s"] = time.perf_counter() - t0
         if metrics["train/skipped_update"]:
@@ -228,6 +232,7 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Every rank calls it: DDP writes on rank 0 only (replicas are identical), FSDP on all ranks (shards)."""
         state = {"scheduler": self.scheduler.state_dict(), "data": self.train_data.state_dict(),
+                 "selection": self.selector.state_dict(),
                  "config": config_to_dict(self.cfg)}
         if self.cfg.train.parallel == "fsdp":
             path = save_sharded_checkpoint(self.cfg.log.out_dir, self.step, self.model, self.optimizer, state,

@@ -1,7 +1,8 @@
 """The reproduction pipeline end to end at smoke size: every arm runs, the report and the plot are written.
 
 This checks that `benchmarks/reproduce.py` works (configs parse, every arm trains and evaluates, the report covers
-the six experiments); the numbers it prints at 3 steps mean nothing. The full run is `python benchmarks/reproduce.py`.
+the six experiments and the selection rules); the numbers it prints at 3 steps mean nothing. The full run is
+`python benchmarks/reproduce.py`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def test_reproduce_smoke_runs_every_arm(tmp_path):
     assert record["arms"]["grpo"]["kept_frac"] == 1.0 and record["arms"]["no_gf"]["kept_frac"] == 1.0
     assert 0.0 < record["arms"]["dash"]["kept_frac"] < 1.0
     report = out.with_suffix(".md").read_text()
-    assert all(f"## {n}. " in report for n in range(1, 7)) and report.count("**Ours:**") == 6
+    assert all(f"## {n}. " in report for n in range(1, 8)) and report.count("**Ours:**") == 7  # 7: selection rules
+    assert record["arms"]["pods"]["kept_frac"] <= 0.5  # PODS keeps 2 of each group's 4 samples
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert not (tmp_path / "repro_runs.jsonl").exists()  # smoke runs never feed the cache of the real run
 
