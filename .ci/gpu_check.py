@@ -12,8 +12,10 @@ Target machine: one H100, torch 2.11+cu130, triton 3.6, nvcc 13, 16 cores, no ne
   install  pip install -e . --no-build-isolation --no-deps --no-index, TORCH_CUDA_ARCH_LIST = the GPU's capability
   ext      dash_kernels._C loads, and on a GPU has the CUDA kernels of store_kv / copy_pages
   tests    pytest -m cuda tests/gpu (on a machine without CUDA every test is skipped with the reason)
-  bench_*  benchmarks/fused_loss.py and benchmarks/step_time.py with small settings, when a GPU is present and time
-           is left
+  bench_*  benchmarks/fused_loss_gpu.py (N=16384, H=896, V=151936 bf16: fused vs naive, torch linear_cross_entropy,
+           Liger), benchmarks/paged_decode.py (decode attention ms per call, batch 256, 1k-token contexts,
+           Qwen2.5-0.5B heads), benchmarks/fused_loss.py and benchmarks/step_time.py with small settings, when a GPU
+           is present and time is left
 Exit status 0 when nothing failed (skips are not failures: a CPU dry run passes with every GPU step skipped).
 """
 
@@ -35,6 +37,7 @@ BUDGET_S = 480  # the issue's 8 minutes, everything included
 INSTALL_CAP_S = 300  # building _C with CUDA on 16 cores takes about two minutes
 BENCH_RESERVE_S = 100  # left for the benchmarks when the tests start; they are dropped if less remains
 MIN_STEP_S = 30  # a step with less time than this left is skipped, not started
+FUSED_LOSS_KEYS = ("fused_fwd_peak_frac", "fused_bwd_over_fwd", "fused_mem_frac_naive", "fused_vs_liger")
 
 
 class Check:
@@ -184,7 +187,11 @@ def main() -> int:
     if counts and r["status"].startswith("failed") and not (counts["failures"] or counts["errors"]):
         r["status"] = "failed (no test failed: see tests.log)"
 
-    benches = {"bench_fused_loss": ["benchmarks/fused_loss.py", "--device", "cuda", "--variants", "naive,fused",
+    # bench_fused_loss_gpu first: it holds the fused-loss keys of the final JSON line (FUSED_LOSS_KEYS).
+    benches = {"bench_fused_loss_gpu": ["benchmarks/fused_loss_gpu.py", "--device", "cuda"],
+               # decode attention, one layer: batch 256 (and 8), 1k-token contexts, Qwen2.5-0.5B heads; ms per call
+               "bench_paged_decode": ["benchmarks/paged_decode.py", "--batches", "256,8", "--context", "1024"],
+               "bench_fused_loss": ["benchmarks/fused_loss.py", "--device", "cuda", "--variants", "naive,fused",
                                     "--repeats", "1"],
                "bench_step_time": ["benchmarks/step_time.py", "--steps", "2", "--config", "configs/tiny.yaml",
                                    "--model.device=cuda", "--skip-paper-mb", "--plot", ""]}
@@ -195,12 +202,16 @@ def main() -> int:
         r, output = check.run(step, [py, *cmd], check.left(), "bench.log")
         r["result"] = last_json(output)
 
+    fused = next((r.get("result") or {} for r in check.rows if r["step"] == "bench_fused_loss_gpu"), {})
     failed = [r["step"] for r in check.rows if r["status"].startswith(("failed", "timeout"))]
     print(f"\n{'step':18s} {'status':24s} {'s':>7s}  detail")
     for r in check.rows:
         print(f"{r['step']:18s} {r['status']:24s} {r['seconds']:7.1f}  {r['detail'][:90]}")
     summary = {"check": "gpu", **info, "python": sys.version.split()[0], "ok": not failed, "failed_steps": failed,
-               "seconds": round(time.monotonic() - check.start, 1), "steps": check.rows}
+               "seconds": round(time.monotonic() - check.start, 1), "steps": check.rows,
+               **{k: fused.get(k) for k in FUSED_LOSS_KEYS},
+               "decode_attn_ms_256": next(((r.get("result") or {}).get("decode_attn_ms_256") for r in check.rows
+                                           if r["step"] == "bench_paged_decode"), None)}
     try:
         import torch
         import triton

@@ -37,7 +37,7 @@ from dash.config import load_config  # noqa: E402
 from dash.rl.task_data import arith_task  # noqa: E402
 from dash.tasks.arith import arith_reward  # noqa: E402
 from dash.runtime import resolve_model_path  # noqa: E402
-from dash.tasks.warmstart import load_warmstart  # noqa: E402
+from dash.rl.warmstart import load_warmstart  # noqa: E402
 
 PROMPTS, G, SFT_BATCH, MAX_NEW, EVAL_CHUNK = 64, 4, 128, 8, 250
 

@@ -20,6 +20,11 @@ Ragged rows (tiny, batch 256): prompt lengths uniform in RAGGED_LEN, as RL promp
 left-padded batch with an attention mask (its documented way), dash packs them.
 `sched_overhead_ms_1024`: mean wall time of the host-side step (Scheduler.schedule + postprocess, no model, no
 sampling) over decode steps with 1024 live sequences (256 prompts x G=4).
+Presets' sampling rows (`tiny1k`: the tiny model with a 1000-token vocabulary, batch 256, temperature 0.9): without
+top-k, with the presets' top_k = 50 (configs/qwen2.5-*-math.yaml; their top_p is 1.0, off) in the fused sampler,
+with top_k = 50 through the pre-fusion torch path (a full sort of the [B, V] logits, softmax, cumsum, scatter, then
+inverse CDF: `_sample_sorted`, kept here as the "before" of the same run), and HF generate without / with top-k 50.
+`--presets-only` runs just these rows.
 Prints a table, then ONE JSON line.
 """
 
@@ -38,11 +43,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+import dash.engine.sampler as sampler_mod  # noqa: E402
 from dash.engine import SamplingParams, generate  # noqa: E402
+from dash.engine.sampling import uniforms_at  # noqa: E402
 from dash.engine.kv_cache import KVCache  # noqa: E402
 from dash.engine.scheduler import Scheduler  # noqa: E402
 from dash.engine.sequence import SequenceTable  # noqa: E402
 from dash.model_io import load_model  # noqa: E402
+from dash_kernels.sample import mask_stop_tokens, sample_from_logp  # noqa: E402
 from common import emit, result  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS, TEMPERATURE = 16, 32, 0.9
@@ -53,7 +61,10 @@ MODELS = {
                  num_key_value_heads=2),
     "wide": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
                  num_attention_heads=8, num_key_value_heads=2),
+    "tiny1k": dict(vocab_size=1000, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2),
 }
+PRESET_TOP_K = 50  # configs/qwen2.5-0.5b-math.yaml and -1.5b-math.yaml (top_p 1.0)
 SCHED_SEQS, SCHED_STEPS = 1024, 30
 
 
@@ -108,14 +119,80 @@ def build(name: str, folder: Path):
     return hf, load_model(folder)
 
 
-def hf_generate(hf, prompts):
+def hf_generate(hf, prompts, top_k=0):
     """One padded batch, left-padded as HF generate needs for ragged prompts (equal lengths: no padding at all)."""
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # [B, width]
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        hf.generate(ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE, top_k=0,
+        hf.generate(ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE, top_k=top_k,
                     top_p=1.0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+
+
+def _process_sorted(logits, temperature, top_k, top_p):
+    """The pre-fusion processing (full sort of [B, V]), for the benchmark's "before" row only."""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    x = logits / t[:, None]  # [B, V]
+    V = x.shape[1]
+    ranked, order = x.sort(dim=1, descending=True)  # [B, V]
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)  # [B]
+    keep = torch.arange(V, device=x.device)[None, :] < k[:, None]
+    ranked = ranked.masked_fill(~keep, float("-inf"))
+    probs = ranked.softmax(dim=1)
+    keep &= probs.cumsum(dim=1) - probs < top_p[:, None]
+    x = torch.full_like(x, float("-inf")).scatter_(1, order, ranked.masked_fill(~keep, float("-inf")))
+    return x.log_softmax(dim=1)
+
+
+def _sample_sorted(table, batch, logits):
+    """The engine's pre-fusion sampling step with top-k / top-p (stands in for sampler._sample)."""
+    step = table.num_gen[batch.seq_ids]  # [R]
+    u = uniforms_at(batch.keys, step).to(logits.device)
+    if batch.min_new is not None:
+        logits = mask_stop_tokens(logits, batch.device_stop_ids, (step < batch.min_new).to(logits.device))
+    logp = _process_sorted(logits, batch.temperature, batch.top_k, batch.top_p)
+    return sample_from_logp(logp, batch.greedy, u)
+
+
+def generate_sorted(*args, **kwargs):
+    """`generate` with the pre-fusion sampling step."""
+    fused, sampler_mod._sample = sampler_mod._sample, _sample_sorted
+    try:
+        return generate(*args, **kwargs)
+    finally:
+        sampler_mod._sample = fused
+
+
+def preset_rows(repeats: int) -> tuple[list, dict]:
+    """Rows and JSON fields of the presets' sampling settings (module docstring), interleaved in one measure()."""
+    hf, model = build("tiny1k", Path(tempfile.mkdtemp()))
+    batch, vocab = 256, MODELS["tiny1k"]["vocab_size"]
+    prompts = torch.randint(3, vocab, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch)).tolist()
+    plain = SamplingParams(temperature=TEMPERATURE, max_new_tokens=NEW_TOKENS, stop_token_ids=[], seed=0)
+    topk = SamplingParams(temperature=TEMPERATURE, top_k=PRESET_TOP_K, max_new_tokens=NEW_TOKENS, stop_token_ids=[],
+                          seed=0)
+    runs = {"dash no top-k": lambda: generate(model, None, prompts, params=plain),
+            "dash top-k 50 (fused)": lambda: generate(model, None, prompts, params=topk),
+            "dash top-k 50 (sort, before)": lambda: generate_sorted(model, None, prompts, params=topk),
+            "hf generate no top-k": lambda: hf_generate(hf, prompts),
+            "hf generate top-k 50": lambda: hf_generate(hf, prompts, top_k=PRESET_TOP_K)}
+    rows, tok_s = [], {}
+    for provider, res in measure(runs, repeats).items():
+        if isinstance(res, Exception):
+            rows.append(("tiny1k", batch, provider, None, None, f"{type(res).__name__}: {str(res)[:60]}"))
+            continue
+        tok_s[provider] = batch * NEW_TOKENS / res[0]
+        rows.append(("tiny1k", batch, provider, tok_s[provider], res[1], ""))
+        print(f"  tiny1k B={batch:<4d} {provider:28s} {tok_s[provider]:10.0f} tok/s", file=sys.stderr)
+    keys = {"dash no top-k": "nofilter", "dash top-k 50 (fused)": "topk50", "dash top-k 50 (sort, before)":
+            "topk50_sort", "hf generate no top-k": "hf_nofilter", "hf generate top-k 50": "hf_topk50"}
+    fields = {f"presets_tok_s_{keys[p]}": round(v, 1) for p, v in tok_s.items()}
+    if len(tok_s) == len(runs):
+        fields.update(presets_topk50_over_nofilter=round(tok_s["dash top-k 50 (fused)"] / tok_s["dash no top-k"], 3),
+                      presets_fused_over_sort=round(tok_s["dash top-k 50 (fused)"]
+                                                    / tok_s["dash top-k 50 (sort, before)"], 2),
+                      presets_topk50_vs_hf=round(tok_s["dash top-k 50 (fused)"] / tok_s["hf generate top-k 50"], 2))
+    return rows, fields
 
 
 def hf_generate_batch(hf, prompts):
@@ -151,13 +228,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny model only")
+    ap.add_argument("--presets-only", action="store_true", help="only the presets' sampling rows (tiny1k)")
     ap.add_argument("--hf-cb", action="store_true", help="also HF generate_batch (on this CPU: ~10 tok/s, ~12 GiB)")
     ap.add_argument("--out", default="", help="also write <out>.md (table) and <out>.json (the JSON line)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows, fields = [], {}
     sp = SamplingParams(temperature=TEMPERATURE, max_new_tokens=NEW_TOKENS, stop_token_ids=[], seed=0)
-    for name in ["tiny"] if args.quick else ["tiny", "wide"]:
+    for name in [] if args.presets_only else ["tiny"] if args.quick else ["tiny", "wide"]:
         hf, model = build(name, Path(tempfile.mkdtemp()))
         vocab = MODELS[name]["vocab_size"]
         for batch in (8, 256):
@@ -197,6 +275,9 @@ def main() -> None:
                       file=sys.stderr)
         if name == "tiny":
             fields["sched_overhead_ms_1024"] = round(sched_overhead_ms(model), 4)
+    preset, preset_fields = preset_rows(args.repeats)
+    rows += preset
+    fields.update(preset_fields)
     by = {(m, b, p): t for m, b, p, t, _, _ in rows}
     for m in ("tiny", "wide"):
         sfx = "" if m == "tiny" else "_wide"
@@ -227,7 +308,8 @@ def main() -> None:
     for m, b, p, t, mib, note in rows:
         lines.append(f"| {m} | {b} | {p} | {'' if t is None else f'{t:.0f}'} | "
                      f"{'' if mib is None else f'{mib:.1f}'} | {note} |")
-    lines.append(f"\nhost scheduling per decode step, 1024 live sequences: {record.get('sched_overhead_ms_1024')} ms")
+    if "sched_overhead_ms_1024" in record:
+        lines.append(f"\nhost scheduling per decode step, 1024 live sequences: {record['sched_overhead_ms_1024']} ms")
     emit("\n".join(lines), record, args.out)
 
 

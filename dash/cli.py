@@ -29,6 +29,7 @@ _SAMPLES_SHOWN = 5  # completions printed by `smoke`
 
 
 def _load_task(cfg: DashConfig):
+    # lazy: `dash --help` and config errors skip torch
     from dash.rl.task_data import arith_task
 
     if cfg.data.task != "arith":
@@ -37,6 +38,7 @@ def _load_task(cfg: DashConfig):
 
 
 def cmd_smoke(cfg: DashConfig) -> int:
+    # lazy: `dash --help` and config errors skip torch
     import torch
 
     from dash.model_io import load_model, load_tokenizer
@@ -78,6 +80,7 @@ def _closing(trainer):
 
 
 def cmd_train(cfg: DashConfig, args) -> int:
+    # lazy: `dash --help` and config errors skip torch
     from dash.rl.trainer import Trainer
 
     cfg.check_for_training()  # before any set-up work (Trainer.train checks it again for API callers)
@@ -85,7 +88,7 @@ def cmd_train(cfg: DashConfig, args) -> int:
     with _closing(trainer):
         trainer.setup(resume=args.resume, overwrite=args.overwrite)
         trainer.train()
-    from dash.rl.evaluate import headline  # lazy, as every command's: `dash --help` and config errors skip torch
+    from dash.rl.evaluate import headline  # lazy: `dash --help` and config errors skip torch
 
     final = [h for h in trainer.history if "time/eval_s" in h]
     if final:
@@ -106,6 +109,7 @@ def cmd_eval(cfg: DashConfig, args) -> int:
 
 
 def cmd_sample(cfg: DashConfig, args) -> int:
+    # lazy: `dash --help` and config errors skip torch
     from dash.model_io import load_model, load_tokenizer
     from dash.rl.sample import RolloutSampler, prompt_seed
     from dash.runtime import resolve_device, resolve_dtype, resolve_model_path
@@ -132,17 +136,20 @@ def cmd_sample(cfg: DashConfig, args) -> int:
 
 
 def cmd_sft(cfg: DashConfig, args) -> int:
+    # lazy: `dash --help` and config errors skip torch
     from pathlib import Path
 
     from dash.rl.sft_data import sft_source
 
     if sft_source(cfg) is not None:  # the user's prompt + solution file
+        # lazy: `dash --help` and config errors skip torch
         from dash.rl.sft_train import run_sft_on_file
 
         folder = run_sft_on_file(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite)
         print(f"sft: model in {folder} (use --model.path={folder})")
         return 0
-    from dash.tasks.warmstart import warmstart
+    # lazy: `dash --help` and config errors skip torch
+    from dash.rl.warmstart import warmstart
 
     if args.resume or args.overwrite:
         raise ConfigError("the built-in warm start (data.task=arith, no sft.train_path) keeps no checkpoints "
@@ -154,7 +161,8 @@ def cmd_sft(cfg: DashConfig, args) -> int:
 
 
 def cmd_export(cfg: DashConfig, args) -> int:
-    from dash.export import MAX_SHARD_BYTES, export_checkpoint, parse_size
+    # lazy: `dash --help` and config errors skip torch
+    from dash.rl.export import MAX_SHARD_BYTES, export_checkpoint, parse_size
     from dash.runtime import resolve_dtype
 
     if not args.source or not args.out:

@@ -6,7 +6,7 @@
 
 Sources: with no SOURCE (nor --resume, its older spelling) the model is `model.path`; a SOURCE folder holding a
 config.json is an HF folder; anything else is a run or checkpoint, resolved and read as `dash export` reads it
-(dash/export.py: a replica checkpoint's model/, FSDP shards gathered, a LoRA run's adapters applied over its base
+(dash/rl/export.py: a replica checkpoint's model/, FSDP shards gathered, a LoRA run's adapters applied over its base
 model.path). The model is loaded in `model.dtype` on `model.device`. The data, reward and eval settings are this
 command's config (--config / overrides), not the run's saved one: the same evaluation can be run on any model.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dash.config import DashConfig
-from dash.export import load_checkpoint_model
+from dash.rl.export import load_checkpoint_model
 from dash.model_io import CONFIG_FILE, load_model, load_tokenizer, read_config
 from dash.rl.eval_sets import check_eval_sets, eval_sampling, load_eval_sets
 from dash.rl.evaluate import evaluate_sets, set_metrics

@@ -23,7 +23,7 @@ def resolve_model_path(path: str) -> Path:
         if not folder.is_dir():
             known = sorted(p.name for p in ASSETS_DIR.iterdir()) if ASSETS_DIR.is_dir() else []
             raise ConfigError(f"model.path: no built-in model {name!r} (built-ins: {known}); "
-                                    f"`python -m dash.tasks.warmstart` recreates tiny-sft")
+                                    f"`python -m dash.rl.warmstart` recreates tiny-sft")
         return folder
     folder = Path(path).expanduser()
     if not folder.is_dir():

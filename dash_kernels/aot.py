@@ -19,6 +19,9 @@ import sys
 import tempfile
 import time
 
+from dash_kernels import copy_pages, paged_attention, rms_norm, rotary, sample, silu_mul, store_kv
+from dash_kernels.ops import logprobs_from_logits, policy_loss, token_logprobs, token_logprobs_bwd
+
 # Keep Triton 3.9's current default (FP fusion on) explicitly, which also silences its warning about the default
 # changing in 3.10; set the variable yourself to check the other setting.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -34,26 +37,24 @@ _PTXAS_RE = {
 
 def kernel_specs():
     """(name, kernel, signature, constexprs, options) for every Triton kernel variant we launch."""
-    from dash_kernels import copy_pages, paged_attention, rms_norm, rotary, sample, silu_mul, store_kv
-    from dash_kernels.ops import logprobs_from_logits, policy_loss, token_logprobs
-
-    return (token_logprobs.aot_specs() + policy_loss.aot_specs() + logprobs_from_logits.aot_specs()
-            + sample.aot_specs() + rms_norm.aot_specs() + rotary.aot_specs() + silu_mul.aot_specs()
-            + paged_attention.aot_specs() + store_kv.aot_specs() + copy_pages.aot_specs())
+    return (token_logprobs.aot_specs() + token_logprobs_bwd.aot_specs() + policy_loss.aot_specs()
+            + logprobs_from_logits.aot_specs() + sample.aot_specs() + rms_norm.aot_specs() + rotary.aot_specs()
+            + silu_mul.aot_specs() + paged_attention.aot_specs() + store_kv.aot_specs() + copy_pages.aot_specs())
 
 
 def _ptxas_path(arch):
     """The ptxas Triton itself uses for this arch (it bundles one for sm < 90 and a newer one for sm >= 90)."""
-    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia.compiler import get_ptxas  # optional dependency: Triton (extra `dev`), AOT only
 
     return get_ptxas(arch).path
 
 
 def compile_one(kernel, signature, constexprs, options, arch):
     """Compiles one variant for sm_<arch>; returns the ptxas -v figures and the shared memory Triton allocates."""
+    # optional dependency: Triton (not a runtime requirement of dash); only ahead-of-time compiling needs it
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget  # optional dependency, as above
+    from triton.compiler import ASTSource  # optional dependency, as above
 
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)

@@ -152,12 +152,17 @@ def _comment_lines(source: str) -> set[int]:
 
 
 def unexplained_local_imports(sources: dict[str, tuple[str, str]]) -> list[str]:
-    """'file:line: import' for each function-local import with no comment on its own line(s) or the line before."""
+    """'file:line: import' for each function-local import with no comment on its own line(s) or above its import block."""
     out = []
     for module, (path, source) in sources.items():
         comments = _comment_lines(source)
+        import_lines = {line for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.Import, ast.ImportFrom))
+                        for line in range(node.lineno, (node.end_lineno or node.lineno) + 1)}
         for _, node, local in _imports_of(module, path, source, set(sources)):
-            span = set(range(node.lineno - 1, (node.end_lineno or node.lineno) + 1))
+            above = node.lineno - 1
+            while above in import_lines or (above > 0 and not source.splitlines()[above - 1].strip()):
+                above -= 1  # one reason above a block of imports (blank lines inside it allowed) covers the block
+            span = set(range(node.lineno, (node.end_lineno or node.lineno) + 1)) | {above}
             if local and not span & comments:
                 out.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
     return sorted(set(out))
@@ -199,7 +204,9 @@ def test_the_checks_catch_what_they_look_for():
         "dash.rl.a": ("dash/rl/a.py", "from dash.tasks.b import x\n"),
         "dash.tasks.b": ("dash/tasks/b.py", "def f():\n    from dash.rl import a\n"),
         "dash.config": ("dash/config.py", "def g():\n    # optional dependency\n    import wandb\n"
-                                          "def h():\n    import yaml\n"),
+                                          "def h():\n    import yaml\n"
+                                          "def k():\n    # one reason above a block\n    import json\n\n"
+                                          "    import csv\n"),
         "dash.data": ("dash/data.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                                       "    from dash.rl.a import y\n"),
         "dash.rl": ("dash/rl/__init__.py", "from .a import x  # relative: dash.rl.a\n"),

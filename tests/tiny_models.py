@@ -6,7 +6,7 @@
   term changes nothing visible. Weights at std WEIGHT_STD and norms at 1 + N(0, NORM_JITTER) move the logits by O(1).
   tests/model/conftest.py (parity, checkpoint I/O) and tests/engine/conftest.py (sampler vs HF generate) build theirs
   here; each keeps its own sizes.
-- `save_tiny_dash_model`: `dash.tasks.warmstart.build_tiny_model` (untrained) with the arithmetic tokenizer, saved as
+- `save_tiny_dash_model`: `dash.rl.warmstart.build_tiny_model` (untrained) with the arithmetic tokenizer, saved as
   an HF folder: what `--model.path` of a training run in tests/rl needs.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dash.model_io import save_model
-from dash.tasks.warmstart import build_tiny_model
+from dash.rl.warmstart import build_tiny_model
 from dash.tokenizer import build_arith_tokenizer
 
 WEIGHT_STD = 0.2  # logits come out with std ~1-2: large enough to expose a wrong term, small enough for fp32

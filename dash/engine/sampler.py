@@ -9,8 +9,8 @@ template prefill it once. Nothing is reused across calls, because the next call 
 DASH's preemptive sampling calls this once per optimizer step for the whole step's batch (e.g. 64 prompts x G=4);
 the model object is the trainer's, so the next call after `optimizer.step()` samples from the new weights.
 All inputs are validated before any work (ValueError naming the request and the limit). Running out of pages
-mid-call preempts and recomputes; every completion ends with finish_reason "stop" or "length", never truncated
-silently. A tqdm bar counts finished sequences when stderr is a TTY (or `progress=True`).
+mid-call evicts sequences and recomputes them; every completion ends with finish_reason "stop" or "length", never
+truncated silently. A tqdm bar counts finished sequences when stderr is a TTY (or `progress=True`).
 
 Departures from the paper (which samples with vLLM on a separate copy of the weights): same model object, no sync;
 per-token log-probs are the processed ones (see sampling.py), returned for the loss's old_logp.
@@ -27,17 +27,17 @@ from tqdm import tqdm
 
 from dash.engine.kv_cache import KVCache
 from dash.engine.runner import ModelRunner
-from dash.engine.sampling import process_logits, uniforms_at
+from dash.engine.sampling import uniforms_at
 from dash.engine.scheduler import Scheduler
 from dash.engine.sequence import BatchRows, RequestOutput, SamplingParams, SequenceTable
-from dash_kernels.sample import mask_stop_tokens, sample_from_logp, sample_rows
+from dash_kernels.sample import sample_rows
 
 DEFAULT_PAGE_SIZE = 16  # small pages waste little at short RL completions; the Triton kernel takes any size
 DEFAULT_MAX_NUM_SEQS = 1024  # a DASH step is 256 completions; more only adds host work per step
 DEFAULT_MAX_BATCHED_TOKENS = 16384  # prefill tokens per step: bounds the activation memory of one forward
 # Default KV pool on CUDA: at most this share of the free device memory (weights and optimizer state are already
 # allocated; the rest is left to the forward's activations). More pages than that are not needed: the scheduler
-# preempts instead.
+# evicts instead.
 KV_MEMORY_FRACTION = 0.8
 
 
@@ -55,14 +55,14 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
         prompts: strings, or lists of token ids.
         n: samples per prompt (the GRPO group size G); the prompt is prefilled once and its pages shared.
         params: one SamplingParams for all prompts, or one per prompt.
-        page_size, num_pages: KV pool geometry; num_pages 0 / None sizes the pool so nothing is ever preempted, capped
-            on CUDA at KV_MEMORY_FRACTION of the free device memory (the scheduler then preempts).
+        page_size, num_pages: KV pool geometry; num_pages 0 / None sizes the pool so nothing is ever evicted, capped
+            on CUDA at KV_MEMORY_FRACTION of the free device memory (the scheduler then evicts).
         max_num_seqs, max_batched_tokens: per-step limits on running sequences and prefill tokens.
         group_fork: False prefills each of the n samples separately (for benchmarks and tests).
         prefix_caching: reuse the K/V of full prompt pages that an earlier prefill of this call computed for the same
             tokens (shared system prompts, repeated prompts); only within the call, whose weights cannot change.
         progress: tqdm bar; None -> only when stderr is a TTY.
-        stats: if a dict is given, filled with step / page / preemption counts.
+        stats: if a dict is given, filled with step / page / eviction counts.
 
     Returns:
         One RequestOutput per prompt (`.prompt_token_ids`, `.completions`; `out[i][g]` is completion g of prompt i).
@@ -87,7 +87,7 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
     cache = KVCache(model, num_pages, page_size)
     runner = ModelRunner(model, cache, max_len)
     sched = Scheduler(table, cache, max_num_seqs, max_batched_tokens, tokenizer, group_fork=group_fork,
-                      prefix_caching=prefix_caching, paged_prefill=runner.paged_prefill)
+                      prefix_caching=prefix_caching, prefill_prefers_pages=runner.prefill_prefers_pages)
     show = sys.stderr.isatty() if progress is None else progress
     steps = prefills = peak = 0
     with tqdm(total=table.num_seqs, desc="generate", unit="seq", disable=not show) as bar:
@@ -106,14 +106,14 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
             cache.recycle()
     if stats is not None:
         stats.update(steps=steps, prefill_steps=prefills, decode_steps=steps - prefills, num_pages=num_pages,
-                     peak_pages=peak, preemptions=sched.num_preemptions,
+                     peak_pages=peak, evictions=sched.num_evictions,
                      generated_tokens=int(table.num_gen.sum()), prompt_tokens=sum(len(p) for p in ids) * n,
                      cached_prompt_tokens=sched.num_cached_tokens)
     return table.outputs(tokenizer)
 
 
 def default_num_pages(needed: int, bytes_per_page: int, free_bytes: int | None) -> int:
-    """Pages of the default KV pool: every page the call could use (nothing is ever preempted), capped on a device
+    """Pages of the default KV pool: every page the call could use (nothing is ever evicted), capped on a device
     with `free_bytes` free at what fits in KV_MEMORY_FRACTION of them (>= 1; generate checks it holds one sequence)."""
     if free_bytes is None:
         return needed
@@ -121,16 +121,15 @@ def default_num_pages(needed: int, bytes_per_page: int, free_bytes: int | None) 
 
 
 def _sample(table: SequenceTable, batch: BatchRows, logits: torch.Tensor):
-    """Process and sample one token per row of `batch`; the RNG key of a row is (its stream, its step)."""
+    """Process and sample one token per row of `batch`, in one fused op (C++ on CPU, Triton on CUDA) whatever the
+    settings (temperature, top-k, top-p, min-tokens stop mask); the RNG key of a row is (its stream, its step)."""
     step = table.num_gen[batch.seq_ids]  # [R] index of the token being sampled
     u = uniforms_at(batch.keys, step).to(logits.device, non_blocking=True)  # [R] float64
     active = None if batch.min_new is None else (step < batch.min_new).to(logits.device, non_blocking=True)
-    if not table.any_filter:  # temperature (+ min-tokens mask) only: one fused op (C++ on CPU, Triton on CUDA)
+    if not table.any_filter:
         return sample_rows(logits, batch.temperature, u, batch.device_stop_ids, active)
-    if active is not None:
-        logits = mask_stop_tokens(logits, batch.device_stop_ids, active)
-    logp = process_logits(logits, batch.temperature, batch.top_k, batch.top_p)
-    return sample_from_logp(logp, batch.greedy, u)
+    return sample_rows(logits, batch.temperature, u, batch.device_stop_ids, active, batch.top_k, batch.top_p,
+                       max_top_k=table.max_top_k)
 
 
 def _default_stop_ids(model, tokenizer) -> list[int]:

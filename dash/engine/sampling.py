@@ -1,13 +1,15 @@
 """Logit processing and sampling with per-request seeds; the same processing recomputes log-probs for training.
 
 Processing order (HF `generate` / vLLM): temperature, then top-k, then top-p on the top-k-renormalised distribution;
-before `min_new_tokens` the stop tokens are masked. The log-prob returned for a sampled token is taken from this
+before `min_new_tokens` the stop tokens are masked. The sampler runs all of it inside one fused op
+(`dash_kernels.sample.sample_rows`: C++ on CPU, Triton on CUDA); `process_logits` here is its torch reference, used
+to recompute log-probs for training. The log-prob returned for a sampled token is taken from this
 processed distribution (vLLM's "processed_logprobs"), i.e. the old_logp the loss needs. Greedy rows (temperature 0)
 report the log-prob under the same processing at temperature 1 (a point mass would always say 0).
 
 Randomness: one uniform per (sequence, step) from a counter-based hash of (request seed, sample index, step), then
 inverse-CDF sampling. A token therefore depends only on its own row's probabilities and its own key, never on the
-batch it shares a step with, on preemption, or on torch's global RNG state; and no per-row torch.Generator is needed.
+batch it shares a step with, on eviction, or on torch's global RNG state; and no per-row torch.Generator is needed.
 The hash works in 32-bit lanes of uint64 arrays so every product stays below 2**64 (no wraparound).
 """
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from dash_kernels import token_logprobs
-from dash_kernels.sample import mask_stop_tokens
+from dash_kernels.sample import mask_stop_tokens, processed_logp_ref
 
 __all__ = ["stream_keys", "uniforms_at", "uniforms", "process_logits", "completion_logprobs"]
 
@@ -62,7 +64,8 @@ def uniforms(seed: torch.Tensor, sample: torch.Tensor, step: torch.Tensor) -> to
 
 def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                    top_p: torch.Tensor) -> torch.Tensor:
-    """Log-probs of the processed distribution, -inf on removed tokens.
+    """Log-probs of the processed distribution, -inf on removed tokens (`dash_kernels.sample.processed_logp_ref`,
+    the reference of the fused samplers: top-k keeps ties at the k-th value, top-p keeps whole tied groups).
 
     Args:
         logits: (B, V) fp32 (after `mask_stop_tokens`).
@@ -71,18 +74,7 @@ def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     Returns:
         (B, V) fp32 log-probs.
     """
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    x = logits / t[:, None]  # [B, V]
-    V = x.shape[1]
-    ranked, order = x.sort(dim=1, descending=True)  # [B, V]
-    k = torch.where(top_k > 0, top_k.clamp(max=V), V)  # [B]
-    keep = torch.arange(V, device=x.device)[None, :] < k[:, None]
-    ranked = ranked.masked_fill(~keep, float("-inf"))
-    probs = ranked.softmax(dim=1)
-    mass_before = probs.cumsum(dim=1) - probs  # [B, V]: the top token always has 0 < top_p before it
-    keep &= mass_before < top_p[:, None]
-    x = torch.full_like(x, float("-inf")).scatter_(1, order, ranked.masked_fill(~keep, float("-inf")))
-    return x.log_softmax(dim=1)
+    return processed_logp_ref(logits, temperature, top_k, top_p)
 
 
 def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], params) -> list[torch.Tensor]:

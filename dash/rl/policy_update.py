@@ -24,6 +24,7 @@ from dash.rl.distributed import DistInfo
 from dash.rl.fsdp import full_value, is_sharded, zero_weight_backward
 from dash.rl.optim import gradient_tensors
 from dash.rl.parallel import Parallel
+from dash_kernels import fused_policy_loss, token_logprobs
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -52,8 +53,6 @@ class PolicyUpdate:
 
     def token_logprobs(self, model, mb) -> torch.Tensor:
         """No-grad log-probs of the micro-batch's completion tokens under `model`: [B, Lc]."""
-        from dash_kernels import token_logprobs
-
         with torch.no_grad():
             h = self.completion_hidden(model, mb)  # [B, Lc, H]
             targets = mb.targets.clamp(min=0)
@@ -64,8 +63,6 @@ class PolicyUpdate:
     def backward(self, mb, normalizer: float | None, old_logp: torch.Tensor | None) -> dict:
         """Loss of one micro-batch, backward, and its metrics (detached floats). normalizer None: an FSDP padding
         micro-batch (dash/rl/fsdp.py), zero weight and no metrics."""
-        from dash_kernels import fused_policy_loss
-
         if normalizer is None:
             zero_weight_backward(self.model, mb)
             return {}

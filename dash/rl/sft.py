@@ -1,7 +1,7 @@
 """Supervised fine-tuning: the masked-loss step every SFT in dash runs, the tiny task's loop, and greedy evaluation.
 
 Purpose: one SFT step (`sft_step`) shared by the built-in task's warm start (`run_sft`, called by
-`python -m dash.tasks.warmstart` and `dash sft` on data.task=arith) and `dash sft` on your own data
+`python -m dash.rl.warmstart` and `dash sft` on data.task=arith) and `dash sft` on your own data
 (dash/rl/sft_train.py, with checkpoints and resume). Pack a batch end to end (dash/rl/sft_data.py), run the engine's
 packed forward (`model.forward_packed`, no padding), take the log-probs of the solution tokens with the fused kernel
 (dash_kernels.token_logprobs: the lm_head GEMM and log-softmax in one pass, no [N, V] logits held), AdamW step.

@@ -12,7 +12,7 @@ dash/rl/sft.py `sft_step` (solution-masked loss through the fused log-prob kerne
 The run folder is `<log.out_dir>/sft` (so an RL run in log.out_dir and its `--overwrite` leave it alone): claimed
 and locked as dash/rl/run_dir.py does for RL (`--resume` continues it, `--overwrite` replaces it), holding
 metrics.jsonl and `checkpoints/step-N` (dash/rl/checkpoint.py: safetensors and JSON, no pickle; every
-`log.ckpt_every` steps and at the end). At the end the last checkpoint is exported (dash/export.py) as an HF folder,
+`log.ckpt_every` steps and at the end). At the end the last checkpoint is exported (dash/rl/export.py) as an HF folder,
 `--out` or `<run>/final` (config.json, safetensors, generation_config.json, tokenizer files), which
 `dash train --model.path` takes. With `model.lora.enabled` only the adapters train; checkpoints hold them alone and
 the final folder has them merged into the base (`dash export --adapters-only` on the run gives peft's folder).
@@ -33,11 +33,16 @@ from tqdm import tqdm
 
 from dash.config import ConfigError, DashConfig, config_to_dict
 from dash.data import PromptIterator
+from dash.lora import apply_lora, load_adapter
+from dash.model_io import load_model, load_tokenizer, read_config
 from dash.rl.checkpoint import ADAPTER_DIR, MODEL_DIR, is_sharded_checkpoint, load_checkpoint, save_checkpoint
 from dash.rl.checkpoint import set_rng_state
+from dash.rl.export import export_checkpoint
 from dash.rl.metrics import MetricsLogger
+from dash.rl.optim import make_adamw
 from dash.rl.run_dir import claim_run_dir
 from dash.rl.sft import lr_scheduler, sft_step
+from dash.rl.trainer import config_changes
 from dash.rl.sft_data import check_sft_source, load_sft_examples, pack_sft_ids, plan_micro_batches
 from dash.runtime import resolve_device, resolve_dtype, resolve_model_path, seed_everything
 
@@ -58,9 +63,6 @@ class SFTRun:
     def setup(self, resume: str | None = None, overwrite: bool = False, out: str | None = None) -> None:
         """Everything is checked (source file, fields, rows, --resume, --out) before the run folder is claimed and
         before any weight is read."""
-        from dash.lora import apply_lora, load_adapter
-        from dash.model_io import load_model, load_tokenizer, read_config
-
         cfg = self.cfg
         check_sft_source(cfg)
         self.out = Path(out) if out else self.run_path / FINAL_DIR
@@ -88,8 +90,6 @@ class SFTRun:
             apply_lora(self.model, cfg.model.lora)
             if ckpt:
                 load_adapter(self.model, ckpt / ADAPTER_DIR)
-        from dash.rl.optim import make_adamw
-
         s = cfg.sft
         self.optimizer = make_adamw(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         self.scheduler = lr_scheduler(self.optimizer, s.steps, s.warmup_steps, s.lr_schedule, s.min_lr_ratio)
@@ -102,8 +102,6 @@ class SFTRun:
             set_rng_state(state["rng"])
             self.step = state["step"]
             self._say(f"resumed from {ckpt} at step {self.step}")
-            from dash.rl.trainer import config_changes
-
             changed = config_changes(state.get("config", {}), config_to_dict(cfg))
             if changed:
                 warnings.warn(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; the run "
@@ -165,8 +163,6 @@ class SFTRun:
 
     def write_model(self) -> Path:
         """The final HF folder (`--out`, else <run>/final) from the run's latest checkpoint; LoRA merged."""
-        from dash.export import export_checkpoint
-
         if getattr(self, "last_checkpoint", None) is None:  # resumed a finished run: nothing trained, re-export
             self.save_checkpoint()
         return export_checkpoint(self.last_checkpoint, self.out, overwrite=True,

@@ -191,7 +191,7 @@ TINY_MODEL_CONFIG: dict = {
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     "tie_word_embeddings": True,
     "attention_dropout": 0.0,
-    # Std of the normal init (dash.tasks.warmstart.build_tiny_model and HF both read it). HF's usual 0.02 is tuned
+    # Std of the normal init (dash.rl.warmstart.build_tiny_model and HF both read it). HF's usual 0.02 is tuned
     # for wide models; at hidden 128 it left SFT at ~9% greedy after 2000 steps, 0.06 reached ~26% (0.1: ~14%).
     "initializer_range": 0.06,
     "use_sliding_window": False,

@@ -1,4 +1,4 @@
-"""The sampler end to end on CPU: HF parity, preemption, group fork, sampling params, seeds, live weights, bad input.
+"""The sampler end to end on CPU: HF parity, KV eviction, group fork, sampling params, seeds, live weights, bad input.
 
 Run: .venv/bin/python -m pytest tests/engine -q
 """
@@ -54,14 +54,14 @@ def test_cpu_prefill_path_follows_run_lengths_and_matches_hf(lengths, varlen, mo
 
 
 @pytest.mark.parametrize("impl", ["torch", "reference"])
-def test_tiny_pool_preempts_and_still_matches(impl, model_pair, make_prompts):
+def test_tiny_pool_evicts_and_still_matches(impl, model_pair, make_prompts):
     hf, model = model_pair("qwen2")
     prompts = make_prompts(LENGTHS)
     stats = {}
     # 14 pages of 4 tokens hold the longest sequence (33 + 20 tokens) and little else.
     with backend.use_backend(impl):
         outs = generate(model, None, prompts, n=2, params=GREEDY, page_size=4, num_pages=14, stats=stats)
-    assert stats["preemptions"] > 0 and stats["peak_pages"] <= 14
+    assert stats["evictions"] > 0 and stats["peak_pages"] <= 14
     for prompt, out in zip(prompts, outs):
         ref = hf_greedy(hf, prompt, GREEDY.max_new_tokens)
         assert [o.token_ids for o in out] == [ref, ref]
@@ -110,14 +110,14 @@ def test_prefix_cache_shares_full_pages_within_a_step(model_pair, make_prompts):
 
 def test_prefix_cache_reuses_a_shared_system_prompt_across_steps(model_pair, make_prompts):
     """Prompts sharing a 2-page prefix, admitted over several prefill steps (max_batched_tokens) and a pool small
-    enough to preempt: tokens equal the uncached run and HF greedy, and later steps reuse (or revive) the prefix."""
+    enough to evict: tokens equal the uncached run and HF greedy, and later steps reuse (or revive) the prefix."""
     hf, model = model_pair("qwen2")
     system = make_prompts([8], seed=11)[0]
     prompts = [system + tail for tail in make_prompts([3, 6, 1, 9, 4, 7], seed=12)]
     stats = {}
     outs = generate(model, None, prompts, params=GREEDY, page_size=4, max_batched_tokens=24, num_pages=16,
                     stats=stats)
-    assert stats["prefill_steps"] > 2 and stats["preemptions"] > 0 and stats["cached_prompt_tokens"] > 0
+    assert stats["prefill_steps"] > 2 and stats["evictions"] > 0 and stats["cached_prompt_tokens"] > 0
     for prompt, out in zip(prompts, outs):
         assert out[0].token_ids == hf_greedy(hf, prompt, GREEDY.max_new_tokens)
 

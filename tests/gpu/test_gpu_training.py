@@ -18,7 +18,7 @@ from dash.rewards import register_reward
 from dash.rl.optim import MasterWeightAdamW
 from dash.rl.trainer import Trainer
 from dash.tasks.arith import ARITH_ALPHABET, TINY_MODEL_CONFIG
-from dash.tasks.warmstart import build_tiny_model
+from dash.rl.warmstart import build_tiny_model
 from dash.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 
 pytestmark = pytest.mark.cuda

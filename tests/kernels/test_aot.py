@@ -26,9 +26,9 @@ def test_aot_compile_no_spills_shared_within_sm80():
     assert summary["spill_bytes"] == 0 and not spilled, spilled
     assert summary["max_shared_bytes"] <= aot.SM80_MAX_SHARED_BYTES, report
     names = {r["kernel"].split("[")[0] for r in rows}
-    assert {"token_logprobs_fwd", "token_logprobs_bwd", "policy_coef", "from_logits_fwd", "from_logits_bwd",
-            "paged_attention", "sample_rows", "rms_norm", "rotary",
-            "silu_mul", "store_kv", "copy_pages"} <= names
+    assert {"token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_dh", "token_logprobs_bwd_dw",
+            "policy_coef", "from_logits_fwd", "from_logits_bwd", "paged_attention", "paged_attention_combine",
+            "sample_rows", "rms_norm", "rotary", "silu_mul", "store_kv", "copy_pages"} <= names
 
 
 def test_every_kernel_compiles_with_its_integer_arguments_equal_to_one():
@@ -83,15 +83,17 @@ def _record(monkeypatch, module, name, launches):
 def _run_real_launchers(dtype):
     """Calls every launcher with the shapes of a real run (small token counts: the constexprs do not depend on them)."""
     from dash_kernels import copy_pages, paged_attention, rms_norm, rotary, sample, silu_mul, store_kv
-    from dash_kernels.ops import logprobs_from_logits, policy_loss, token_logprobs
+    from dash_kernels.ops import logprobs_from_logits, policy_loss, token_logprobs, token_logprobs_bwd
 
     for m in QWEN25.values():
         hq, hkv, d = m["hq"], m["hkv"], m["d"]
         cache = torch.zeros(3, PRESET_PAGE_SIZE, hkv, d, dtype=dtype)
         q = torch.zeros(2, hq, d, dtype=dtype)
         i32 = torch.zeros(2, dtype=torch.int32)
-        paged_attention.paged_attention_fwd(q, cache, cache, torch.zeros(2, 1, dtype=torch.int32), i32 + 1,
-                                            torch.arange(3, dtype=torch.int32), 1, d ** -0.5)
+        table = torch.zeros(2, 4, dtype=torch.int32)  # 4 pages of 256: split decode (the interpreter's 8 "SMs")
+        for max_q_len in (1, 3):  # decode (+ combine pass), then query runs behind a cached prefix
+            paged_attention.paged_attention_fwd(q, cache, cache, table, i32 + 1, torch.arange(3, dtype=torch.int32),
+                                                max_q_len, d ** -0.5)
         store_kv.store_kv_fwd(q[:, :hkv], q[:, :hkv], cache, cache, i32)
         copy_pages.copy_pages_fwd(cache, cache, i32, i32 + 1)
         x = torch.zeros(2, m["hidden"], dtype=dtype)
@@ -106,23 +108,30 @@ def _run_real_launchers(dtype):
     for stops in (1, 2, 3):  # Qwen2.5-Instruct stops on <|im_end|> and <|endoftext|>
         sample.sample_rows_fwd(logits, torch.ones(2), torch.zeros(2, dtype=torch.float64),
                                torch.zeros(2, stops, dtype=torch.long), torch.ones(2, dtype=torch.bool))
+        for max_top_k in (50, 200):  # the presets' top_k = 50 (buffer 64); 200 bisects in the same variant
+            sample.sample_rows_fwd(logits, torch.ones(2), torch.zeros(2, dtype=torch.float64),
+                                   torch.zeros(2, stops, dtype=torch.long), torch.ones(2, dtype=torch.bool),
+                                   torch.full((2,), max_top_k), torch.ones(2), max_top_k=max_top_k)
     hidden, weight = torch.zeros(4, 896, dtype=dtype), torch.zeros(V, 896, dtype=dtype)
     targets, rows = torch.zeros(4, dtype=torch.long), torch.arange(4)
     norm, logp, ent = torch.zeros(4, 2), torch.zeros(4), torch.zeros(4)
     token_logprobs.token_logprobs_fwd(hidden, weight, None, targets, rows, 1.0, "triton")
     for ch in (None, ent):
-        token_logprobs.token_logprobs_bwd(hidden, weight, None, targets, rows, norm, ent, logp, ch, 1.0, "triton",
-                                          True, True, False)
+        token_logprobs_bwd.token_logprobs_bwd(hidden, weight, None, targets, rows, norm, ent, logp, ch, 1.0,
+                                              "triton", True, True, False)
     small = torch.zeros(4, 1000, dtype=dtype)
     logprobs_from_logits.logprobs_from_logits_fwd(small, targets, rows, 1.0, "triton")
     logprobs_from_logits.logprobs_from_logits_bwd(small, targets, rows, norm, ent, logp, ent, 1.0, "triton")
     policy_loss.policy_coef(logp, logp, logp, logp, logp, ent, (0.2, 0.28, 4.0, 0.04, 0.01, True), "triton")
 
 
-KERNELS = {"paged_attention": "_paged_attention_kernel", "store_kv": "_store_kv_kernel",
+KERNELS = {"paged_attention": ("_paged_attention_kernel", "_paged_attention_combine_kernel"),
+           "store_kv": "_store_kv_kernel",
            "copy_pages": "_copy_pages_kernel", "rms_norm": "_rms_norm_kernel", "rotary": "_rotary_kernel",
            "silu_mul": "_silu_mul_kernel", "sample": "_sample_rows_kernel",
-           "ops.token_logprobs": ("_token_logprobs_fwd_kernel", "_token_logprobs_bwd_kernel"),
+           "ops.token_logprobs": "_token_logprobs_fwd_kernel",
+           "ops.token_logprobs_bwd": ("_token_logprobs_bwd_kernel", "_token_logprobs_dh_kernel",
+                                      "_token_logprobs_dw_kernel"),
            "ops.logprobs_from_logits": ("_logprobs_from_logits_fwd_kernel", "_logprobs_from_logits_bwd_kernel"),
            "ops.policy_loss": "_policy_coef_kernel"}
 

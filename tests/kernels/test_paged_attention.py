@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dash_kernels import backend
-from dash_kernels.paged_attention import cpu_prefill_prefers_pages, paged_attention
+from dash_kernels.paged_attention import MAX_SPLITS, cpu_prefill_prefers_pages, decode_num_splits, paged_attention
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,8 +39,9 @@ def make_case(q_lens, ctx_lens, page_size, Hq=4, Hkv=2, D=16, seed=0):
     return q, k_cache, v_cache, table, torch.tensor(ctx_lens, dtype=torch.int32), cu
 
 
-def dense_ref(q, k_cache, v_cache, table, ctx_lens, cu, scale):
-    """fp64, one sequence at a time, explicit causal mask: query i of a run of n sits at position ctx - n + i."""
+def dense_ref(q, k_cache, v_cache, table, ctx_lens, cu, scale, out_dtype=torch.float32):
+    """fp64, one sequence at a time, explicit causal mask: query i of a run of n sits at position ctx - n + i.
+    Returned in out_dtype (fp32 by default; torch.float64 keeps the reference unrounded)."""
     out = []
     page_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     for b in range(table.shape[0]):
@@ -55,7 +56,7 @@ def dense_ref(q, k_cache, v_cache, table, ctx_lens, cu, scale):
         pos = n_ctx - qs.shape[0] + torch.arange(qs.shape[0])
         scores = scores.masked_fill(torch.arange(n_ctx)[None, :] > pos[:, None], float("-inf"))
         out.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
-    return torch.cat(out).float()
+    return torch.cat(out).to(out_dtype)
 
 
 @pytest.mark.parametrize("impl", ["torch", "reference"])  # torch: the C++ in-place loop for fp32 CPU
@@ -156,6 +157,19 @@ def test_cpu_decode_needs_one_query_per_sequence():
                                               ([256, 230, 240, 250], False)])  # 1.1x: not worth the slower kernel
 def test_cpu_prefill_prefers_pages(q_lens, expected):
     assert cpu_prefill_prefers_pages(torch.tensor(q_lens)) is expected
+
+
+@pytest.mark.parametrize("seqs,kv_heads,max_context,sms,expected", [
+    (256, 2, 1024, 132, 1),  # Qwen2.5-0.5B at batch 256: 512 (sequence, KV head) programs fill 132 SMs already
+    (8, 2, 1024, 132, 8),  # 16 programs: split down to 128 keys each
+    (8, 2, 100_000, 132, MAX_SPLITS),  # long context: the SM target asks ceil(264 / 16) = 17, capped at 16
+    (1, 2, 200, 132, 1),  # fewer than 2 x 128 keys: one split
+    (64, 2, 4096, 132, 3),  # 128 programs: ceil(264 / 128)
+    (3, 2, 700, 8, 3),  # the interpreter's 8 "SMs"
+    (0, 2, 700, 132, 1),  # empty batch
+])
+def test_decode_num_splits(seqs, kv_heads, max_context, sms, expected):
+    assert decode_num_splits(seqs, kv_heads, max_context, sms) == expected
 
 
 def test_rejects_mismatched_heads():

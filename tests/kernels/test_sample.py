@@ -1,17 +1,20 @@
 """dash_kernels.sample_rows (the C++ kernel on fp32 CPU) against its torch reference and against exact properties.
 
-Against the reference: tests/kernels/sample_testing.py (shared with the Triton kernel's interpreter cases).
-Distribution: u on a uniform grid must hit each token in proportion to its probability (inverse CDF is exact up to
-one grid step per token).
+Against the reference: tests/kernels/sample_testing.py (shared with the Triton kernel's interpreter cases), without
+and with top-k / top-p. Distribution: u on a uniform grid must hit each token in proportion to its probability
+(inverse CDF is exact up to one grid step per token). The top-k / top-p reference (`filter_threshold_ref`) against a
+brute-force reading of its definition, ties included.
 """
+
+import math
 
 import pytest
 import torch
 
 import dash_kernels
 from dash_kernels import backend
-from dash_kernels.sample import sample_rows, sample_rows_ref
-from tests.kernels.sample_testing import check_against_reference, sample_inputs
+from dash_kernels.sample import filter_threshold_ref, sample_rows, sample_rows_ref
+from tests.kernels.sample_testing import check_against_reference, check_sampled_rows, filter_inputs, sample_inputs
 
 assert dash_kernels.HAS_C, "dash_kernels._C failed to import; rebuild with `pip install -e . --no-build-isolation`"
 
@@ -22,6 +25,65 @@ VOCABS = [1, 7, 48, 300, 1000, 32000]
 @pytest.mark.parametrize("V", VOCABS)
 def test_kernel_matches_reference(V):
     check_against_reference(V)
+
+
+@pytest.mark.parametrize("V", VOCABS)
+def test_kernel_with_top_k_top_p_matches_reference(V):
+    check_against_reference(V, filters=True)
+
+
+def _threshold_brute_force(x, k, p):
+    """The module docstring's definition read literally, one row of fp64 values at a time (no sort)."""
+    vals = [v for v in x.tolist()]
+    tau_k = sorted(vals, reverse=True)[min(k, len(vals)) - 1] if k > 0 else float("-inf")
+    if p >= 1:
+        return tau_k
+    m = max(vals)
+    kept = [v for v in vals if v >= tau_k]
+    z = sum(math.exp(v - m) for v in kept)
+    keep_p = [v for v in kept if sum(math.exp(w - m) for w in kept if w > v) / z < p]
+    return max(tau_k, min(keep_p))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_threshold_reference_matches_its_definition_with_ties(seed):
+    """Integer-valued logits (many ties): top-k keeps every token tied with the k-th value, top-p whole groups."""
+    g = torch.Generator().manual_seed(seed)
+    B, V = 40, 37
+    x = torch.randint(-4, 5, (B, V), generator=g).float() * 0.75
+    top_k, top_p = torch.randint(0, 12, (B,), generator=g), torch.tensor([1.0, 0.3, 0.77, 0.95])[torch.arange(B) % 4]
+    tau = filter_threshold_ref(x, top_k, top_p)
+    for b in range(B):
+        assert tau[b].item() == _threshold_brute_force(x[b].double(), int(top_k[b]), float(top_p[b])), b
+    # Ties at the k-th value are kept: more than k tokens survive where the k-th value repeats.
+    kept = (x >= tau[:, None]).sum(1)
+    assert ((kept > top_k) & (top_k > 0) & (top_p == 1)).any()
+
+
+def test_kernel_keeps_the_same_tied_tokens_as_the_reference():
+    """With ties the kept set (and so every log-prob) equals the reference's exactly: the threshold depends on the
+    values only. Integer-valued logits: every row has ties at its k-th value."""
+    logits, temperature, u, stop_ids, active = sample_inputs(128, 300, seed=4)
+    logits = logits.round()
+    top_k, top_p = filter_inputs(128, seed=4)
+    tokens, logp = sample_rows(logits, temperature, u, stop_ids, active, top_k, top_p)
+    check_sampled_rows(logits, temperature, u, stop_ids, active, tokens, logp, top_k, top_p)
+
+
+def test_top_k_top_p_off_values_equal_no_filter():
+    """top_k 0 and top_p 1 on every row: the same bits as the op without filters."""
+    inputs = sample_inputs(64, 300, seed=6)
+    plain = sample_rows(*inputs)
+    off = sample_rows(*inputs, torch.zeros(64, dtype=torch.long), torch.ones(64))
+    assert torch.equal(plain[0], off[0]) and torch.equal(plain[1], off[1])
+
+
+def test_top_k_one_is_a_point_mass_at_the_argmax():
+    logits, temperature, u, stop_ids, active = sample_inputs(64, 1000, seed=7)
+    tokens, logp = sample_rows(logits, temperature, u, stop_ids, active, torch.ones(64, dtype=torch.long),
+                               torch.full((64,), 0.9))
+    greedy, _ = sample_rows(logits, torch.zeros(64), u, stop_ids, active)
+    assert torch.equal(tokens, greedy) and torch.equal(logp, torch.zeros(64))
 
 
 def test_greedy_rows_take_the_first_argmax_of_the_masked_logits():
@@ -93,10 +155,14 @@ def test_reference_backend_runs_the_torch_path():
     (dict(stop_ids=torch.zeros(3, 1, dtype=torch.long)), "stop_ids must be"),
     (dict(stop_active=torch.zeros(2, dtype=torch.int64)), "stop_active must be"),
     (dict(logits=torch.zeros(2, 0)), "logits must be"),
+    (dict(top_k=torch.tensor([1, -1]), top_p=torch.ones(2)), "top_k must be >= 0"),
+    (dict(top_k=torch.ones(2, dtype=torch.long), top_p=torch.tensor([1.0, 0.0])), "top_p must be in \\(0, 1\\]"),
+    (dict(top_k=torch.ones(2, dtype=torch.int32), top_p=torch.ones(2)), "top_k must be"),
+    (dict(top_k=torch.ones(2, dtype=torch.long)), "top_k and top_p together"),
 ])
 def test_bad_inputs_name_the_argument(bad, message):
     args = dict(logits=torch.zeros(2, 4), temperature=torch.ones(2), u=torch.full((2,), 0.5, dtype=torch.float64),
                 stop_ids=torch.zeros(2, 1, dtype=torch.long), stop_active=torch.zeros(2, dtype=torch.bool))
     args.update(bad)
     with pytest.raises(ValueError, match=message):
-        torch.ops.dash.sample_rows(*args.values())
+        torch.ops.dash.sample_rows(**args)

@@ -18,7 +18,8 @@ TIMEOUT_S = 600
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cases", ["interp_cases.py", "interp_kv_cases.py"])
+@pytest.mark.parametrize("cases", ["interp_cases.py", "interp_kv_cases.py", "interp_sample_cases.py",
+                                   "interp_paged_cases.py", "interp_fused_bwd_cases.py"])
 def test_triton_kernels_under_interpreter(cases):
     env = dict(os.environ, TRITON_INTERPRET="1", DASH_KERNELS_BACKEND="triton")
     proc = subprocess.run(

@@ -25,7 +25,7 @@ from dash.rl.distributed import DistInfo
 from dash.rl.safe_dcp import SafeLoadPlanner, UnsafeCheckpointError
 from dash.rl.state_io import JSON_FILE, TENSORS_FILE, load_state, save_state
 from dash.rl.trainer import Trainer
-from dash.tasks.warmstart import build_tiny_model
+from dash.rl.warmstart import build_tiny_model
 from dash.tokenizer import build_arith_tokenizer
 from tests.rl.test_trainer_e2e import _cfg, model_dir  # noqa: F401  (model_dir: a fixture used below)
 
@@ -287,7 +287,7 @@ _SAVER = """
 import itertools, sys, time
 import torch
 from dash.rl.checkpoint import save_checkpoint
-from dash.tasks.warmstart import build_tiny_model
+from dash.rl.warmstart import build_tiny_model
 from dash.tokenizer import build_arith_tokenizer
 model, tokenizer = build_tiny_model(seed=0), build_arith_tokenizer()
 opt = torch.optim.AdamW(model.parameters())

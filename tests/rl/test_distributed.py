@@ -107,7 +107,7 @@ def test_two_process_run_finishes_resumes_and_logs_once(tmp_path):
 def _final_weights(ckpt):
     """A sharded checkpoint's weights loaded into a plain model in this process (no process group)."""
     from dash.rl.checkpoint import load_sharded
-    from dash.tasks.warmstart import build_tiny_model
+    from dash.rl.warmstart import build_tiny_model
 
     model = build_tiny_model(seed=2)
     load_sharded(ckpt, model)

@@ -14,7 +14,7 @@ from dash.config import ConfigError, EvalConfig, config_to_dict, load_config
 from dash.rewards import RewardScorer, register_reward
 from dash.rl.eval_sets import check_eval_sets, load_eval_sets
 from dash.rl.evaluate import evaluate_set, evaluate_sets, length_stats, pass_at_k
-from dash.tasks.warmstart import build_tiny_model
+from dash.rl.warmstart import build_tiny_model
 from dash.tokenizer import build_arith_tokenizer
 from tests.tiny_models import save_tiny_dash_model
 

@@ -1,4 +1,4 @@
-"""dash.export / `dash export`: the HF folder it writes loads in transformers with our logits (single file and sharded),
+"""dash.rl.export / `dash export`: the HF folder it writes loads in transformers with our logits (single file and sharded),
 an FSDP checkpoint exports exactly as the equivalent replica checkpoint, the tokenizer round-trips, a run with a
 damaged newest checkpoint exports the one before, every bad input fails before any weight is read naming the path,
 and an interrupted export leaves nothing behind. A LoRA checkpoint exports merged (transformers: the LoRA model's
@@ -20,16 +20,16 @@ from safetensors.torch import load_file
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-import dash.export as export
+import dash.rl.export as export
 from dash.cli import main as cli_main
 from dash.config import config_to_dict, load_config
-from dash.export import ExportError, export_checkpoint
+from dash.rl.export import ExportError, export_checkpoint
 from dash.lora import apply_lora, lora_modules
 from dash.model_io import load_model, load_tokenizer, save_model
 from dash.rl.checkpoint import save_checkpoint, save_sharded_checkpoint
 from dash.rl.fsdp import shard_model
 from dash.runtime import resolve_model_path
-from dash.tasks.warmstart import TINY_MODEL_CONFIG, build_tiny_model
+from dash.rl.warmstart import TINY_MODEL_CONFIG, build_tiny_model
 from tests.model.test_parity import LOGIT_ATOL
 from tests.rl.test_checkpoint import _fires, _Payload
 from tests.rl.test_fsdp import ONE_RANK, one_rank_group  # noqa: F401  (one_rank_group: a fixture used below)

@@ -15,7 +15,7 @@ from dash.rl.checkpoint import is_sharded_checkpoint, load_sharded, save_sharded
 from dash.rl.distributed import DistInfo
 from dash.rl.fsdp import fsdp_modules, gathered, shard_model
 from dash.rl.step import PolicyUpdate, run_step
-from dash.tasks.warmstart import build_tiny_model
+from dash.rl.warmstart import build_tiny_model
 from dash.tokenizer import build_arith_tokenizer
 from tests.rl.test_distributed import FIXED_ROLLOUT_SEED, one_update_setup
 from tests.rl.test_update_equivalence import PROMPTS, FixedSampler, make_rollout

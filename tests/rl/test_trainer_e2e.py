@@ -11,7 +11,7 @@ from dash.config import ConfigError, load_config
 from dash.rewards import register_reward
 from dash.rl.optim import MasterWeightAdamW
 from dash.rl.trainer import Trainer
-from dash.tasks.warmstart import build_tiny_model
+from dash.rl.warmstart import build_tiny_model
 from tests.tiny_models import save_tiny_dash_model
 
 

@@ -5,7 +5,7 @@ import torch
 
 from dash.rl.sft import greedy_accuracy, greedy_decode, pack_sft_batch, run_sft
 from dash.tasks.arith import TINY_MODEL_CONFIG, ArithTaskConfig, make_splits
-from dash.tasks.warmstart import build_tiny_model
+from dash.rl.warmstart import build_tiny_model
 from dash.tokenizer import build_arith_tokenizer
 
 # A model far smaller than the shipped one, so a few dozen steps take a couple of seconds.

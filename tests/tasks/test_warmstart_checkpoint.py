@@ -7,7 +7,7 @@ import pytest
 
 from dash.rl.sft import greedy_accuracy
 from dash.tasks.arith import TINY_MODEL_CONFIG, ArithTaskConfig, make_splits
-from dash.tasks.warmstart import RECORD_FILE, TINY_SFT_DIR, load_warmstart
+from dash.rl.warmstart import RECORD_FILE, TINY_SFT_DIR, load_warmstart
 from dash.tokenizer import build_arith_tokenizer
 
 SUBSET = 200
@@ -27,7 +27,7 @@ SHIPPED = {"tiny-sft": TINY_SFT_DIR, "tiny-add-sft": TINY_SFT_DIR.parent / "tiny
 def shipped(request):
     folder = SHIPPED[request.param]
     if not (folder / RECORD_FILE).is_file():
-        pytest.fail(f"{folder} has no {RECORD_FILE}: see `python -m dash.tasks.warmstart --help` to create it")
+        pytest.fail(f"{folder} has no {RECORD_FILE}: see `python -m dash.rl.warmstart --help` to create it")
     return (*load_warmstart(folder), folder)
 
 
@@ -83,8 +83,8 @@ def test_transformers_reads_the_shipped_folder(shipped):
 
 @pytest.mark.slow
 def test_warmstart_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
-    """`python -m dash.tasks.warmstart` end to end with a 2-step budget (the real run is minutes)."""
-    from dash.tasks.warmstart import main
+    """`python -m dash.rl.warmstart` end to end with a 2-step budget (the real run is minutes)."""
+    from dash.rl.warmstart import main
 
     out = tmp_path / "ws"
     main(["--out", str(out), "--steps", "2", "--seed", "1"])
@@ -99,7 +99,7 @@ def test_warmstart_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
 @pytest.mark.slow
 def test_warmstart_cli_takes_the_task_shape_and_schedule(tmp_path):
     """The options that build tiny-add-sft reach the task split and the SFT schedule (recorded)."""
-    from dash.tasks.warmstart import main
+    from dash.rl.warmstart import main
 
     out = tmp_path / "ws"
     main(["--out", str(out), "--steps", "2", "--form", "a+b", "--digits", "3", "--schedule", "constant"])

@@ -5,12 +5,12 @@ fine-tune it with a fixed STEP budget, measure greedy accuracy on the test split
 folder format) plus `warmstart.json` (accuracy, settings, timings, versions). The repo ships the result in
 `dash/assets/tiny-sft/`; re-create it with
 
-    .venv/bin/python -m dash.tasks.warmstart [--out DIR] [--steps N] [--seed S]
+    .venv/bin/python -m dash.rl.warmstart [--out DIR] [--steps N] [--seed S]
 
 and the learning demo's start (`dash/assets/tiny-add-sft`, 3-digit `a+b` caught mid-way through SFT, see
 configs/tiny-add.yaml) with
 
-    .venv/bin/python -m dash.tasks.warmstart --out dash/assets/tiny-add-sft --form a+b --digits 3 \
+    .venv/bin/python -m dash.rl.warmstart --out dash/assets/tiny-add-sft --form a+b --digits 3 \
         --schedule constant --steps 250 --threads 1
 
 Design limits:
@@ -88,7 +88,7 @@ def load_warmstart(folder: str | os.PathLike = TINY_SFT_DIR) -> tuple[CausalLM, 
     record_path = folder / RECORD_FILE
     if not record_path.is_file():
         raise FileNotFoundError(
-            f"{record_path}: no warm-start record; run `python -m dash.tasks.warmstart "
+            f"{record_path}: no warm-start record; run `python -m dash.rl.warmstart "
             f"--out {folder}` to create the checkpoint"
         )
     record = json.loads(record_path.read_text())
@@ -179,7 +179,7 @@ def warmstart(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dash.tasks.warmstart", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dash.rl.warmstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=TINY_SFT_DIR, help=f"output folder (default {TINY_SFT_DIR})")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"SFT steps (default {DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task split, init and batches (default 0)")

@@ -32,7 +32,7 @@ A LoRA checkpoint (dash/lora.py) holds `adapter/` alone; its base is the run's `
 The adapters are checked against the base (names, shapes, finite values; rank and alpha against the run's config) on
 the `meta` device before any base weight is read.
 
-    dash export runs/tiny --out exports/tiny     # python: dash.export.export_checkpoint("runs/tiny", "exports/tiny")
+    dash export runs/tiny --out exports/tiny     # python: dash.rl.export.export_checkpoint("runs/tiny", "exports/tiny")
 """
 
 from __future__ import annotations
