@@ -43,14 +43,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-import dash.engine.sampler as sampler_mod  # noqa: E402
+import dash.engine.generation as sampler_mod  # noqa: E402
 from dash.engine import SamplingParams, generate  # noqa: E402
-from dash.engine.sampling import uniforms_at  # noqa: E402
+from dash.engine.logits_processing import uniforms_at  # noqa: E402
 from dash.engine.kv_cache import KVCache  # noqa: E402
 from dash.engine.scheduler import Scheduler  # noqa: E402
 from dash.engine.sequence import SequenceTable  # noqa: E402
 from dash.model_io import load_model  # noqa: E402
-from dash_kernels.sample import mask_stop_tokens, sample_from_logp  # noqa: E402
+from dash_kernels.sample_rows import mask_stop_tokens, sample_from_logp  # noqa: E402
 from common import emit, result  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS, TEMPERATURE = 16, 32, 0.9

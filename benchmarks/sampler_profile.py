@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-import dash.engine.sampler as sampler_mod  # noqa: E402
+import dash.engine.generation as sampler_mod  # noqa: E402
 from dash.engine import SamplingParams, generate  # noqa: E402
 from common import emit, result  # noqa: E402
 from sampler import NEW_TOKENS, PROMPT_LEN, TEMPERATURE, build, hf_generate  # noqa: E402

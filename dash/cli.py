@@ -111,7 +111,7 @@ def cmd_eval(cfg: DashConfig, args) -> int:
 def cmd_sample(cfg: DashConfig, args) -> int:
     # lazy: `dash --help` and config errors skip torch
     from dash.model_io import load_model, load_tokenizer
-    from dash.rl.sample import RolloutSampler, prompt_seed
+    from dash.rl.rollout_sampler import RolloutSampler, prompt_seed
     from dash.runtime import resolve_device, resolve_dtype, resolve_model_path
 
     from dash.tokenizer import encode_problem

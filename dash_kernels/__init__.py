@@ -11,7 +11,7 @@ Log-prob / policy-loss API (tensors and plain scalars only; see each docstring f
 Backend: dash_kernels.backend (DASH_KERNELS_BACKEND=triton|torch|reference).
 
 Sampler (inference-only) ops, one module each: dash_kernels.kv (store_kv, copy_pages), dash_kernels.paged_attention,
-dash_kernels.rms_norm (rms_norm, add_rms_norm_), dash_kernels.rotary (rotary_), dash_kernels.sample (sample_rows),
+dash_kernels.rms_norm (rms_norm, add_rms_norm_), dash_kernels.rotary (rotary_), dash_kernels.sample_rows (sample_rows),
 dash_kernels.silu_mul (silu_mul_): C++ for fp32 CPU (not silu_mul_: torch's ops are as fast there), Triton kernels on
 CUDA, the torch references elsewhere (and whenever a gradient is needed); dash_kernels.linear (pack_linear,
 linear_packed, pack_gate_up, gate_up_silu_packed): AVX-512 GEMMs on packed weights, fp32 CPU only;

@@ -1,6 +1,6 @@
-"""The paged-KV sampler: `generate(model, tokenizer, prompts, n, params)` (see dash/engine/sampler.py)."""
+"""The paged-KV sampler: `generate(model, tokenizer, prompts, n, params)` (see dash/engine/generation.py)."""
 
-from dash.engine.sampler import generate
+from dash.engine.generation import generate
 from dash.engine.sequence import Completion, RequestOutput, SamplingParams
 
 __all__ = ["generate", "SamplingParams", "Completion", "RequestOutput"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dash.engine.sampling import stream_keys
+from dash.engine.logits_processing import stream_keys
 
 _SEED_RANGE = 2**31  # per-request seeds drawn from torch's global RNG when a request gives none
 

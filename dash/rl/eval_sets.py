@@ -30,7 +30,7 @@ from dash.config import HELDOUT_SET, ConfigError, DashConfig, EvalSetConfig, Sam
 from dash.data import DatasetConfig, Example, load_examples
 from dash.data_sources import resolve_source
 from dash.rewards import RewardSpecError, check_reward_columns, get_reward
-from dash.rl.sample import RolloutSampler
+from dash.rl.rollout_sampler import RolloutSampler
 from dash.rl.task_data import load_task, prompt_token_limit
 
 

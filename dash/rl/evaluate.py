@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from dash.rewards.user import example_columns
-from dash.rl.sample import prompt_seed
+from dash.rl.rollout_sampler import prompt_seed
 
 _EVAL_SEED_STEP = -1  # eval seeds live apart from every training step's seeds
 _CORRECT = 1.0  # a sample passes when its reward reaches this (binary rewards give exactly 0 or 1)

@@ -39,7 +39,8 @@ def collect_rollouts(cfg: DashConfig, sampler, examples: list, step: int, share:
 
     DASH: preemptive sampling (the paper's term), ONE sampling call for the whole step, made before any training
     forward. GRPO: one call per backprop micro-batch (micro_batch_size // G prompts each), as the paper's baseline.
-    Prompt k is seeded by k in both, so the two algorithms draw exactly the same completions (dash/rl/sample.py).
+    Prompt k is seeded by k in both, so the two algorithms draw exactly the same completions
+    (dash/rl/rollout_sampler.py).
     """
     t = cfg.train
     lo, hi = share

@@ -36,7 +36,7 @@ import torch
 from dash.config import DashConfig
 from dash.rl.rollout import group_advantages, keep_mask, zero_non_finite
 
-_SEED_STRIDE = 1_000_003  # dash/rl/sample.py's (run seed, step) mix; x 4 below gives each salt (< 4) its own stream
+_SEED_STRIDE = 1_000_003  # rollout_sampler.py's (run seed, step) mix; x 4 below gives each salt (< 4) its own stream
 _SEED_MODULUS = 2**63
 _DPPO_SALT, _GRESO_SALT = 1, 2  # independent random streams for the two random rules
 _PROMPT_KEY_BYTES = 8  # 64-bit prompt hashes: a collision among 1e6 prompts has probability ~3e-8

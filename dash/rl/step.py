@@ -21,7 +21,7 @@ Departures from the paper's code, all deliberate:
     interleaves them); on one device the time is the same sum, and the loss normaliser of the whole step is known.
   * A micro-batch whose samples are all filtered is skipped instead of keeping its row 0 (which only adds a KL term):
     a filtered sample contributes nothing, as the paper's text says.
-  * Both algorithms draw exactly the same completions for a step (per-prompt seeds; see dash/rl/sample.py).
+  * Both algorithms draw exactly the same completions for a step (per-prompt seeds; see dash/rl/rollout_sampler.py).
 """
 
 from __future__ import annotations

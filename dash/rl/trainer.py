@@ -42,7 +42,7 @@ from dash.rl.metrics import MetricsLogger
 from dash.rl.optim import build_optimizer
 from dash.rl.policy_update import PolicyUpdate, frozen_copy
 from dash.rl.run_dir import claim_run_dir
-from dash.rl.sample import RolloutSampler
+from dash.rl.rollout_sampler import RolloutSampler
 from dash.rl.selection import SampleSelector
 from dash.rl.step import run_step
 from dash.rl.task_data import load_task, prompt_token_limit

@@ -111,7 +111,7 @@ def test_values_that_would_break_a_run_later_are_refused_at_load(override, match
 
 
 def test_any_run_seed_gives_int64_request_seeds():
-    from dash.rl.sample import prompt_seed
+    from dash.rl.rollout_sampler import prompt_seed
 
     assert prompt_seed(0, 3, 5) == 3 * 1_000_003 + 5  # small seeds: the values earlier runs used
     assert 0 <= prompt_seed(2_000_000_000, 10**6, 63) < 2**63

@@ -234,7 +234,7 @@ def test_memory_plan_quoted_in_docs(name, tmp_path):
     model_copies = 1 + (1 if cfg.loss.beta > 0 else 0)  # policy, KL reference (model dtype); no bf16 gradients kept
     state_bytes = model_copies * param_bytes + _MASTER_FP32_COPIES * numel * _FP32_BYTES
     # The engine sizes its KV pool (sampling.num_pages 0) so every sequence of a call fits at its longest:
-    # G x prompts x ceil((prompt + max_new_tokens) / page_size) pages (dash/engine/sampler.py).
+    # G x prompts x ceil((prompt + max_new_tokens) / page_size) pages (dash/engine/generation.py).
     pages_per_seq = math.ceil((cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens) / cfg.sampling.page_size)
     page_bytes = KVCache.bytes_per_page(model, cfg.sampling.page_size)
     dash_kv = cfg.train.prompts_per_step * cfg.train.group_size * pages_per_seq * page_bytes

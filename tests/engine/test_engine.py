@@ -9,7 +9,7 @@ import torch
 import dash.engine.runner as runner_mod
 from dash.attention import varlen_attention
 from dash.engine import SamplingParams, generate
-from dash.engine.sampling import completion_logprobs
+from dash.engine.logits_processing import completion_logprobs
 from dash.model import CausalLM, ModelConfig
 from dash.tokenizer import build_arith_tokenizer
 from dash_kernels import backend
@@ -264,8 +264,8 @@ def test_bad_input_is_value_error_before_work(kwargs, match, model_pair, monkeyp
 def test_default_pool_fits_in_free_device_memory(model_pair, make_prompts, monkeypatch):
     """num_pages=0: every page the call could use, capped on CUDA (free bytes known) at KV_MEMORY_FRACTION of the free
     memory; generate rejects a cap too small for one sequence before any work."""
-    import dash.engine.sampler as sampler_mod
-    from dash.engine.sampler import KV_MEMORY_FRACTION, default_num_pages
+    import dash.engine.generation as sampler_mod
+    from dash.engine.generation import KV_MEMORY_FRACTION, default_num_pages
 
     assert default_num_pages(300, 4096, None) == 300  # CPU: no cap
     assert default_num_pages(300, 4096, 10 * 4096) == int(10 * KV_MEMORY_FRACTION)

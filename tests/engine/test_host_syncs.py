@@ -20,7 +20,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import dash.engine.runner as runner_mod
-import dash.engine.sampler as sampler_mod
+import dash.engine.generation as sampler_mod
 from dash.engine import SamplingParams, generate
 from dash.engine.runner import ModelRunner
 

@@ -8,7 +8,7 @@ import torch
 
 from dash.config import LoRAConfig
 from dash.engine import SamplingParams, generate
-from dash.engine.sampling import completion_logprobs
+from dash.engine.logits_processing import completion_logprobs
 from dash.lora import apply_lora, layer_adapters, lora_modules, save_adapter
 from dash.model_io import load_model
 from dash_kernels import backend

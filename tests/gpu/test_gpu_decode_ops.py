@@ -12,12 +12,12 @@ import torch
 from dash_kernels import paged_attention as pa_module
 from dash_kernels import rms_norm as rms_module
 from dash_kernels import rotary as rotary_module
-from dash_kernels import sample as sample_module
+from dash_kernels import sample_rows as sample_module
 from dash_kernels import silu_mul as silu_module
 from dash_kernels.paged_attention import paged_attention, paged_attention_ref
 from dash_kernels.rms_norm import add_rms_norm_, rms_norm, rms_norm_ref
 from dash_kernels.rotary import rotary_, rotary_ref
-from dash_kernels.sample import sample_rows
+from dash_kernels.sample_rows import sample_rows
 from dash_kernels.silu_mul import silu_mul_, silu_mul_ref
 from tests.kernels.kernel_testing import assert_close_to_ref
 from tests.kernels.sample_testing import check_sampled_rows, sample_inputs

@@ -11,7 +11,7 @@ host). The CPU side is tests/engine/test_host_syncs.py.
 import pytest
 import torch
 
-import dash.engine.sampler as sampler_mod
+import dash.engine.generation as sampler_mod
 from dash.engine import SamplingParams, generate
 from dash.engine.runner import ModelRunner
 from tests.engine.conftest import build_pair, random_prompts

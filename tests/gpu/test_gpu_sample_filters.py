@@ -7,8 +7,8 @@ logits (ties at the k-th value and inside top-p groups). Interpreter twin: tests
 import pytest
 import torch
 
-from dash_kernels import sample as sample_module
-from dash_kernels.sample import sample_rows
+from dash_kernels import sample_rows as sample_module
+from dash_kernels.sample_rows import sample_rows
 from tests.kernels.sample_testing import check_sampled_rows, filter_inputs, sample_inputs
 
 pytestmark = pytest.mark.cuda

@@ -173,7 +173,7 @@ def test_sample_rows_kernel(V, monkeypatch):
     """The sampler's Triton sampling kernel against the reference (sample_testing's criterion)."""
     from sample_testing import check_against_reference
 
-    from dash_kernels import sample
+    from dash_kernels import sample_rows as sample
 
     calls = []
     _spy(monkeypatch, sample, "_sample_rows_kernel", calls)
@@ -183,7 +183,7 @@ def test_sample_rows_kernel(V, monkeypatch):
 
 def test_sample_rows_kernel_edges():
     """First argmax on ties, masked stop tokens holding all the mass, and inverse-CDF frequencies on a u grid."""
-    from dash_kernels.sample import sample_rows
+    from dash_kernels.sample_rows import sample_rows
 
     logits = torch.tensor([[1.0, 5.0, 5.0, 0.0], [9.0, 2.0, 3.0, 3.0]])
     tokens, _ = sample_rows(logits, torch.zeros(2), torch.full((2,), 0.5, dtype=torch.float64),

@@ -1,4 +1,4 @@
-"""The Triton sampling kernel's top-k / top-p variants (dash_kernels/sample.py) on CPU under the Triton interpreter.
+"""The Triton sampling kernel's top-k / top-p variants (dash_kernels/sample_rows.py) on CPU, Triton interpreter.
 
 The same checks as the C++ kernel's (tests/kernels/sample_testing.py): every token inside the reference's kept set
 and inside its fp64 cdf interval, greedy rows at the argmax, log-probs against the fp64 reference. Rows cover the
@@ -19,8 +19,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - guard agains
 from sample_testing import check_against_reference, check_sampled_rows, filter_inputs, sample_inputs
 
 from dash_kernels import backend
-from dash_kernels import sample as sample_module
-from dash_kernels.sample import block_k, sample_rows
+from dash_kernels import sample_rows as sample_module
+from dash_kernels.sample_rows import block_k, sample_rows
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ argmax, and the torch reference may differ only on rare rounding calls at a boun
 
 import torch
 
-from dash_kernels.sample import filter_threshold_ref, sample_rows, sample_rows_ref
+from dash_kernels.sample_rows import filter_threshold_ref, sample_rows, sample_rows_ref
 from tests.kernels.kernel_testing import assert_close_to_ref
 
 BOUNDARY_TOL = 1e-5  # of the total mass: fp32 block-summed and fp64 cumulative sums of <= 32k terms differ far less

@@ -13,7 +13,7 @@ import torch
 
 import dash_kernels
 from dash_kernels import backend
-from dash_kernels.sample import filter_threshold_ref, sample_rows, sample_rows_ref
+from dash_kernels.sample_rows import filter_threshold_ref, sample_rows, sample_rows_ref
 from tests.kernels.sample_testing import check_against_reference, check_sampled_rows, filter_inputs, sample_inputs
 
 assert dash_kernels.HAS_C, "dash_kernels._C failed to import; rebuild with `pip install -e . --no-build-isolation`"

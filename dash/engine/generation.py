@@ -13,7 +13,7 @@ mid-call evicts sequences and recomputes them; every completion ends with finish
 truncated silently. A tqdm bar counts finished sequences when stderr is a TTY (or `progress=True`).
 
 Departures from the paper (which samples with vLLM on a separate copy of the weights): same model object, no sync;
-per-token log-probs are the processed ones (see sampling.py), returned for the loss's old_logp.
+per-token log-probs are the processed ones (see logits_processing.py), returned for the loss's old_logp.
 Tests: `.venv/bin/python -m pytest tests/engine -q`.
 """
 
@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 from dash.engine.kv_cache import KVCache
 from dash.engine.runner import ModelRunner
-from dash.engine.sampling import uniforms_at
+from dash.engine.logits_processing import uniforms_at
 from dash.engine.scheduler import Scheduler
 from dash.engine.sequence import BatchRows, RequestOutput, SamplingParams, SequenceTable
-from dash_kernels.sample import sample_rows
+from dash_kernels.sample_rows import sample_rows
 
 DEFAULT_PAGE_SIZE = 16  # small pages waste little at short RL completions; the Triton kernel takes any size
 DEFAULT_MAX_NUM_SEQS = 1024  # a DASH step is 256 completions; more only adds host work per step

@@ -11,14 +11,14 @@ the row keeps the tokens with x >= tau and logp = log_softmax of x over them. ta
 A sampled row (t > 0) draws by inverse CDF at u[b] (the first token, in vocabulary order, whose cumulative
 probability exceeds u * total); a greedy row (t = 0) takes the first argmax and reports its log-prob under the same
 processing at t = 1. Returns the tokens and their processed log-probs (the loss's old_logp, what
-`dash.engine.sampling.completion_logprobs` recomputes).
+`dash.engine.logits_processing.completion_logprobs` recomputes).
 
 Why: the unfused path sorts the [B, V] logits every step (with a 152k vocabulary, about the cost of the forward).
 Here nothing of size [B, V] is sorted or written: the C++ kernel finds tau_k per row with nth_element and sorts only
 the k kept values when top-p needs them; the Triton kernel keeps a running top-BLOCK_K of the row in registers.
 
 Layers: the references `mask_stop_tokens`, `filter_threshold_ref`, `sample_from_logp` and `sample_rows_ref` (pure
-torch); two kernels, the C++ `torch.ops.dash.sample_rows` (csrc/sample_cpu.cpp, fp32 CPU) and the Triton
+torch); two kernels, the C++ `torch.ops.dash.sample_rows` (csrc/sample_rows_cpu.cpp, fp32 CPU) and the Triton
 `_sample_rows_kernel` with its launcher `sample_rows_fwd`; and the public `sample_rows`, which picks Triton for CUDA
 tensors (or under TRITON_INTERPRET=1 when the triton backend is forced), C++ for fp32 CPU inputs, and the reference
 otherwise (DASH_KERNELS_BACKEND=reference forces it). Every setting (top-k of any size, top-p with or without top-k,
@@ -371,7 +371,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor
     Args:
         logits: (B, V) fp32 raw logits.
         temperature: (B,) fp32; 0 = greedy.
-        u: (B,) float64 uniforms in (0, 1), one per row (dash.engine.sampling.uniforms_at).
+        u: (B,) float64 uniforms in (0, 1), one per row (dash.engine.logits_processing.uniforms_at).
         stop_ids: (B, S) int64 stop tokens, -1 padded; None = no stop mask.
         stop_active: (B,) bool, mask row b's stop tokens; None = no row.
         top_k: (B,) int64, 0 = off; top_p: (B,) fp32 in (0, 1], 1 = off; None (both) = no filter.

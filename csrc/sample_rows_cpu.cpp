@@ -1,12 +1,12 @@
-// Token sampling for the sampler's CPU fp32 decode step, as one torch op (dash_kernels/sample.py is the Python side,
-// with the torch reference beside it; tests: tests/kernels/test_sample.py):
+// Token sampling for the sampler's CPU fp32 decode step, as one torch op (dash_kernels/sample_rows.py is the Python
+// side, with the torch reference beside it; tests: tests/kernels/test_sample.py):
 //
 //   sample_rows(logits[B, V], temperature[B], u[B] f64, stop_ids[B, S] i64, stop_active[B] bool,
 //               top_k[B] i64 = None, top_p[B] f32 = None) -> (tokens[B] i64, logp[B] f32)
 //
 // Row b: stop tokens masked to -inf where stop_active[b] (min_new_tokens not reached; stop_ids -1 padded), then
 // x = logits / t with t = temperature[b] (t <= 0: greedy, processed at t = 1 and the first argmax is taken). Top-k and
-// top-p are one threshold tau = max(tau_k, tau_p): the row keeps x >= tau (dash_kernels/sample.py's docstring and
+// top-p are one threshold tau = max(tau_k, tau_p): the row keeps x >= tau (dash_kernels/sample_rows.py's docstring and
 // `filter_threshold_ref` define both: tau_k is the k-th largest x, ties kept; tau_p the smallest kept x whose mass
 // before it, under the softmax of the top-k-kept x, is < top_p). logp = log_softmax of x over the kept tokens; a
 // sampled row draws by inverse CDF at u[b] in (0, 1): the first token whose cumulative probability exceeds u * total.

@@ -2,7 +2,7 @@
 
 Processing order (HF `generate` / vLLM): temperature, then top-k, then top-p on the top-k-renormalised distribution;
 before `min_new_tokens` the stop tokens are masked. The sampler runs all of it inside one fused op
-(`dash_kernels.sample.sample_rows`: C++ on CPU, Triton on CUDA); `process_logits` here is its torch reference, used
+(`dash_kernels.sample_rows.sample_rows`: C++ on CPU, Triton on CUDA); `process_logits` here is its torch reference, used
 to recompute log-probs for training. The log-prob returned for a sampled token is taken from this
 processed distribution (vLLM's "processed_logprobs"), i.e. the old_logp the loss needs. Greedy rows (temperature 0)
 report the log-prob under the same processing at temperature 1 (a point mass would always say 0).
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dash_kernels import token_logprobs
-from dash_kernels.sample import mask_stop_tokens, processed_logp_ref
+from dash_kernels.sample_rows import mask_stop_tokens, processed_logp_ref
 
 __all__ = ["stream_keys", "uniforms_at", "uniforms", "process_logits", "completion_logprobs"]
 
@@ -64,7 +64,7 @@ def uniforms(seed: torch.Tensor, sample: torch.Tensor, step: torch.Tensor) -> to
 
 def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                    top_p: torch.Tensor) -> torch.Tensor:
-    """Log-probs of the processed distribution, -inf on removed tokens (`dash_kernels.sample.processed_logp_ref`,
+    """Log-probs of the processed distribution, -inf on removed tokens (`dash_kernels.sample_rows.processed_logp_ref`,
     the reference of the fused samplers: top-k keeps ties at the k-th value, top-p keeps whole tied groups).
 
     Args:
