@@ -25,6 +25,11 @@ top-k, with the presets' top_k = 50 (configs/qwen2.5-*-math.yaml; their top_p is
 with top_k = 50 through the pre-fusion torch path (a full sort of the [B, V] logits, softmax, cumsum, scatter, then
 inverse CDF: `_sample_sorted`, kept here as the "before" of the same run), and HF generate without / with top-k 50.
 `--presets-only` runs just these rows.
+`--gpu` (what `make gpu-check` runs) instead times a random Qwen2.5-0.5B-shaped model (benchmarks/random_qwen.py) in
+bf16 on CUDA: dash vs HF `generate` at batch 8 and 256, 256-token prompts, 512 new tokens, the sampling section of
+configs/qwen2.5-0.5b-math.yaml (temperature 0.9, top-k 50, top-p 1.0, page 256); `--hf-new-tokens-256` shortens
+HF's batch-256 run to fit a time budget (the table and JSON say so). JSON: `sampler_vs_hf_{8,256}` (tok/s ratios).
+`--gpu --dry-run` runs the same code on CPU at a tiny shape (the smoke test).
 Prints a table, then ONE JSON line.
 """
 
@@ -223,6 +228,85 @@ def sched_overhead_ms(model) -> float:
     return statistics.median(times) * 1e3
 
 
+# --gpu: the Qwen2.5-0.5B-shaped run of `make gpu-check` (see the module docstring).
+GPU_PRESET = ROOT / "configs/qwen2.5-0.5b-math.yaml"  # its sampling section: temperature, top_k, top_p, page_size
+GPU_SHAPE = {"batches": (8, 256), "prompt": 256, "new": 512, "model": "qwen2.5-0.5b", "dtype": torch.bfloat16}
+DRY_SHAPE = {"batches": (2, 4), "prompt": 16, "new": 8, "model": "tiny", "dtype": torch.float32}
+
+
+def _timed(fn, device: str) -> float:
+    """Seconds of one call, the device drained before and after (CUDA kernels run asynchronously)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def gpu_main(args) -> None:
+    """dash.engine.generate vs HF generate on one device, same random weights, prompts and preset sampling."""
+    import yaml
+
+    from random_qwen import write_model
+
+    shape, device = (DRY_SHAPE, "cpu") if args.dry_run else (GPU_SHAPE, "cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("sampler.py --gpu: no CUDA device (use --dry-run on CPU)")
+    preset = yaml.safe_load(GPU_PRESET.read_text())["sampling"]
+    new = args.new_tokens or shape["new"]
+    hf_new_256 = min(args.hf_new_tokens_256 or new, new)
+    folder = write_model(Path(tempfile.mkdtemp()) / "model", shape["model"], shape["dtype"])
+    model = load_model(folder, shape["dtype"], device)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=shape["dtype"]).to(device).eval()
+    hf.generation_config.eos_token_id = None  # every row generates exactly its new tokens, as in the dash runs
+    vocab = model.config.vocab_size
+    rows, fields = [], {}
+    for batch in shape["batches"]:
+        prompts = torch.randint(3, vocab, (batch, shape["prompt"]), generator=torch.Generator().manual_seed(batch))
+        ids = prompts.to(device)  # [B, prompt]
+        hf_new = hf_new_256 if batch == 256 else new
+
+        def dash_run(n):
+            params = SamplingParams(temperature=preset["temperature"], top_k=preset["top_k"], top_p=preset["top_p"],
+                                    max_new_tokens=n, stop_token_ids=[], seed=0)
+            generate(model, None, prompts.tolist(), params=params, page_size=preset["page_size"])
+
+        def hf_run(n):
+            with torch.no_grad():
+                hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=n,
+                            min_new_tokens=n, temperature=preset["temperature"], top_k=preset["top_k"],
+                            top_p=preset["top_p"], pad_token_id=0)
+
+        for provider, fn, n in (("dash", dash_run, new), ("hf generate", hf_run, hf_new)):
+            try:
+                fn(2)  # warm-up: kernel compilation and autotuning, allocator growth
+                sec = min(_timed(lambda: fn(n), device) for _ in range(args.repeats))
+            except Exception as err:  # noqa: BLE001 - one provider failing must not lose the other's row
+                rows.append((batch, provider, n, None, f"{type(err).__name__}: {str(err)[:80]}"))
+                continue
+            rows.append((batch, provider, n, batch * n / sec, ""))
+            fields[f"{'dash' if provider == 'dash' else 'hf'}_tok_s_{batch}"] = round(batch * n / sec, 1)
+            print(f"  B={batch:<4d} {provider:12s} {n:4d} new {batch * n / sec:10.0f} tok/s", file=sys.stderr)
+        if fields.get(f"hf_tok_s_{batch}") and fields.get(f"dash_tok_s_{batch}"):
+            fields[f"sampler_vs_hf_{batch}"] = round(fields[f"dash_tok_s_{batch}"] / fields[f"hf_tok_s_{batch}"], 2)
+    settings = {k: preset[k] for k in ("temperature", "top_k", "top_p", "page_size")}
+    record = result("sampler", device, mode="gpu", dry_run=args.dry_run, model=shape["model"],
+                    dtype=str(shape["dtype"])[6:], prompt_len=shape["prompt"], new_tokens=new,
+                    hf_new_tokens_256=hf_new_256, sampling=settings, repeats=args.repeats, **fields,
+                    transformers=transformers.__version__)
+    lines = [f"sampler vs HF generate, random {shape['model']} ({record['dtype']}), {device}, {shape['prompt']}-token "
+             f"prompts, sampling {settings}, EOS ignored, best of {args.repeats}"
+             + (" (CPU dry run: numbers mean nothing)" if args.dry_run else ""),
+             "| batch | provider | new tokens | tok/s | note |", "|---|---|---|---|---|"]
+    lines += [f"| {b} | {p} | {n} | {'' if t is None else f'{t:.0f}'} | {note} |" for b, p, n, t, note in rows]
+    if hf_new_256 != new:
+        lines.append(f"HF generate at batch 256 makes {hf_new_256} new tokens (not {new}) to fit the time budget: its "
+                     f"tok/s is over a shorter context, which flatters it")
+    emit("\n".join(lines), record, args.out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -231,8 +315,15 @@ def main() -> None:
     ap.add_argument("--presets-only", action="store_true", help="only the presets' sampling rows (tiny1k)")
     ap.add_argument("--hf-cb", action="store_true", help="also HF generate_batch (on this CPU: ~10 tok/s, ~12 GiB)")
     ap.add_argument("--out", default="", help="also write <out>.md (table) and <out>.json (the JSON line)")
+    ap.add_argument("--gpu", action="store_true", help="the random Qwen2.5-0.5B run on CUDA (module docstring)")
+    ap.add_argument("--dry-run", action="store_true", help="with --gpu: the same code on CPU at a tiny shape")
+    ap.add_argument("--new-tokens", type=int, default=0, help="with --gpu: new tokens per row (0: 512)")
+    ap.add_argument("--hf-new-tokens-256", type=int, default=0, help="with --gpu: HF's new tokens at batch 256 "
+                    "(0: as dash; fewer to fit a time budget)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.gpu:
+        return gpu_main(args)
     rows, fields = [], {}
     sp = SamplingParams(temperature=TEMPERATURE, max_new_tokens=NEW_TOKENS, stop_token_ids=[], seed=0)
     for name in [] if args.presets_only else ["tiny"] if args.quick else ["tiny", "wide"]:

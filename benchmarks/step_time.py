@@ -20,6 +20,14 @@ scaling and the time lost to imbalance: each rank samples its own prompts, so ra
 filtering, which leaves them different numbers of kept samples) training, at different times, and wait for the
 slowest at the next collective. Lost time per phase = max over ranks - mean over ranks of that phase's busy time,
 i.e. what a perfect rebalancer could save. No evaluation runs in this mode.
+
+    python benchmarks/step_time.py --config configs/qwen2.5-0.5b-math.yaml --random-model qwen2.5-0.5b \
+        --steps 1 --skip-paper-mb --plot "" --sampling.max_new_tokens=64     # `make gpu-check`: the paper's shape
+
+`--random-model SHAPE` trains a random model of benchmarks/random_qwen.py's SHAPE (no download) on the arith task
+with a code-point parity reward instead of the config's model and data, keeping the config's batch shape, sampling
+and optimizer: with the paper preset, 64 prompts x G=4, micro-batches of 8, bf16 with fp32 masters, top-k 50, on a
+GPU (completions shortened by --sampling.max_new_tokens to fit a time budget). `tiny` is the CPU dry run.
 """
 
 from __future__ import annotations
@@ -45,22 +53,30 @@ from dash.config import load_config  # noqa: E402
 from dash.rl.trainer import Trainer  # noqa: E402
 from dash.runtime import resolve_device  # noqa: E402
 from common import emit, result  # noqa: E402
+from random_qwen import SHAPES, write_model  # noqa: E402
 
 WARMUP_STEPS = 1  # first step pays one-time costs (allocator growth, lazy init); excluded from the means
 # The tiny model is overhead-bound: one thread is as fast as two on an idle 2-core machine, and on a shared one
 # OpenMP's second thread spins on a descheduled core (steps measured up to 10x slower), which made runs unrepeatable.
 CPU_THREADS_DEFAULT = 1
+RANDOM_REWARD = f"{ROOT / 'benchmarks/random_qwen.py'}:code_point_parity"  # --random-model's reward
+RANDOM_TEST_SIZE = 8  # --random-model: held-out prompts per evaluation (a random model's accuracy is noise)
+
+
+def heldout_acc(metrics: dict) -> float:
+    """Greedy held-out accuracy, or pass@1 where the config turns greedy evaluation off (the paper presets)."""
+    return metrics.get("eval/heldout/greedy_acc", metrics.get("eval/heldout/pass@1"))
 
 
 def run_variant(cfg, name: str, steps: int, out_dir: Path) -> dict:
     trainer = Trainer(cfg, quiet=True)
     trainer.setup()
     try:
-        before = trainer.evaluate()["eval/heldout/greedy_acc"]
+        before = heldout_acc(trainer.evaluate())
         rows = []
         for _ in range(steps + WARMUP_STEPS):
             rows.append(trainer.train_step())
-        after = trainer.evaluate()["eval/heldout/greedy_acc"]
+        after = heldout_acc(trainer.evaluate())
     finally:
         trainer.close()
     timed = rows[WARMUP_STEPS:]
@@ -158,6 +174,16 @@ def run_nproc(args, base, overrides: list[str]) -> int:
     return 0
 
 
+def random_model_overrides(shape: str) -> list[str]:
+    """--random-model: a random model of `shape` (benchmarks/random_qwen.py) on the arith task, rewarded by the
+    parity of its completions (about half of a random model's samples, so DASH filters a realistic share); few
+    held-out prompts, since a random model's accuracy means nothing."""
+    dtype = torch.bfloat16 if shape != "tiny" else torch.float32
+    folder = write_model(Path(tempfile.mkdtemp(prefix="dash-random-model-")) / "model", shape, dtype)
+    return [f"--model.path={folder}", "--data.task=arith", f"--data.reward={RANDOM_REWARD}",
+            f"--data.test_size={RANDOM_TEST_SIZE}", "--log.tensorboard=false"]
+
+
 def plot_step_split(results: list[dict], path: Path, subtitle: str) -> None:
     """Stacked bars: where each variant's optimizer step goes (generate / reward / train)."""
     import matplotlib
@@ -196,9 +222,14 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=0,
                         help="compare DASH on 1 process with this many torchrun processes (see above)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one process of --nproc, rows to this prefix
+    parser.add_argument("--out", default="", help="also write <out>.md (table) and <out>.json (the JSON line)")
+    parser.add_argument("--random-model", choices=sorted(SHAPES),
+                        help="train a random model of this shape on the arith task with a parity reward (below)")
     args, overrides = parser.parse_known_args()
     if args.threads and not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
+    if args.random_model:
+        overrides = random_model_overrides(args.random_model) + overrides  # the caller's overrides win
     base = load_config(args.config, overrides)
     if args.worker:
         run_worker(base, args.steps, args.worker)
@@ -240,6 +271,7 @@ def main() -> int:
     dash = results[1]
     record = result(
         "step_time", device, steps=args.steps, config=Path(args.config).name, overrides=overrides,
+        random_model=args.random_model, max_new_tokens=base.sampling.max_new_tokens,
         grpo_s_per_step=grpo["s_per_step"], dash_s_per_step=dash["s_per_step"],
         ratio=dash["s_per_step"] / grpo["s_per_step"], grpo_acc=grpo["acc_after"], dash_acc=dash["acc_after"],
         acc_before=grpo["acc_before"], kept_frac=dash["kept_frac"], variants=results,
@@ -252,7 +284,7 @@ def main() -> int:
                  f"({record['ratio']:.2f}x the time), held-out accuracy {grpo['acc_before']:.3f} -> GRPO "
                  f"{grpo['acc_after']:.3f} / DASH {dash['acc_after']:.3f}"
                  + (f"; plot {args.plot}" if args.plot else ""))
-    emit("\n".join(lines), record)
+    emit("\n".join(lines), record, args.out or None)
     return 0
 
 
