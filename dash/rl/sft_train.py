@@ -89,7 +89,10 @@ class SFTRun:
         if lora:  # base frozen: the optimizer holds the adapters alone
             apply_lora(self.model, cfg.model.lora)
             if ckpt:
-                load_adapter(self.model, ckpt / ADAPTER_DIR)
+                try:  # e.g. an adapter for another base model: its error names the file and the tensor
+                    load_adapter(self.model, ckpt / ADAPTER_DIR)
+                except (OSError, ValueError) as exc:
+                    raise ConfigError(f"--resume: {exc}") from None
         s = cfg.sft
         self.optimizer = make_adamw(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         self.scheduler = lr_scheduler(self.optimizer, s.steps, s.warmup_steps, s.lr_schedule, s.min_lr_ratio)

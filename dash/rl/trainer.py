@@ -127,7 +127,10 @@ class Trainer:
 
             apply_lora(self.model, cfg.model.lora)
             if ckpt:
-                load_adapter(self.model, ckpt / ADAPTER_DIR)
+                try:  # e.g. an adapter for another base model: its error names the file and the tensor
+                    load_adapter(self.model, ckpt / ADAPTER_DIR)
+                except (OSError, ValueError) as exc:
+                    raise ConfigError(f"--resume: {exc}") from None
             self._say(f"LoRA: training {trainable_fraction(self.model):.3%} of the parameters")
         if fsdp and self.dist.enabled:  # one process: nothing to shard, only the checkpoint format differs
             shard_model(self.model, average_grads=cfg.loss.normalizer == "paper")

@@ -3,11 +3,11 @@
 Purpose: build the 16-token character tokenizer and the ~0.8M-parameter Qwen2-shaped model (TINY_MODEL_CONFIG),
 fine-tune it with a fixed STEP budget, measure greedy accuracy on the test split, and save model + tokenizer (HF
 folder format) plus `warmstart.json` (accuracy, settings, timings, versions). The repo ships the result in
-`dash/assets/tiny-sft/`; re-create it with
+`dash/assets/tiny-sft/`; re-run its recipe with
 
     .venv/bin/python -m dash.rl.warmstart [--out DIR] [--steps N] [--seed S]
 
-and the learning demo's start (`dash/assets/tiny-add-sft`, 3-digit `a+b` caught mid-way through SFT, see
+and that of the learning demo's start (`dash/assets/tiny-add-sft`, 3-digit `a+b` caught mid-way through SFT, see
 configs/tiny-add.yaml) with
 
     .venv/bin/python -m dash.rl.warmstart --out dash/assets/tiny-add-sft --form a+b --digits 3 \
@@ -17,7 +17,9 @@ Design limits:
 - A step budget, not a time budget, so the checkpoint depends only on the seed and settings (VERIFIED.md: accuracy
   jitters by 2-3 points between evaluations, so stopping on an accuracy reading would also be noisy). The default
   budget is sized to take a few minutes on 2 idle cores and land in the 20-60% greedy band that leaves RL room.
-- Bitwise reproduction also needs the same torch build and thread count (float reduction order).
+- A re-run does not reproduce the shipped checkpoints bitwise: they were trained before the loss went through the
+  fused log-prob kernel, so a re-run's weights equal them up to fp32 summation order (and float reduction order also
+  depends on the torch build and thread count). The shipped checkpoints are pinned; tests and demos load them.
 - `dash.model.CausalLM` keeps PyTorch's default init (N(0, 1) embeddings), so `build_tiny_model` applies HF's
   initializer (N(0, initializer_range) weights, zero biases, unit norms) from a private generator. The init scale
   matters a lot at this size: see TINY_MODEL_CONFIG["initializer_range"].
