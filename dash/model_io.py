@@ -11,7 +11,7 @@
 - Every weight must be finite after the cast to the requested dtype: a NaN / inf tensor is an error naming it (such a
   model samples only `<pad>` and trains nothing, silently).
 - `load_tokenizer` prefers `tokenizer.json` through `PreTrainedTokenizerFast`: transformers 5.x `AutoTokenizer` may
-  rebuild a byte-level Qwen2 tokenizer from `model_type` and silently ignore a custom tokenizer.json (VERIFIED.md).
+  rebuild a byte-level Qwen2 tokenizer from `model_type` and silently ignore a custom tokenizer.json.
   A file the tokenizers library cannot parse is a ValueError naming it. With a config.json in the same folder, every
   id the tokenizer can produce (its vocabulary, added and special tokens) must be below the model's `vocab_size`: a
   larger tokenizer would index past the embedding mid-run; a smaller one (Qwen pads its embedding) is fine.

@@ -17,7 +17,7 @@ Design limits:
   `skip_special_tokens=True`; the arithmetic reward relies on seeing `<eos>` in the completion text.
 
 Reload with `PreTrainedTokenizerFast.from_pretrained(folder)`. `AutoTokenizer` on a folder whose `config.json` says
-`model_type: qwen2` may build a byte-level Qwen2 tokenizer instead (see VERIFIED.md), so do not use it here.
+`model_type: qwen2` may build a byte-level Qwen2 tokenizer instead (seen with transformers 4.x and 5.x), so do not use it here.
 
 Run the tests: `python -m pytest tests/tasks -q`.
 """

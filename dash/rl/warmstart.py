@@ -14,7 +14,7 @@ configs/tiny-add.yaml) with
         --schedule constant --steps 250 --threads 1
 
 Design limits:
-- A step budget, not a time budget, so the checkpoint depends only on the seed and settings (VERIFIED.md: accuracy
+- A step budget, not a time budget, so the checkpoint depends only on the seed and settings (measured: accuracy
   jitters by 2-3 points between evaluations, so stopping on an accuracy reading would also be noisy). The default
   budget is sized to take a few minutes on 2 idle cores and land in the 20-60% greedy band that leaves RL room.
 - A re-run does not reproduce the shipped checkpoints bitwise: they were trained before the loss went through the
@@ -51,7 +51,7 @@ from dash.tokenizer import build_arith_tokenizer
 TINY_SFT_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-sft"
 RECORD_FILE = "warmstart.json"
 
-# SFT settings measured on this CPU (VERIFIED.md: AdamW lr 1e-3, batch 128; probes here: lr 1.5e-3 / 2e-3 / 3e-3
+# SFT settings measured on this CPU (AdamW lr 1e-3, batch 128; probes here: lr 1.5e-3 / 2e-3 / 3e-3
 # learned slower, so did batch 64 at equal compute). Cosine decay to 10% ended ~3 points above a constant lr.
 # 2000 steps reach ~25% greedy: inside the 20-60% band that leaves RL room, in ~3 minutes on 2 idle cores (about
 # 0.09 s/step) and about 5 minutes on one core (0.15 s/step).

@@ -9,7 +9,7 @@ Design limits:
 - Splits are drawn from the full problem space by a seeded sampler. The test split depends only on
   (form, digits, seed, test_size), so changing `train_size` never changes the test set; train never contains a test
   problem. Determinism relies on Python's `random.Random` (stable across CPython 3 releases for `sample`).
-- Difficulty knobs: `digits` (operand width) and `form` (expression shape). Measured on this CPU (VERIFIED.md):
+- Difficulty knobs: `digits` (operand width) and `form` (expression shape). Measured on a 2-core CPU:
   3-digit `a+b` is too easy for RL (SFT ends near 100%); the default 2-digit `a+b*c` lands SFT at 20-60%.
 
 Departures from the paper: the paper trains on MATH/GSM8K with Qwen2.5-0.5B; this task only makes the method runnable
@@ -171,7 +171,7 @@ def arith_reward(completion_text: object, answer: object) -> float:
     return 1.0 if head == answer else 0.0
 
 
-# The tiny Qwen2-shaped model, in HF config.json form (see VERIFIED.md: 0.79M parameters, hidden 128, 4 layers).
+# The tiny Qwen2-shaped model, in HF config.json form (0.79M parameters, hidden 128, 4 layers).
 # Vocabulary = the 3 specials + ARITH_ALPHABET = 16 tokens; ids match dash.tokenizer.build_arith_tokenizer().
 # Both `rope_theta` and `rope_parameters` are given so transformers 4.x and 5.x style readers agree.
 TINY_MODEL_CONFIG: dict = {

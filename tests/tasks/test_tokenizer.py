@@ -10,7 +10,7 @@ TEXTS = ["12+34*56=", "0", "9900<eos>", "07+42*13=553<eos>", "<pad><bos>1<eos>",
 
 def test_vocabulary_is_specials_then_alphabet():
     tok = build_arith_tokenizer()
-    # VERIFIED.md's task uses a 16-symbol vocabulary: 13 characters + pad/bos/eos.
+    # the task uses a 16-symbol vocabulary: 13 characters + pad/bos/eos.
     assert len(tok) == 16
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     assert tok.convert_ids_to_tokens(list(range(len(tok)))) == [*SPECIAL_TOKENS, *ARITH_ALPHABET]
