@@ -5,7 +5,7 @@ batching), same weights, prompts, lengths and sampling settings; plus the host-s
     .venv/bin/python benchmarks/sampler.py --quick         # tiny model only
     .venv/bin/python benchmarks/sampler.py --threads 2 --out benchmarks/results/sampler
 
-Models (random Qwen2-shaped, fp32): `tiny` = 2 layers, hidden 128, vocab 48 (the project's first reference measurement: HF ~1.5k tok/s
+Models (random Qwen2-shaped, fp32): `tiny` = 2 layers, hidden 128, vocab 48 (first reference measurement: HF ~1.5k tok/s
 at batch 8, ~17k at 256 on an idle 2-core box); `wide` = 2 layers, hidden 512, vocab 32000 (compute-bound).
 Settings: prompts of 16 random tokens, 32 new tokens, temperature 0.9, no top-k / top-p, EOS ignored so every row
 generates exactly 32 tokens (tok/s = generated tokens / wall time). Batch 8 (the GRPO micro-batch) and 256 (the DASH
