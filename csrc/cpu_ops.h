@@ -1,6 +1,7 @@
-// The fp32 CPU kernels of the sampler's forward, callable from C++ as well as through their Python bindings:
-// csrc/decoder_layer_cpu.cpp chains them into one call per decoder layer. Each function checks its arguments
-// (ValueError naming the op) and parallelises over torch's intra-op threads of the calling thread.
+// The fp32 CPU kernels of the sampler's forward, callable from C++ as well as through their torch ops
+// (torch.ops.dash.*, registered beside each kernel): csrc/decoder_layer_cpu.cpp chains them into one call per decoder
+// layer. Each function checks its arguments (csrc/checks.h: ValueError naming the op) and parallelises over torch's
+// intra-op threads of the calling thread.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -46,7 +47,6 @@ at::Tensor gate_up_silu_packed_cpu(const at::Tensor& x, const at::Tensor& packed
 void decoder_layer_cpu(at::Tensor& x, const std::vector<std::optional<at::Tensor>>& w, double eps,
                        const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
                        const at::Tensor& slot_mapping, const at::Tensor& page_table, const at::Tensor& context_lens,
-                       const std::optional<at::Tensor>& cu_seqlens_q, double scale,
-                       const std::vector<at::Tensor>& packed);
+                       const std::optional<at::Tensor>& cu_seqlens_q, double scale, at::TensorList packed);
 
 }  // namespace dash

@@ -1,6 +1,6 @@
 // `decoder_layer_cpu`: one pre-norm GQA decoder layer (Llama / Qwen2 / Qwen3) of the sampler's fp32 CPU forward, in
-// one call, on a step whose attention reads the paged KV cache (decode, or prefill with query runs). Bound as
-// dash_kernels._C.decoder_layer (csrc/module.cpp); dash_kernels/decoder_layer.py is the Python side, with the
+// one call, on a step whose attention reads the paged KV cache (decode, or prefill with query runs). Registered as
+// the torch op dash::decoder_layer_ (below); dash_kernels/decoder_layer.py is the Python side, with the
 // reference beside it (the same chain as torch calls). Tests: tests/kernels/test_decoder_layer.py.
 //
 //   x[T, H] (residual stream, updated in place):
@@ -11,20 +11,23 @@
 // Why one call: the same chain issued op by op from Python costs ~15 dispatches and their Python glue per layer,
 // more than the ops themselves at a tiny model's decode step (benchmarks/sampler.py, tiny model, batch 8: 2.28x HF
 // generate before, git f38a4a5, 2.66x after, git 704b3e5).
-// It runs without the GIL, so other Python threads (a reward worker, a data loader) run meanwhile. The GEMMs are
+// It runs without the GIL (a torch.ops call drops it while the kernel runs: torch's invokeOperatorFromPython), so
+// other Python threads (a reward worker, a data loader) run meanwhile. The GEMMs are
 // torch's (at::linear, the same MKL calls as the Python path) unless the caller passes `packed` weights
 // (dash_kernels.decoder_layer.pack_layer, AVX-512 CPUs): then they are csrc/linear_cpu.cpp's, with the residual adds
 // and SwiGLU in their epilogues. The rest are this library's CPU kernels (csrc/cpu_ops.h), which the reference chain
 // also calls on fp32 CPU: without `packed` the results are bitwise equal to it.
 // Tried and dropped: splitting a step's batch over Python threads with one intra-op thread each (a shard per core).
 // It was no faster at batch 256, because torch's GEMMs and these kernels already scale ~2x over 2 threads there.
-#include <torch/extension.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "cpu_ops.h"
 
 namespace dash {
@@ -59,7 +62,7 @@ constexpr int64_t kMinRowsPerThread = 8;
 // Slots that every layer has (the biases and the q/k norms may be None).
 constexpr LayerWeight kRequired[] = {kInputNorm, kQ, kK, kV, kO, kPostNorm, kGate, kUp, kDown};
 
-[[noreturn]] void value_error(const std::string& msg) { throw pybind11::value_error("decoder_layer: " + msg); }
+constexpr const char* kOp = "decoder_layer_";
 
 bool fp32_cpu(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }
 
@@ -90,7 +93,7 @@ class Workspace {
 };
 
 // The layer over the rows of x (all of a step's, or one thread's block of a decode step's), x updated in place.
-void layer_rows(at::Tensor& x, const std::vector<std::optional<at::Tensor>>& w, const std::vector<at::Tensor>& packed,
+void layer_rows(at::Tensor& x, const std::vector<std::optional<at::Tensor>>& w, at::TensorList packed,
                 double eps, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
                 const at::Tensor& slot_mapping, const at::Tensor& page_table, const at::Tensor& context_lens,
                 const std::optional<at::Tensor>& cu_seqlens_q, double scale, int64_t D, int64_t Hkv) {
@@ -144,30 +147,26 @@ void layer_rows(at::Tensor& x, const std::vector<std::optional<at::Tensor>>& w, 
 void decoder_layer_cpu(at::Tensor& x, const std::vector<std::optional<at::Tensor>>& w, double eps,
                        const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
                        const at::Tensor& slot_mapping, const at::Tensor& page_table, const at::Tensor& context_lens,
-                       const std::optional<at::Tensor>& cu_seqlens_q, double scale,
-                       const std::vector<at::Tensor>& packed) {
-  if (w.size() != kNumWeights) {
-    value_error("weights must list " + std::to_string(kNumWeights) + " slots (LAYER_WEIGHTS), got " +
-                std::to_string(w.size()));
-  }
+                       const std::optional<at::Tensor>& cu_seqlens_q, double scale, at::TensorList packed) {
+  TORCH_CHECK_VALUE(w.size() == kNumWeights, kOp, ": weights must list ", int{kNumWeights},
+                    " slots (LAYER_WEIGHTS), got ", w.size());
   for (LayerWeight i : kRequired) {
-    if (!w[i].has_value()) value_error("weight slot " + std::to_string(i) + " is required, got None");
+    TORCH_CHECK_VALUE(w[i].has_value(), kOp, ": weight slot ", int{i}, " is required, got None");
   }
   for (const auto& t : w) {
-    if (t.has_value() && !fp32_cpu(*t)) value_error("weights must be fp32 CPU tensors");
+    TORCH_CHECK_VALUE(!t.has_value() || fp32_cpu(*t), kOp, ": weights must be fp32 CPU tensors, got ",
+                      t.has_value() ? check::dtype_name(t->scalar_type()) : "None");
   }
-  if (w[kQNorm].has_value() != w[kKNorm].has_value()) value_error("q_norm and k_norm come together (Qwen3)");
-  if (!fp32_cpu(x) || !x.is_contiguous() || x.dim() != 2) value_error("x must be a contiguous fp32 CPU [T, H]");
-  if (k_cache.dim() != 4) value_error("caches must be [num_pages, page_size, Hkv, D]");
+  TORCH_CHECK_VALUE(w[kQNorm].has_value() == w[kKNorm].has_value(), kOp, ": q_norm and k_norm come together (Qwen3)");
+  check::fp32_cpu(kOp, "x", x, 2);  // [T, H]
+  check::dims(kOp, "k_cache", k_cache, 4);  // [num_pages, page_size, Hkv, D]
   const int64_t T = x.size(0), Hkv = k_cache.size(2), D = k_cache.size(3);
-  if (w[kQ]->dim() != 2 || w[kQ]->size(0) % D != 0 || w[kK]->size(0) != Hkv * D || w[kV]->size(0) != Hkv * D) {
-    value_error("q / k / v projections do not produce whole heads of the cache's head_dim " + std::to_string(D) +
-                " (k / v: " + std::to_string(Hkv) + " heads)");
-  }
-  if (!packed.empty() && packed.size() != kNumPacked) {
-    value_error("packed must list " + std::to_string(kNumPacked) + " weights (q, k, v, o, gate_up, down) or none, got " +
-                std::to_string(packed.size()));
-  }
+  TORCH_CHECK_VALUE(D > 0 && w[kQ]->dim() == 2 && w[kQ]->size(0) % D == 0 && w[kK]->size(0) == Hkv * D &&
+                        w[kV]->size(0) == Hkv * D,
+                    kOp, ": q / k / v projections do not produce whole heads of the cache's head_dim ", D,
+                    " (k / v: ", Hkv, " heads)");
+  TORCH_CHECK_VALUE(packed.empty() || packed.size() == kNumPacked, kOp, ": packed must list ", int{kNumPacked},
+                    " weights (q, k, v, o, gate_up, down) or none, got ", packed.size());
   const bool use_packed = !packed.empty();
   // A decode step on packed weights runs as one parallel region: each thread takes a contiguous block of rows through
   // the whole layer, the kernels inside running serially on it (at::parallel_for is serial within a region). Decode
@@ -192,5 +191,28 @@ void decoder_layer_cpu(at::Tensor& x, const std::vector<std::optional<at::Tensor
   layer_rows(x, w, packed, eps, cos, sin, k_cache, v_cache, slot_mapping, page_table, context_lens, cu_seqlens_q,
              scale, D, Hkv);
 }
+
+namespace {
+
+// The op's kernel: the dispatcher passes Tensor?[] as a c10::List; the layer indexes a std::vector (15 handles).
+void decoder_layer_op(at::Tensor& x, const c10::List<std::optional<at::Tensor>>& weights, double eps,
+                      const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                      const at::Tensor& slot_mapping, const at::Tensor& page_table, const at::Tensor& context_lens,
+                      const std::optional<at::Tensor>& cu_seqlens_q, double scale, at::TensorList packed) {
+  const std::vector<std::optional<at::Tensor>> w(weights.begin(), weights.end());
+  decoder_layer_cpu(x, w, eps, cos, sin, k_cache, v_cache, slot_mapping, page_table, context_lens, cu_seqlens_q,
+                    scale, packed);
+}
+
+}  // namespace
+
+// Schema (dash_kernels/decoder_layer.py registers its fake kernel): x and both caches are written in place.
+TORCH_LIBRARY_FRAGMENT(dash, m) {
+  m.def("decoder_layer_(Tensor(a!) x, Tensor?[] weights, float eps, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
+        "Tensor(c!) v_cache, Tensor slot_mapping, Tensor page_table, Tensor context_lens, Tensor? cu_seqlens_q, "
+        "float scale, Tensor[] packed) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(dash, CPU, m) { m.impl("decoder_layer_", &decoder_layer_op); }
 
 }  // namespace dash

@@ -18,11 +18,12 @@
 #include <ATen/Dispatch.h>
 #include <cstring>
 
+#include "checks.h"
 #include "cpu_ops.h"
 
 namespace dash {
 
-// Shared argument checks (device-independent); also used by the CUDA binding.
+// Shared argument checks (device-independent, declared in checks.h); also used by the CUDA binding.
 void check_store_kv_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
   TORCH_CHECK_VALUE(k.dim() == 3, "store_kv: k must be [T, kv_heads, head_dim], got ", k.sizes());
@@ -42,10 +43,7 @@ void check_store_kv_args(const at::Tensor& k, const at::Tensor& v, const at::Ten
                     "store_kv: dtype mismatch: k ", k.scalar_type(), ", v ", v.scalar_type(), ", k_cache ",
                     k_cache.scalar_type(), ", v_cache ", v_cache.scalar_type());
   TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(), "store_kv: caches must be contiguous");
-  for (const auto* t : {&k, &v, &v_cache, &slot_mapping}) {
-    TORCH_CHECK_VALUE(t->device() == k_cache.device(), "store_kv: all tensors must be on ", k_cache.device(),
-                      ", got one on ", t->device());
-  }
+  check::same_device("store_kv", k_cache, {&k, &v, &v_cache, &slot_mapping});
 }
 
 void check_copy_pages_args(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& src,
@@ -60,10 +58,7 @@ void check_copy_pages_args(const at::Tensor& k_cache, const at::Tensor& v_cache,
                     src.sizes(), " and ", dst.sizes());
   TORCH_CHECK_VALUE(src.scalar_type() == at::kInt && dst.scalar_type() == at::kInt,
                     "copy_pages: src and dst must be int32");
-  for (const auto* t : {&v_cache, &src, &dst}) {
-    TORCH_CHECK_VALUE(t->device() == k_cache.device(), "copy_pages: all tensors must be on ", k_cache.device(),
-                      ", got one on ", t->device());
-  }
+  check::same_device("copy_pages", k_cache, {&v_cache, &src, &dst});
 }
 
 namespace {

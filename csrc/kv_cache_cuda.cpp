@@ -12,6 +12,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include "checks.h"
+
 extern "C" {
 int dash_store_kv_cuda(const void* k, const void* v, void* k_cache, void* v_cache, const int32_t* slots,
                        int64_t num_tokens, int64_t num_slots, int64_t row_bytes, cudaStream_t stream);
@@ -20,11 +22,6 @@ int dash_copy_pages_cuda(void* k_cache, void* v_cache, const int32_t* src, const
 }
 
 namespace dash {
-
-void check_store_kv_args(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&);
-void check_copy_pages_args(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
-
 namespace {
 
 constexpr int kPendingError = -1;  // kv_cache.cu: an error of earlier work was pending, nothing was launched

@@ -15,7 +15,8 @@
 // Every output element is one fma chain over k = 0..K-1 in a single vector lane, the same whatever M, the tile or
 // the thread: a row's result does not depend on the batch it is in (the sampler's batch-invariance test relies on
 // it). Epilogues: store (acc + bias), accumulate (out += acc + bias: the residual add) and silu_mul.
-#include <torch/extension.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
@@ -27,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "cpu_math.h"
 #include "cpu_ops.h"
 
@@ -39,15 +41,6 @@ constexpr int64_t kTileRows = 12;         // 12 x 2 accumulators + 2 weight vect
 constexpr int64_t kRowsPerTask = 4 * kTileRows;  // rows of one parallel task (a panel stays in L1 across them)
 
 enum class Epilogue { kStore, kAccumulate, kSiluMul };
-
-[[noreturn]] void value_error(const std::string& msg) { throw pybind11::value_error(msg); }
-
-void check_fp32_cpu(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
-  if (!t.device().is_cpu() || t.scalar_type() != at::kFloat || !t.is_contiguous() || t.dim() != dim) {
-    value_error(std::string(op) + ": " + name + " must be a contiguous fp32 CPU tensor with " + std::to_string(dim) +
-                " dims, got " + std::string(c10::toString(t.scalar_type())) + " " + c10::str(t.sizes()));
-  }
-}
 
 #ifdef DASH_HAS_AVX512_CODE
 constexpr bool kX86 = true;
@@ -160,22 +153,17 @@ template <Epilogue E>
 void run(const char* op, const at::Tensor& x, const at::Tensor& packed, int64_t n_out,
          const std::optional<at::Tensor>& bias, at::Tensor& out) {
   RECORD_FUNCTION("dash::linear_packed", std::vector<c10::IValue>());  // benchmarks/sampler_profile.py's GEMM stage
-  if (!has_avx512()) value_error(std::string(op) + ": needs a CPU with AVX-512 (has_avx512() is false)");
-  check_fp32_cpu(op, "x", x, 2);
-  check_fp32_cpu(op, "packed", packed, 3);
-  check_fp32_cpu(op, "out", out, 2);
+  TORCH_CHECK_VALUE(has_avx512(), op, ": needs a CPU with AVX-512 (has_avx512() is false)");
+  check::fp32_cpu(op, "x", x, 2);            // [M, K]
+  check::fp32_cpu(op, "packed", packed, 3);  // [P, K, 32]
+  check::fp32_cpu(op, "out", out, 2);        // [M, n_out]
   const int64_t M = x.size(0), K = x.size(1), width = E == Epilogue::kSiluMul ? kHalf : kPanel;
-  if (packed.size(1) != K || packed.size(2) != kPanel || packed.size(0) != (n_out + width - 1) / width) {
-    value_error(std::string(op) + ": packed " + c10::str(packed.sizes()) + " does not hold " +
-                std::to_string(n_out) + " outputs of x's K=" + std::to_string(K));
-  }
-  if (out.size(0) != M || out.size(1) != n_out) {
-    value_error(std::string(op) + ": out must be [" + std::to_string(M) + ", " + std::to_string(n_out) + "], got " +
-                c10::str(out.sizes()));
-  }
+  TORCH_CHECK_VALUE(packed.size(1) == K && packed.size(2) == kPanel && packed.size(0) == (n_out + width - 1) / width,
+                    op, ": packed ", packed.sizes(), " does not hold ", n_out, " outputs of x's K=", K);
+  check::shape(op, "out", out, {M, n_out});
   if (bias.has_value()) {
-    check_fp32_cpu(op, "bias", *bias, 1);
-    if (bias->size(0) != n_out) value_error(std::string(op) + ": bias must be [" + std::to_string(n_out) + "]");
+    check::fp32_cpu(op, "bias", *bias, 1);
+    check::shape(op, "bias", *bias, {n_out});
   }
 #ifdef DASH_HAS_AVX512_CODE
   const int64_t P = packed.size(0), blocks = (M + kRowsPerTask - 1) / kRowsPerTask;
@@ -200,7 +188,7 @@ bool has_avx512() {
 }
 
 at::Tensor pack_linear_cpu(const at::Tensor& w) {
-  check_fp32_cpu("pack_linear", "w", w, 2);
+  check::fp32_cpu("pack_linear", "w", w, 2);  // [N, K]
   const int64_t N = w.size(0), K = w.size(1);
   at::Tensor packed = at::empty({(N + kPanel - 1) / kPanel, K, kPanel}, w.options());
   const float* src = w.data_ptr<float>();
@@ -212,12 +200,10 @@ at::Tensor pack_linear_cpu(const at::Tensor& w) {
 }
 
 at::Tensor pack_gate_up_cpu(const at::Tensor& gate, const at::Tensor& up) {
-  check_fp32_cpu("pack_gate_up", "gate", gate, 2);
-  check_fp32_cpu("pack_gate_up", "up", up, 2);
-  if (gate.sizes() != up.sizes()) {
-    value_error("pack_gate_up: gate and up must have one shape, got " + c10::str(gate.sizes()) + " and " +
-                c10::str(up.sizes()));
-  }
+  check::fp32_cpu("pack_gate_up", "gate", gate, 2);  // [I, K]
+  check::fp32_cpu("pack_gate_up", "up", up, 2);      // [I, K]
+  TORCH_CHECK_VALUE(gate.sizes() == up.sizes(), "pack_gate_up: gate and up must have one shape, got ", gate.sizes(),
+                    " and ", up.sizes());
   const int64_t I = gate.size(0), K = gate.size(1);
   at::Tensor packed = at::empty({(I + kHalf - 1) / kHalf, K, kPanel}, gate.options());
   const float *g = gate.data_ptr<float>(), *u = up.data_ptr<float>();
@@ -231,7 +217,7 @@ at::Tensor pack_gate_up_cpu(const at::Tensor& gate, const at::Tensor& up) {
 at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t n_out,
                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out,
                              bool accumulate) {
-  if (accumulate && !out.has_value()) value_error("linear_packed: accumulate=True needs out");
+  TORCH_CHECK_VALUE(!accumulate || out.has_value(), "linear_packed: accumulate=True needs out");
   at::Tensor y = out.has_value() ? *out : at::empty({x.size(0), n_out}, x.options());
   if (accumulate) {
     run<Epilogue::kAccumulate>("linear_packed", x, packed, n_out, bias, y);
@@ -246,6 +232,45 @@ at::Tensor gate_up_silu_packed_cpu(const at::Tensor& x, const at::Tensor& packed
   at::Tensor y = out.has_value() ? *out : at::empty({x.size(0), n_out}, x.options());
   run<Epilogue::kSiluMul>("gate_up_silu_packed", x, packed, n_out, std::nullopt, y);
   return y;
+}
+
+namespace {
+
+// The torch ops' kernels: a functional form that returns a new output, and an in-place form (`out` written, or
+// added to with accumulate) that returns nothing, so that no schema returns an alias of an argument.
+at::Tensor linear_packed_op(const at::Tensor& x, const at::Tensor& packed, int64_t n_out,
+                            const std::optional<at::Tensor>& bias) {
+  return linear_packed_cpu(x, packed, n_out, bias, std::nullopt, false);
+}
+
+void linear_packed_into_op(const at::Tensor& x, const at::Tensor& packed, int64_t n_out,
+                           const std::optional<at::Tensor>& bias, at::Tensor& out, bool accumulate) {
+  linear_packed_cpu(x, packed, n_out, bias, out, accumulate);
+}
+
+at::Tensor gate_up_silu_packed_op(const at::Tensor& x, const at::Tensor& packed, int64_t n_out) {
+  return gate_up_silu_packed_cpu(x, packed, n_out, std::nullopt);
+}
+
+}  // namespace
+
+// Schemas (dash_kernels/linear.py registers their fake kernels): packing makes a new [P, K, 32] tensor; the GEMMs
+// read x [M, K] and a packed weight for n_out outputs. CPU only: on CUDA the sampler keeps cuBLAS.
+TORCH_LIBRARY_FRAGMENT(dash, m) {
+  m.def("pack_linear(Tensor w) -> Tensor");
+  m.def("pack_gate_up(Tensor gate, Tensor up) -> Tensor");
+  m.def("linear_packed(Tensor x, Tensor packed, int n_out, Tensor? bias=None) -> Tensor");
+  m.def("linear_packed_into_(Tensor x, Tensor packed, int n_out, Tensor? bias, Tensor(a!) out, "
+        "bool accumulate=False) -> ()");
+  m.def("gate_up_silu_packed(Tensor x, Tensor packed, int n_out) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dash, CPU, m) {
+  m.impl("pack_linear", &pack_linear_cpu);
+  m.impl("pack_gate_up", &pack_gate_up_cpu);
+  m.impl("linear_packed", &linear_packed_op);
+  m.impl("linear_packed_into_", &linear_packed_into_op);
+  m.impl("gate_up_silu_packed", &gate_up_silu_packed_op);
 }
 
 }  // namespace dash

@@ -127,7 +127,7 @@ std::vector<at::Tensor> PageAllocator::append(const at::Tensor& seq_ids, int64_t
     get(ids[i]);
     if (!seen.insert(ids[i]).second) value_error("sequence " + std::to_string(ids[i]) + " appears twice");
   }
-  check_free_pages(pages_needed_for_append(seq_ids), " for append (preempt sequences first)");
+  check_free_pages(pages_needed_for_append(seq_ids), " for append (evict sequences first)");
   at::Tensor slots = int32_tensor({B}), lens = int32_tensor({B});
   int32_t* slot_out = slots.data_ptr<int32_t>();
   int32_t* len_out = lens.data_ptr<int32_t>();

@@ -81,7 +81,7 @@ class PageAllocator {
   // Padded page tables without changing anything: [B, max(W, min_width)] int32.
   at::Tensor page_tables(const at::Tensor& seq_ids, int64_t min_width, int64_t pad) const;
 
-  // Finish or preemption: drop the sequences and return pages nobody else references to the free list.
+  // Finish or eviction: drop the sequences and return pages nobody else references to the free list.
   void free(const at::Tensor& seq_ids);
 
  private:

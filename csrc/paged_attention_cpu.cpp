@@ -30,8 +30,8 @@
 // previous scalar loop: 0.52 ms), ~0.5 ms with cold ones (1.4 ms). On an AVX-512 CPU, head dims 32 / 64 / 128 take
 // attend_tasks_avx512 instead (benchmarks/paged_attention.py decode, batch 256, 1 thread, medians of 9, three
 // alternated runs: D=64 0.24-0.32 ms vs 0.48-0.55 for the vec4 loop; D=32 within noise of it).
-#include <torch/extension.h>
-
+#include <torch/library.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
@@ -46,6 +46,7 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "cpu_math.h"
 #include "cpu_ops.h"
 
@@ -262,8 +263,6 @@ DASH_AVX512 void attend_tasks_avx512(
 }
 #endif
 
-[[noreturn]] void value_error(const std::string& msg) { throw pybind11::value_error(msg); }
-
 }  // namespace
 
 at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -278,51 +277,45 @@ at::Tensor paged_attention_into_cpu(const at::Tensor& q, const at::Tensor& k_cac
                                     const std::optional<at::Tensor>& cu_seqlens_q, double scale, at::Tensor out) {
   // A torch.profiler event (free when no profiler runs): it is called from C++ too, outside the dispatcher.
   RECORD_FUNCTION("dash::paged_attention", std::vector<c10::IValue>());
-  auto fp32_cpu = [](const at::Tensor& t) {
-    return t.device().type() == at::kCPU && t.scalar_type() == at::kFloat && t.is_contiguous();
-  };
-  auto int32_cpu = [](const at::Tensor& t, int64_t dim) {
-    return t.device().type() == at::kCPU && t.scalar_type() == at::kInt && t.is_contiguous() && t.dim() == dim;
-  };
-  if (!fp32_cpu(q) || !fp32_cpu(k_cache) || !fp32_cpu(v_cache) || q.dim() != 3 || k_cache.dim() != 4 ||
-      v_cache.sizes() != k_cache.sizes()) {
-    value_error("paged_attention: q [T, Hq, D] and caches [P, page, Hkv, D] must be contiguous fp32 CPU");
-  }
+  constexpr const char* kOp = "paged_attention";
+  check::fp32_cpu(kOp, "q", q, 3);              // [T, Hq, D]
+  check::fp32_cpu(kOp, "k_cache", k_cache, 4);  // [P, page, Hkv, D]
+  check::fp32_cpu(kOp, "v_cache", v_cache, 4);
+  check::shape(kOp, "v_cache", v_cache, k_cache.sizes());
   const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t P = k_cache.size(0), ps = k_cache.size(1), Hkv = k_cache.size(2);
-  if (k_cache.size(3) != D || Hq % Hkv != 0) value_error("paged_attention: head shapes do not match");
-  if (!int32_cpu(page_table, 2) || !int32_cpu(context_lens, 1) || context_lens.numel() != page_table.size(0)) {
-    value_error("paged_attention: page_table [B, W] and context_lens [B] must be contiguous int32 CPU");
-  }
+  TORCH_CHECK_VALUE(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, "paged_attention: head shapes do not match: q ",
+                    q.sizes(), ", caches ", k_cache.sizes());
+  check::cpu_tensor(kOp, "page_table", page_table, at::kInt, 2);      // [B, W]
+  check::cpu_tensor(kOp, "context_lens", context_lens, at::kInt, 1);  // [B]
+  check::shape(kOp, "context_lens", context_lens, {page_table.size(0)});
   const int64_t B = page_table.size(0), W = page_table.size(1), G = Hq / Hkv;
   const int32_t* pt = page_table.data_ptr<int32_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   const int32_t* cu = nullptr;  // [B + 1] query offsets; nullptr: one query per sequence (decode)
   if (cu_seqlens_q.has_value()) {
-    if (!int32_cpu(*cu_seqlens_q, 1) || cu_seqlens_q->numel() != B + 1) {
-      value_error("paged_attention: cu_seqlens_q must be a contiguous int32 CPU tensor of B + 1 = " +
-                  std::to_string(B + 1) + " offsets");
-    }
+    check::cpu_tensor(kOp, "cu_seqlens_q", *cu_seqlens_q, at::kInt, 1);
+    TORCH_CHECK_VALUE(cu_seqlens_q->numel() == B + 1, "paged_attention: cu_seqlens_q must hold B + 1 = ", B + 1,
+                      " offsets, got ", cu_seqlens_q->numel());
     cu = cu_seqlens_q->data_ptr<int32_t>();
-    if (cu[0] != 0 || cu[B] != T) value_error("paged_attention: cu_seqlens_q must run from 0 to T = " +
-                                              std::to_string(T));
-  } else if (T != B) {
-    value_error("paged_attention: decode (no cu_seqlens_q) needs one query per sequence, got T = " +
-                std::to_string(T) + " for B = " + std::to_string(B));
+    TORCH_CHECK_VALUE(cu[0] == 0 && cu[B] == T, "paged_attention: cu_seqlens_q must run from 0 to T = ", T);
+  } else {
+    TORCH_CHECK_VALUE(T == B, "paged_attention: decode (no cu_seqlens_q) needs one query per sequence, got T = ", T,
+                      " for B = ", B);
   }
   // Every check reads host memory before any work: a bad length or page id cannot cause an out-of-bounds read.
   std::vector<int32_t> seq_of(T), keys_of(T);
   int64_t max_keys = 0, total_keys = 0;
   for (int64_t b = 0; b < B; ++b) {
-    if (lens[b] < 1 || lens[b] > W * ps) value_error("paged_attention: context length out of range");
+    TORCH_CHECK_VALUE(lens[b] >= 1 && lens[b] <= W * ps, "paged_attention: context length out of range: ",
+                      "context_lens[", b, "] = ", lens[b], " is outside [1, ", W * ps, "]");
     for (int64_t j = 0; j < (lens[b] + ps - 1) / ps; ++j) {
-      if (pt[b * W + j] < 0 || pt[b * W + j] >= P) value_error("paged_attention: page id out of range");
+      TORCH_CHECK_VALUE(pt[b * W + j] >= 0 && pt[b * W + j] < P, "paged_attention: page id out of range: ",
+                        "page_table[", b, ", ", j, "] = ", pt[b * W + j], " is outside [0, ", P, ")");
     }
     const int64_t first = cu ? cu[b] : b, q_len = cu ? cu[b + 1] - cu[b] : 1;
-    if (q_len < 0 || q_len > lens[b]) {
-      value_error("paged_attention: sequence " + std::to_string(b) + " has " + std::to_string(q_len) +
-                  " queries but " + std::to_string(lens[b]) + " tokens in the cache (cu_seqlens_q must not decrease)");
-    }
+    TORCH_CHECK_VALUE(q_len >= 0 && q_len <= lens[b], "paged_attention: sequence ", b, " has ", q_len,
+                      " queries but ", lens[b], " tokens in the cache (cu_seqlens_q must not decrease)");
     for (int64_t i = 0; i < q_len; ++i) {  // query i sees the keys at positions <= lens - q_len + i
       seq_of[first + i] = static_cast<int32_t>(b);
       keys_of[first + i] = static_cast<int32_t>(lens[b] - q_len + i + 1);
@@ -330,7 +323,8 @@ at::Tensor paged_attention_into_cpu(const at::Tensor& q, const at::Tensor& k_cac
     }
     max_keys = std::max<int64_t>(max_keys, lens[b]);
   }
-  if (out.sizes() != q.sizes() || !fp32_cpu(out)) value_error("paged_attention: out must be contiguous fp32 like q");
+  check::fp32_cpu(kOp, "out", out);
+  check::shape(kOp, "out", out, q.sizes());
   if (T == 0) return out;
   const Geometry geo{Hq, Hkv, G, D, ps, W, Hkv * D, ps * Hkv * D, static_cast<float>(scale)};
   const float* qp = q.data_ptr<float>();
@@ -365,5 +359,14 @@ at::Tensor paged_attention_into_cpu(const at::Tensor& q, const at::Tensor& k_cac
   });
   return out;
 }
+
+// Schema (dash_kernels/paged_attention.py registers its fake kernel): a new output like q. CPU only: on CUDA
+// dash_kernels/paged_attention.py runs its Triton kernel.
+TORCH_LIBRARY_FRAGMENT(dash, m) {
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor context_lens, "
+        "Tensor? cu_seqlens_q, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dash, CPU, m) { m.impl("paged_attention", &paged_attention_cpu); }
 
 }  // namespace dash

@@ -15,6 +15,7 @@
 
 #include <cmath>
 
+#include "checks.h"
 #include "cpu_math.h"
 #include "cpu_ops.h"
 
@@ -37,11 +38,10 @@ DASH_CPU_CLONES void rms_rows(int64_t begin, int64_t end, int64_t H, float eps, 
 }
 
 void check_args(const char* op, const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, op,
-                    ": x must be a contiguous fp32 CPU tensor [..., H], got ", x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK_VALUE(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
-                        weight.dim() == 1 && weight.size(0) == x.size(-1),
-                    op, ": weight must be contiguous fp32 CPU [H=", x.size(-1), "], got ", weight.sizes());
+  check::fp32_cpu(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must be [..., H], got a 0-dim tensor");
+  check::fp32_cpu(op, "weight", weight, 1);
+  check::shape(op, "weight", weight, {x.size(-1)});
 }
 
 }  // namespace
@@ -52,8 +52,8 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
 
 at::Tensor rms_norm_into_cpu(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor out) {
   check_args("rms_norm", x, weight);
-  TORCH_CHECK_VALUE(out.sizes() == x.sizes() && out.is_contiguous() && out.scalar_type() == at::kFloat,
-                    "rms_norm: out must be contiguous fp32 shaped like x ", x.sizes());
+  check::fp32_cpu("rms_norm", "out", out);
+  check::shape("rms_norm", "out", out, x.sizes());
   const int64_t H = x.size(-1), N = H ? x.numel() / H : 0;
   float* xp = const_cast<float*>(x.data_ptr<float>());  // read only: kAdd=false never writes x
   at::parallel_for(0, N, cpu::row_grain(H), [&](int64_t b, int64_t e) {
@@ -64,10 +64,8 @@ at::Tensor rms_norm_into_cpu(const at::Tensor& x, const at::Tensor& weight, doub
 
 at::Tensor add_rms_norm_cpu(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, double eps) {
   check_args("add_rms_norm_", x, weight);
-  TORCH_CHECK_VALUE(delta.sizes() == x.sizes() && delta.scalar_type() == at::kFloat && delta.is_contiguous() &&
-                        delta.device().is_cpu(),
-                    "add_rms_norm_: delta must be contiguous fp32 CPU shaped like x ", x.sizes(), ", got ",
-                    delta.sizes());
+  check::fp32_cpu("add_rms_norm_", "delta", delta);
+  check::shape("add_rms_norm_", "delta", delta, x.sizes());
   at::Tensor out = at::empty_like(x);
   const int64_t H = x.size(-1), N = H ? x.numel() / H : 0;
   at::parallel_for(0, N, cpu::row_grain(H), [&](int64_t b, int64_t e) {

@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "checks.h"
 #include "cpu_math.h"
 #include "cpu_ops.h"
 
@@ -38,19 +39,15 @@ DASH_CPU_CLONES void rotate_tokens(int64_t begin, int64_t end, int64_t H, int64_
 }  // namespace
 
 void rotary_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
-  for (const auto* t : {&q, &k}) {
-    TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3,
-                      "rotary_: q and k must be contiguous fp32 CPU [T, heads, D], got ", t->scalar_type(), " ",
-                      t->sizes());
-  }
+  check::fp32_cpu("rotary_", "q", q, 3);  // [T, Hq, D]
+  check::fp32_cpu("rotary_", "k", k, 3);  // [T, Hkv, D]
   const int64_t T = q.size(0), D = q.size(2);
   TORCH_CHECK_VALUE(k.size(0) == T && k.size(2) == D && D % 2 == 0, "rotary_: q ", q.sizes(), " and k ", k.sizes(),
                     " must share T and an even head_dim");
-  for (const auto* t : {&cos, &sin}) {
-    TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                          t->dim() == 2 && t->size(0) == T && t->size(1) == D,
-                      "rotary_: cos and sin must be contiguous fp32 CPU [T=", T, ", D=", D, "], got ", t->sizes());
-  }
+  check::fp32_cpu("rotary_", "cos", cos, 2);
+  check::fp32_cpu("rotary_", "sin", sin, 2);
+  TORCH_CHECK_VALUE(cos.size(0) == T && cos.size(1) == D && sin.sizes() == cos.sizes(),
+                    "rotary_: cos and sin must be [T=", T, ", D=", D, "], got ", cos.sizes(), " and ", sin.sizes());
   const int64_t Hq = q.size(1), Hkv = k.size(1);
   at::parallel_for(0, T, cpu::row_grain((Hq + Hkv) * D), [&](int64_t b, int64_t e) {
     rotate_tokens(b, e, Hq, D, q.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>());

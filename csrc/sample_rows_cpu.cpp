@@ -36,6 +36,7 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "cpu_math.h"
 
 namespace dash {
@@ -187,22 +188,18 @@ std::tuple<at::Tensor, at::Tensor> sample_rows_cpu(const at::Tensor& logits, con
                                                    const at::Tensor& stop_active,
                                                    const std::optional<at::Tensor>& top_k,
                                                    const std::optional<at::Tensor>& top_p) {
-  TORCH_CHECK_VALUE(logits.device().is_cpu() && logits.scalar_type() == at::kFloat && logits.is_contiguous() &&
-                        logits.dim() == 2 && logits.size(1) > 0,
-                    "sample_rows: logits must be contiguous fp32 CPU [B, V] with V >= 1, got ", logits.sizes());
+  check::fp32_cpu("sample_rows", "logits", logits, 2);  // [B, V]
+  TORCH_CHECK_VALUE(logits.size(1) > 0, "sample_rows: logits must be [B, V] with V >= 1, got ", logits.sizes());
   const int64_t B = logits.size(0), V = logits.size(1);
-  auto check_vec = [B](const at::Tensor& t, at::ScalarType dtype, const char* name) {
-    TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.dim() == 1 &&
-                          t.size(0) == B,
-                      "sample_rows: ", name, " must be contiguous CPU ", dtype, " [B=", B, "], got ",
-                      t.scalar_type(), " ", t.sizes());
+  auto check_vec = [B](const at::Tensor& t, at::ScalarType dtype, const char* name) {  // [B]
+    check::cpu_tensor("sample_rows", name, t, dtype, 1);
+    check::shape("sample_rows", name, t, {B});
   };
   check_vec(temperature, at::kFloat, "temperature");
   check_vec(u, at::kDouble, "u");
   check_vec(stop_active, at::kBool, "stop_active");
-  TORCH_CHECK_VALUE(stop_ids.device().is_cpu() && stop_ids.scalar_type() == at::kLong && stop_ids.is_contiguous() &&
-                        stop_ids.dim() == 2 && stop_ids.size(0) == B,
-                    "sample_rows: stop_ids must be contiguous CPU int64 [B=", B, ", S], got ", stop_ids.sizes());
+  check::cpu_tensor("sample_rows", "stop_ids", stop_ids, at::kLong, 2);  // [B, S]
+  TORCH_CHECK_VALUE(stop_ids.size(0) == B, "sample_rows: stop_ids must be [B=", B, ", S], got ", stop_ids.sizes());
   TORCH_CHECK_VALUE(top_k.has_value() == top_p.has_value(),
                     "sample_rows: give top_k and top_p together (top_k 0 / top_p 1 turn one off), or neither");
   const int64_t* kp = nullptr;

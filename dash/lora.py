@@ -19,7 +19,7 @@ fit the model (an adapter trained for another base model).
 
 Departures from peft: only the decoder projections may be targets (config.LORA_MODULES): the fused loss reads the
 lm_head weight directly, so an adapter there would be skipped by it. The sampler (dash/engine/runner.py) applies the
-adapters without a merged model: `layer_adapters` lists them per layer for dash_kernels.decoder_layer.
+adapters without a merged model: `layer_adapters` lists them per layer for `DecoderLayer.paged_state`.
 Tests: `.venv/bin/python -m pytest tests/model/test_lora.py -q`.
 """
 
@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dash.config import LORA_MODULES, LoRAConfig
+from dash.model_parts import merged_weight  # noqa: F401 - the one definition; dash.rl.export imports it from here
 from dash_kernels.decoder_layer import LAYER_WEIGHTS
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -232,14 +233,6 @@ def layer_adapters(layer: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, f
     found = {_SLOT[n.rsplit(".", 1)[-1]]: (m.lora_A.weight, m.lora_B.weight, m.scaling)
              for n, m in layer.named_modules() if isinstance(m, LoRALinear) and m.adapter_on}
     return [found.get(slot) for slot in LAYER_WEIGHTS] if found else None
-
-
-def merged_weight(weight: torch.Tensor, adapter: tuple[torch.Tensor, torch.Tensor, float] | None) -> torch.Tensor:
-    """W + scaling * B @ A ([out, in], a new tensor) for a layer packed once per generate call; W when no adapter."""
-    if adapter is None:
-        return weight
-    A, B, scaling = adapter
-    return torch.addmm(weight, B, A, alpha=scaling)  # [out, in]
 
 
 def trainable_fraction(model: nn.Module) -> float:

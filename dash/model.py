@@ -7,27 +7,26 @@ and may have head_dim != hidden_size / num_attention_heads.
 
 Submodule names equal HF's, so `state_dict()` keys are exactly the tensor names of an HF safetensors checkpoint
 (`model.layers.0.self_attn.q_proj.weight`, ...). With tied embeddings there is no `lm_head` module at all, which is
-also what HF writes to disk. The RoPE inverse frequencies are a plain fp32 attribute, not a buffer, so they never
-appear in the state dict and `model.to(torch.bfloat16)` cannot round them.
+also what HF writes to disk. Family-independent pieces (RMSNorm, RoPE tables, fp32 logits) are in dash/model_parts.py.
 
 Entry points:
 - `forward_packed(input_ids[T], cu_seqlens[B+1], positions[T], shared=None) -> hidden[T, H]`: training. Sequences
   are packed end to end (with `shared`, the samples of one prompt share its rows: dash.attention.SharedPrompts); the
   lm_head is NOT applied (dash_kernels fuses it with the log-prob so [T, V] logits never exist).
 - `forward(input_ids[B, L], attention_mask[B, L]) -> logits[B, L, V]`: padded convenience for evals and tests.
-- The paged-KV sampler does not call these modules' forwards: it reads each layer's parameters and runs its own
-  inference chain (dash_kernels.decoder_layer, dash/engine/runner.py).
+- `paged_forward(input_ids[T], ctx) -> hidden[R, H]`: the sampler's step on its paged KV cache (ctx: a
+  dash.engine.runner.StepContext). Each layer is one op of dash_kernels.decoder_layer (C++ on fp32 CPU, else its
+  chain of kernels) over the layer's own Parameters, listed by `LAYER_WEIGHT_PATHS` in the op's `LAYER_WEIGHTS` order.
 
 Departures from HF: padded `forward` takes positions from the mask (so left padding is handled like HF `generate`
-does), and logits at pad positions are the lm_head of a zero vector (meaningless, as in HF).
-
-`ModelConfig` (dash/model_config.py) parses and validates an HF `config.json` (both the transformers 4.x
-`rope_theta` / `rope_scaling` keys and the 5.x `rope_parameters` dict) and writes both spellings (only 5.24 is
-installed and tested here). Tests:
-`.venv/bin/python -m pytest tests/model -q`.
+does), and logits at pad positions are the lm_head of a zero vector (meaningless, as in HF). `ModelConfig`
+(dash/model_config.py) parses, validates and writes an HF `config.json`.
+Tests: `.venv/bin/python -m pytest tests/model tests/engine -q`.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,44 +35,26 @@ from torch import nn
 
 from dash.attention import SharedPrompts, varlen_attention
 from dash.model_config import ModelConfig
-from dash_kernels.rms_norm import rms_norm_ref
-from dash_kernels.rotary import rotary_ref
+from dash.model_parts import (LayerState, RMSNorm, RotaryEmbedding, apply_rope, layer_state, logits_fp32,
+                              weight_slots)
+from dash_kernels.decoder_layer import decoder_layer_, decoder_layer_ref
+from dash_kernels.rms_norm import rms_norm
 
-_LOGITS_ROW_BLOCK = 8192  # vocabulary rows upcast at a time by compute_logits_fp32 on CPU (32 MiB at H = 1024)
+if TYPE_CHECKING:  # the sampler's per-step context; the engine uses this module, never the other way round
+    from dash.engine.runner import StepContext
 
-__all__ = ["ModelConfig", "CausalLM", "Attention", "RMSNorm", "RotaryEmbedding", "apply_rope"]
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 and cast back before the weight (HF's order, so bf16 matches HF)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm_ref(x, self.weight, self.eps)
-
-
-class RotaryEmbedding(nn.Module):
-    """cos / sin tables for given positions. Holds no parameters and no buffers (see module docstring)."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self._inv_freq = config.rope_inv_freq()  # [D/2] fp32, on CPU until first use
-
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: (T,) long -> (cos, sin), each (T, D) fp32."""
-        if self._inv_freq.device != positions.device:  # moved once, then cached on the model's device
-            self._inv_freq = self._inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self._inv_freq[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]: HF's "rotate half" layout, not interleaved pairs
-        return emb.cos(), emb.sin()
-
-
-# HF's "rotate half" RoPE, out of place; dash_kernels keeps the one definition (its C++ in-place kernel for the
-# sampler is tested against it).
-apply_rope = rotary_ref
+__all__ = ["ModelConfig", "CausalLM", "Attention", "RMSNorm", "RotaryEmbedding", "apply_rope", "LAYER_WEIGHT_PATHS"]
+# Where a DecoderLayer keeps each tensor of the sampler's layer op, by the op's slot name (the op fixes the order, in
+# dash_kernels.decoder_layer.LAYER_WEIGHTS beside its C++ schema): the one tie between this model's modules and that
+# op. A path through an absent module (q_norm without qk_norm) or parameter (a bias=False projection) gives None.
+LAYER_WEIGHT_PATHS = {
+    "input_norm": "input_layernorm.weight", "post_norm": "post_attention_layernorm.weight",
+    "q": "self_attn.q_proj.weight", "q_bias": "self_attn.q_proj.bias", "k": "self_attn.k_proj.weight",
+    "k_bias": "self_attn.k_proj.bias", "v": "self_attn.v_proj.weight", "v_bias": "self_attn.v_proj.bias",
+    "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight", "o": "self_attn.o_proj.weight",
+    "o_bias": "self_attn.o_proj.bias", "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
+    "down": "mlp.down_proj.weight",
+}
 
 
 class Attention(nn.Module):
@@ -96,9 +77,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def project_qkv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (T, H) normed hidden; cos/sin: (T, D) -> q (T, Hq, D), k (T, Hkv, D) with q/k norm and RoPE, v."""
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
@@ -153,6 +133,27 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, shared)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def weight_slots(self) -> list[torch.Tensor | None]:
+        """The layer's Parameters themselves (no copies) in LAYER_WEIGHTS order, None for an absent slot."""
+        return weight_slots(self, LAYER_WEIGHT_PATHS)
+
+    def paged_state(self, k_cache: torch.Tensor, v_cache: torch.Tensor, lora: list | None, pack: bool) -> LayerState:
+        """This layer's tensors for one sampler call (see LayerState); lora: dash.lora.layer_adapters(self)."""
+        return layer_state(self.weight_slots(), lora, pack, k_cache, v_cache)
+
+    def paged_forward(self, x: torch.Tensor, ctx: StepContext, state: LayerState) -> None:
+        """x [T, H] <- this layer's output, in place, for one sampler step. Attention reads the pages after storing
+        the step's K/V (`decoder_layer_`: the C++ op on fp32 CPU), or, for a step without page tables, the K/V just
+        computed (`decoder_layer_ref` with the context's fresh attention)."""
+        eps = self.input_layernorm.eps
+        if ctx.paged:
+            # The allocator made the slots (in range by construction): no range check, which on CUDA would sync.
+            decoder_layer_(x, state.weights, eps, ctx.cos, ctx.sin, state.k_cache, state.v_cache, ctx.slot_mapping,
+                           ctx.page_table, ctx.context_lens, ctx.cu_seqlens, self.self_attn.scale,
+                           max_q_len=ctx.max_q_len, check_slots=False, packed=state.packed, lora=state.lora)
+        else:
+            decoder_layer_ref(x, state.weights, eps, ctx.cos, ctx.sin, ctx.fresh_attention(state), state.lora)
+
 
 class DecoderModel(nn.Module):
     """HF's inner `model`: embed_tokens, layers, norm (+ the parameter-free rotary tables)."""
@@ -187,29 +188,11 @@ class CausalLM(nn.Module):
         return F.linear(hidden, self.lm_head_weight)
 
     def compute_logits_fp32(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: (..., H) -> fp32 logits (..., V), accumulated in fp32 and never rounded to a bf16 / fp16 model's
-        dtype: what the sampler draws from, so its log-probs match the trainer's fused kernel (fp32 accumulators).
-        Rounding logits to bf16 first would move them by up to 2^-8 of their size (0.06 nats at a logit of 16)."""
-        w = self.lm_head_weight  # [V, H]
-        if hidden.dtype == torch.float32 and w.dtype == torch.float32:
-            return F.linear(hidden, w)
-        flat = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
-        if flat.is_cuda:  # cuBLAS: bf16 / fp16 operands, fp32 output (not run here: no GPU)
-            out = torch.mm(flat, w.t(), out_dtype=torch.float32)
-        else:  # no such CPU kernel: upcast the weight a block of rows at a time (bounded extra memory)
-            x = flat.float()
-            out = torch.cat([F.linear(x, w[i: i + _LOGITS_ROW_BLOCK].float())
-                             for i in range(0, w.shape[0], _LOGITS_ROW_BLOCK)], dim=1)
-        return out.view(*hidden.shape[:-1], w.shape[0])
+        """hidden: (..., H) -> fp32 logits (..., V): what the sampler draws from (see dash.model_parts.logits_fp32)."""
+        return logits_fp32(hidden, self.lm_head_weight)
 
-    def forward_packed(
-        self,
-        input_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        positions: torch.Tensor,
-        max_seqlen: int | None = None,
-        shared: SharedPrompts | None = None,
-    ) -> torch.Tensor:
+    def forward_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
+                       max_seqlen: int | None = None, shared: SharedPrompts | None = None) -> torch.Tensor:
         """Run packed sequences, return the final-normed hidden states (no lm_head).
 
         Args:
@@ -238,6 +221,16 @@ class CausalLM(nn.Module):
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen, shared)
         return self.model.norm(x)
+
+    def paged_forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """One sampler step on the paged KV cache (no autograd). input_ids: (T,) long; ctx: the step's attention
+        metadata, RoPE tables and each layer's LayerState -> final-normed hidden states of the sampled rows [R, H]."""
+        x = self.model.embed_tokens(input_ids)  # [T, H]: the residual stream, a fresh tensor updated in place
+        for layer, state in zip(self.model.layers, ctx.layers, strict=True):
+            layer.paged_forward(x, ctx, state)
+        if ctx.logits_index is not None:
+            x = x[ctx.logits_index]  # [E, H]: only the last token of each prefill is sampled
+        return rms_norm(x, self.model.norm.weight, self.model.norm.eps)  # [R, H]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Padded convenience: input_ids (B, L), attention_mask (B, L) of 0/1 (left or right padding) -> (B, L, V).

@@ -28,6 +28,10 @@ from dash_kernels.ops.policy_loss import fused_policy_loss  # noqa: E402
 from dash_kernels.ops.token_logprobs import token_logprobs  # noqa: E402
 from dash_kernels.reference import LOSS_TYPES, policy_loss  # noqa: E402
 
+# The sampler ops' modules register the fake kernels of the torch.ops.dash ops that _C registered on import, so that
+# torch.compile / opcheck can trace every op once the package is imported (decoder_layer imports the other op modules).
+from dash_kernels import decoder_layer, sample_rows  # noqa: E402, F401
+
 __all__ = [
     "HAS_C",
     "LOSS_TYPES",

@@ -2,8 +2,10 @@
 
 `HAS_C` says whether it is there; `require_c()` raises with the exact reinstall command when it is not;
 `use_cpu_kernel(...)` says whether the fp32 CPU kernels apply to some tensors; `on_tensor_device` wraps every Triton
-launcher. Importing _C registers the
-`torch.ops.dash.*` ops (store_kv, copy_pages, rms_norm, add_rms_norm_, rotary_, sample_rows) as a side effect.
+launcher. Importing _C registers every `torch.ops.dash.*` op as a side effect (store_kv, copy_pages, rms_norm,
+add_rms_norm_, rotary_, sample_rows, paged_attention, pack_linear, pack_gate_up, linear_packed, linear_packed_into_,
+gate_up_silu_packed, decoder_layer_); each op's fake kernel is registered beside its public function. _C's own
+Python attributes are only what is not a tensor op: PageAllocator, has_avx512() and WITH_CUDA.
 Before loading it, the build record setup.py wrote next to it is compared with the running torch (build_compat): a
 _C built for another torch raises ImportError naming both versions and the rebuild command.
 """

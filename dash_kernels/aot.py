@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from dash_kernels import copy_pages, paged_attention, rms_norm, rotary, sample, silu_mul, store_kv
+from dash_kernels import copy_pages, paged_attention, rms_norm, rotary, sample_rows, silu_mul, store_kv
 from dash_kernels.ops import logprobs_from_logits, policy_loss, token_logprobs, token_logprobs_bwd
 
 # Keep Triton 3.9's current default (FP fusion on) explicitly, which also silences its warning about the default
@@ -38,7 +38,7 @@ _PTXAS_RE = {
 def kernel_specs():
     """(name, kernel, signature, constexprs, options) for every Triton kernel variant we launch."""
     return (token_logprobs.aot_specs() + token_logprobs_bwd.aot_specs() + policy_loss.aot_specs()
-            + logprobs_from_logits.aot_specs() + sample.aot_specs() + rms_norm.aot_specs() + rotary.aot_specs()
+            + logprobs_from_logits.aot_specs() + sample_rows.aot_specs() + rms_norm.aot_specs() + rotary.aot_specs()
             + silu_mul.aot_specs() + paged_attention.aot_specs() + store_kv.aot_specs() + copy_pages.aot_specs())
 
 

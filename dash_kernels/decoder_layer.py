@@ -9,7 +9,8 @@ RMSNorm over head_dim, SwiGLU MLP):
 Layers (no autograd: inference only):
 - `decoder_layer_ref`: the chain in torch ops and this package's public inference ops (C++ on fp32 CPU, Triton on
   CUDA), with the attention given as a callable, so the engine also runs its varlen and flash-attn steps through it;
-- the C++ op `_C.decoder_layer` (csrc/decoder_layer_cpu.cpp): the same chain in one call without the GIL, for fp32
+- the C++ op `torch.ops.dash.decoder_layer_` (csrc/decoder_layer_cpu.cpp; its fake kernel is registered at the end
+  of this module): the same chain in one call without the GIL, for fp32
   CPU steps whose attention reads the pages (decode, or prefill with per-sequence query runs). It exists for the
   Python glue between ~15 small ops, which costs more than the ops at a tiny model's decode step;
 - `decoder_layer_`: the public function, the C++ op where it applies, else the reference with paged attention.
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dash_kernels import kv
-from dash_kernels._ext import _C, as_int32, use_cpu_kernel
+from dash_kernels._ext import HAS_C, as_int32, use_cpu_kernel
 from dash_kernels.linear import pack_gate_up, pack_linear, packed_gemm_available
 from dash_kernels.paged_attention import paged_attention
 from dash_kernels.rms_norm import add_rms_norm_, rms_norm
@@ -130,8 +131,8 @@ def decoder_layer_(x: torch.Tensor, weights: Sequence[torch.Tensor | None], eps:
     if (use_cpu_kernel(x, k_cache) and x.is_contiguous()
             and (packed is not None or (plain and use_cpu_kernel(*(t for t in weights if t is not None))))):
         meta = [as_int32(t) for t in (slot_mapping, page_table, context_lens, cu_seqlens_q)]
-        _C.decoder_layer(x, list(weights), eps, cos.contiguous(), sin.contiguous(), k_cache, v_cache, *meta, scale,
-                         list(packed) if packed is not None else [])
+        torch.ops.dash.decoder_layer_(x, list(weights), eps, cos.contiguous(), sin.contiguous(), k_cache, v_cache,
+                                      *meta, scale, list(packed) if packed is not None else [])
         return x
 
     def attend(q, k, v):
@@ -141,3 +142,10 @@ def decoder_layer_(x: torch.Tensor, weights: Sequence[torch.Tensor | None], eps:
 
     decoder_layer_ref(x, weights, eps, cos, sin, attend, lora)
     return x
+
+
+if HAS_C:
+    @torch.library.register_fake("dash::decoder_layer_")
+    def _decoder_layer_fake(x, weights, eps, cos, sin, k_cache, v_cache, slot_mapping, page_table, context_lens,
+                            cu_seqlens_q, scale, packed=()):
+        return None  # x and the caches are written in place

@@ -7,8 +7,9 @@ per `generate` call (the weights cannot change during a call; the next call pack
 when the call ends.
 
 Layers (no Triton kernel: on CUDA the sampler keeps cuBLAS; no autograd: inference only):
-- the C++ kernels in csrc/linear_cpu.cpp (`_C.pack_linear`, `_C.pack_gate_up`, `_C.linear_packed`,
-  `_C.gate_up_silu_packed`), with the layouts and the micro-kernel described there;
+- the C++ kernels in csrc/linear_cpu.cpp, registered as the torch ops `torch.ops.dash.pack_linear`, `pack_gate_up`,
+  `linear_packed` (a new output), `linear_packed_into_` (into `out`, or `out +=`) and `gate_up_silu_packed`, with the
+  layouts and the micro-kernel described there; their fake kernels are registered at the end of this module;
 - the public functions below, which check their arguments;
 - the references `linear_ref` and `gate_up_silu_ref` (F.linear, and the training MLP's silu(gate) * up).
 Every output element is one fma chain over K in a fixed order, so a row's result does not depend on the batch size,
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dash_kernels._ext import _C, use_cpu_kernel
+from dash_kernels._ext import _C, HAS_C, use_cpu_kernel
 
 __all__ = ["PackedLinear", "packed_gemm_available", "pack_linear", "pack_gate_up", "linear_packed",
            "gate_up_silu_packed", "linear_ref", "gate_up_silu_ref"]
@@ -60,13 +61,13 @@ def _check_available(op: str, *tensors: torch.Tensor) -> None:
 def pack_linear(w: torch.Tensor) -> PackedLinear:
     """w: [N, K] (nn.Linear's weight) -> its packed copy."""
     _check_available("pack_linear", w)
-    return PackedLinear(_C.pack_linear(w.contiguous()), w.shape[0])
+    return PackedLinear(torch.ops.dash.pack_linear(w.contiguous()), w.shape[0])
 
 
 def pack_gate_up(gate: torch.Tensor, up: torch.Tensor) -> PackedLinear:
     """gate, up: [I, K] (a SwiGLU MLP's two input projections) -> one packed weight for `gate_up_silu_packed`."""
     _check_available("pack_gate_up", gate, up)
-    return PackedLinear(_C.pack_gate_up(gate.contiguous(), up.contiguous()), gate.shape[0], gate_up=True)
+    return PackedLinear(torch.ops.dash.pack_gate_up(gate.contiguous(), up.contiguous()), gate.shape[0], gate_up=True)
 
 
 def linear_packed(x: torch.Tensor, packed: PackedLinear, bias: torch.Tensor | None = None,
@@ -81,14 +82,19 @@ def linear_packed(x: torch.Tensor, packed: PackedLinear, bias: torch.Tensor | No
     """
     if packed.gate_up:
         raise ValueError("linear_packed: packed holds a gate/up pair; use gate_up_silu_packed")
-    return _C.linear_packed(x.contiguous(), packed.data, packed.n_out, bias, out, accumulate)
+    if out is None:
+        if accumulate:
+            raise ValueError("linear_packed: accumulate=True needs out")
+        return torch.ops.dash.linear_packed(x.contiguous(), packed.data, packed.n_out, bias)
+    torch.ops.dash.linear_packed_into_(x.contiguous(), packed.data, packed.n_out, bias, out, accumulate)
+    return out
 
 
 def gate_up_silu_packed(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
     """silu(x W_gate^T) * (x W_up^T): x [M, K] -> [M, I], on `pack_gate_up(W_gate, W_up)`."""
     if not packed.gate_up:
         raise ValueError("gate_up_silu_packed: packed must come from pack_gate_up")
-    return _C.gate_up_silu_packed(x.contiguous(), packed.data, packed.n_out)
+    return torch.ops.dash.gate_up_silu_packed(x.contiguous(), packed.data, packed.n_out)
 
 
 def linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
@@ -103,3 +109,31 @@ def linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
 def gate_up_silu_ref(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The reference of `gate_up_silu_packed`: the training MLP's silu(x W_gate^T) * (x W_up^T), [M, I]."""
     return F.silu(F.linear(x, gate)) * F.linear(x, up)
+
+
+if HAS_C:
+    # Fake (meta) kernels: output shapes for torch.compile / opcheck, from the panel layout above (32 columns a panel;
+    # a gate/up panel holds 16 outputs of each).
+    _PANEL, _HALF = 32, 16
+
+    @torch.library.register_fake("dash::pack_linear")
+    def _pack_linear_fake(w):
+        n, k = w.shape
+        return w.new_empty(((n + _PANEL - 1) // _PANEL, k, _PANEL))
+
+    @torch.library.register_fake("dash::pack_gate_up")
+    def _pack_gate_up_fake(gate, up):
+        i, k = gate.shape
+        return gate.new_empty(((i + _HALF - 1) // _HALF, k, _PANEL))
+
+    @torch.library.register_fake("dash::linear_packed")
+    def _linear_packed_fake(x, packed, n_out, bias=None):
+        return x.new_empty((x.shape[0], n_out))
+
+    @torch.library.register_fake("dash::linear_packed_into_")
+    def _linear_packed_into_fake(x, packed, n_out, bias, out, accumulate=False):
+        return None
+
+    @torch.library.register_fake("dash::gate_up_silu_packed")
+    def _gate_up_silu_packed_fake(x, packed, n_out):
+        return x.new_empty((x.shape[0], n_out))

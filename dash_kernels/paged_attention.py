@@ -18,8 +18,9 @@ and a second kernel combines them. The split count comes from `decode_num_splits
 docs/paged-attention.md describes the layout, the grid and the heuristic.
 
 Backends: Triton on CUDA tensors (or anywhere under TRITON_INTERPRET=1 when `backend.override == "triton"`); on CPU,
-fp32 decode and query runs go to `_C.paged_attention` (csrc/paged_attention_cpu.cpp: reads the pages in place),
-everything else (other dtypes, `backend.override == "reference"`) to the gather + SDPA reference.
+fp32 decode and query runs go to the torch op `torch.ops.dash.paged_attention` (csrc/paged_attention_cpu.cpp: reads
+the pages in place; its fake kernel is registered at the end of this module), everything else (other dtypes,
+`backend.override == "reference"`) to the gather + SDPA reference.
 Tests: `.venv/bin/python -m pytest tests/kernels/test_paged_attention.py -q` (the Triton kernel's matrix runs under
 the interpreter from tests/kernels/interp_paged_cases.py, through test_triton_interpreter.py).
 AOT-compile signatures for sm_80/sm_90: `AOT_SIGNATURE`, `AOT_COMBINE_SIGNATURE`, `aot_specs()`.
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from dash_kernels import backend
-from dash_kernels._ext import _C, as_int32, on_tensor_device, use_cpu_kernel
+from dash_kernels._ext import HAS_C, as_int32, on_tensor_device, use_cpu_kernel
 from dash_kernels.ops._triton_utils import dot_precision
 
 try:
@@ -429,6 +430,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         # SDPA reference for decode at batch 256). The engine already passes contiguous int32 metadata, so the
         # conversions below are no-ops there.
         meta = [as_int32(t) for t in (page_table, context_lens, cu_seqlens_q)]
-        return _C.paged_attention(q if q.is_contiguous() else q.contiguous(), k_cache, v_cache, *meta,
-                                  q.shape[-1] ** -0.5 if scale is None else scale)
+        return torch.ops.dash.paged_attention(q if q.is_contiguous() else q.contiguous(), k_cache, v_cache, *meta,
+                                              q.shape[-1] ** -0.5 if scale is None else scale)
     return paged_attention_ref(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q, scale)
+
+
+if HAS_C:
+    @torch.library.register_fake("dash::paged_attention")
+    def _paged_attention_fake(q, k_cache, v_cache, page_table, context_lens, cu_seqlens_q, scale):
+        return torch.empty_like(q)  # [T, Hq, D]

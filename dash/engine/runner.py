@@ -1,42 +1,42 @@
 """Runs one scheduled step of the live model against the paged KV cache: the only engine file that touches the
 model's parameters and device memory.
 
-The model is `dash.model.CausalLM`, used as-is: its embedding, each decoder layer's parameters (listed once per call
-in `dash_kernels.decoder_layer.LAYER_WEIGHTS` order, the tensors themselves, not copies) and its final norm and
-lm_head. The layer chain is `dash_kernels.decoder_layer`: RMSNorm (C++ for fp32 CPU, Triton on CUDA), the model's
-projections as GEMMs, q/k norm, RoPE in place, the attention below, the residual adds and SwiGLU. The parameters are
-read at every step, so a `generate` call after an optimizer step sees the new weights with no copy, reload or sync
-(the trainer and the sampler share one `nn.Module`). LoRA adapters (dash/lora.py) are applied without a merged model:
-the layer chain adds scaling * (h A^T) B^T beside each adapted h W^T; on fp32 CPU with packed GEMMs, the copy packed
-once per call holds W + scaling * B A instead (built one layer at a time).
+The model is `dash.model.CausalLM`, used as-is, through its own `paged_forward(input_ids, ctx)` (as nano-vllm's
+model reads a per-step context): `ctx` is a `StepContext` (below) carrying the scheduler's slots, page tables,
+context lengths and cu_seqlens, the RoPE tables of the step's positions, and each layer's `LayerState` for the call.
+A layer's state is built once per call by the layer itself (`DecoderLayer.paged_state`) from its own Parameters, the
+tensors themselves, not copies: a `generate` call after an optimizer step sees the new weights with no copy, reload
+or sync (the trainer and the sampler share one `nn.Module`). LoRA adapters (dash/lora.py) are applied without a
+merged model: the layer chain adds scaling * (h A^T) B^T beside each adapted h W^T; on fp32 CPU with packed GEMMs,
+the copy the layer packs once per call holds W + scaling * B A instead (built one layer at a time).
 
-Attention per step:
+Attention per step (`StepContext.paged`):
 - paged (`decoder_layer_`): a decode step, and a prefill with page tables (a prefix-cache hit, or on fp32 CPU short /
   ragged runs, see `Scheduler.prefill_prefers_pages`). The new K/V are stored first, then read in place with the other
   tokens' by `dash_kernels.paged_attention` (its Triton kernel on CUDA; on fp32 CPU the whole layer is one C++ call).
   Pages another entry of the same step shares are written by that entry in the same layer before any attention of
   the layer runs, so in-step sharing needs no ordering between entries.
-- fresh (`decoder_layer_ref` with `_attend_fresh`): a prefill without page tables runs causal varlen attention over
-  the K/V it just computed (`dash.attention.varlen_attention`); a decode step with flash-attn installed on CUDA
-  (fp16 / bf16, page_size a multiple of 256) reads the pages with `flash_attn_with_kvcache` (untested here, no GPU).
+- fresh (`decoder_layer_ref` with `StepContext.fresh_attention`): a prefill without page tables runs causal varlen
+  attention over the K/V it just computed (`dash.attention.varlen_attention`); a decode step with flash-attn installed
+  on CUDA (fp16 / bf16, page_size a multiple of 256) reads the pages with `flash_attn_with_kvcache` (untested here).
 Logits are computed for the sampled rows only (last prefill token / every decode token), in fp32.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from dash.attention import flash_attn_supports, varlen_attention
 from dash.engine.kv_cache import Context, KVCache
-from dash.lora import layer_adapters, merged_weight
+from dash.lora import layer_adapters
+from dash.model_parts import LayerState
 from dash_kernels import kv
 from dash_kernels._ext import use_cpu_kernel
-from dash_kernels.decoder_layer import decoder_layer_, decoder_layer_ref, pack_layer
 from dash_kernels.linear import linear_packed, pack_linear, packed_gemm_available
 from dash_kernels.paged_attention import cpu_prefill_prefers_pages
-from dash_kernels.rms_norm import rms_norm
 
 try:  # optional, CUDA only; its paged KV needs page_size % 256 == 0 (FA2's block-table constraint)
     from flash_attn import flash_attn_with_kvcache
@@ -47,6 +47,47 @@ _FLASH_PAGE_MULTIPLE = 256
 # Largest layer weights (fp32 bytes, all layers) the runner packs for a call: the packed copy doubles their memory
 # while the call runs. 4 GiB covers fp32 models up to ~1B parameters, far past what samples usefully on a CPU.
 PACKED_WEIGHTS_BUDGET_BYTES = 4 << 30
+
+
+@dataclass(slots=True)
+class StepContext:
+    """What `CausalLM.paged_forward` reads in one step.
+
+    Attributes:
+        layers: each decoder layer's LayerState for this call.
+        paged: attention reads the pages (`decoder_layer_`); False: `fresh_attention`.
+        cos, sin: [T, D] RoPE tables of the step's positions.
+        slot_mapping: [T] int32; page_table: [B, W] int32 or None; context_lens: [B] int32 or None (Context's).
+        cu_seqlens: [E+1] int32 query runs of a prefill, None for a decode step (one token per sequence).
+        max_q_len: longest query run (1 for decode); logits_index: [E] long sampled rows of a prefill, or None.
+        scale: softmax scale; step: the scheduler's Context on the model's device; use_flash: see ModelRunner.
+    """
+
+    layers: list[LayerState]
+    paged: bool
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slot_mapping: torch.Tensor
+    page_table: torch.Tensor | None
+    context_lens: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None
+    max_q_len: int
+    logits_index: torch.Tensor | None
+    scale: float
+    step: Context
+
+    def fresh_attention(self, state: LayerState):
+        """(q, k, v) -> o [T, Hq, D] for a step without page tables, or a flash-attn decode, on `state`'s pages."""
+        return partial(_attend_fresh, self, state)
+
+
+def _attend_fresh(ctx: StepContext, state: LayerState, q, k, v) -> torch.Tensor:
+    step = ctx.step
+    kv.store_kv(k, v, state.k_cache, state.v_cache, step.slot_mapping, check_slots=False)
+    if step.is_prefill:
+        return varlen_attention(q, k, v, step.cu_seqlens, step.max_seqlen, ctx.scale)
+    return flash_attn_with_kvcache(q[:, None], state.k_cache, state.v_cache, cache_seqlens=step.context_lens,
+                                   block_table=step.page_table, softmax_scale=ctx.scale, causal=True)[:, 0]  # not run
 
 
 class ModelRunner:
@@ -67,20 +108,19 @@ class ModelRunner:
         with torch.no_grad():
             self.cos, self.sin = model.model.rotary_emb(torch.arange(max_len, device=self.device))  # [max_len, D]
         layers = model.model.layers
-        self.weights = [layer_weights(layer) for layer in layers]  # read once per call: the weights cannot change
-        # LoRA adapters (dash/lora.py), per layer: applied beside the base weights, never merged into the model.
-        self.adapters = [layer_adapters(layer) for layer in layers]
         # fp32 CPU with AVX-512: the projections and the lm_head packed for dash_kernels.linear's GEMMs (2-3x MKL's
         # AVX2 code on AMD), a derived copy that lives for this call only; above the budget, or elsewhere, torch's
         # GEMMs read the weights.
         with torch.no_grad():
             head = model.lm_head_weight  # [V, H]
             packable = (self.paged_prefill and packed_gemm_available(head)
-                        and _weight_bytes([*self.weights, [head]]) <= PACKED_WEIGHTS_BUDGET_BYTES)
-            # With adapters the packed copy holds W + scaling * B A (one layer's merged weights exist at a time).
-            self.packed = [pack_layer(_merged(w, a)) if packable else None for w, a in zip(self.weights, self.adapters)]
+                        and _weight_bytes([*(layer.weight_slots() for layer in layers), [head]])
+                        <= PACKED_WEIGHTS_BUDGET_BYTES)
+            # LoRA adapters (dash/lora.py), per layer: applied beside the base weights, never merged into the model.
+            self.layers = [layer.paged_state(k, v, layer_adapters(layer), packable)
+                           for layer, k, v in zip(layers, cache.k, cache.v, strict=True)]
             self.packed_head = pack_linear(head) if packable else None
-        self.eps, self.scale = model.config.rms_norm_eps, layers[0].self_attn.scale
+        self.scale = layers[0].self_attn.scale
 
     @torch.inference_mode()
     def run(self, ctx: Context) -> torch.Tensor:
@@ -88,51 +128,18 @@ class ModelRunner:
         ctx = ctx.to(self.device)
         if not ctx.is_prefill:
             self.cache.copy_on_write(ctx.cow_src, ctx.cow_dst)
-        inner = self.model.model
-        cos, sin = self.cos.index_select(0, ctx.positions), self.sin.index_select(0, ctx.positions)  # [T, D] each
-        x = inner.embed_tokens(ctx.input_ids)  # [T, H]: the residual stream, a fresh tensor updated in place below
-        paged = ctx.page_table is not None and (ctx.is_prefill or not self.use_flash)
-        for w, packed, lora, k_cache, v_cache in zip(self.weights, self.packed, self.adapters, self.cache.k,
-                                                     self.cache.v):
-            if paged:
-                # The allocator made the slots (in range by construction): no per-layer range check, which on CUDA
-                # would sync the host with the device twice per layer.
-                decoder_layer_(x, w, self.eps, cos, sin, k_cache, v_cache, ctx.slot_mapping, ctx.page_table,
-                               ctx.context_lens, ctx.cu_seqlens if ctx.is_prefill else None, self.scale,
-                               max_q_len=ctx.max_seqlen if ctx.is_prefill else 1, check_slots=False, packed=packed,
-                               lora=lora)
-            else:
-                decoder_layer_ref(x, w, self.eps, cos, sin, partial(self._attend_fresh, ctx, k_cache, v_cache), lora)
-        if ctx.logits_index is not None:
-            x = x[ctx.logits_index]  # [E, H]: only the last token of each prefill is sampled
-        h = rms_norm(x, inner.norm.weight, inner.norm.eps)  # [R, H]
+        prefill = ctx.is_prefill
+        step = StepContext(
+            layers=self.layers, paged=ctx.page_table is not None and (prefill or not self.use_flash),
+            cos=self.cos.index_select(0, ctx.positions), sin=self.sin.index_select(0, ctx.positions),  # [T, D]
+            slot_mapping=ctx.slot_mapping, page_table=ctx.page_table, context_lens=ctx.context_lens,
+            cu_seqlens=ctx.cu_seqlens if prefill else None, max_q_len=ctx.max_seqlen if prefill else 1,
+            logits_index=ctx.logits_index, scale=self.scale, step=ctx)
+        h = self.model.paged_forward(ctx.input_ids, step)  # [R, H]
         if self.packed_head is not None:
             return linear_packed(h, self.packed_head)  # [R, V] fp32
         return self.model.compute_logits_fp32(h)  # [R, V]
 
-    def _attend_fresh(self, ctx: Context, k_cache, v_cache, q, k, v) -> torch.Tensor:
-        """Attention of a step without page tables, or of a flash-attn decode: [T, Hq, D]."""
-        kv.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, check_slots=False)
-        if ctx.is_prefill:
-            return varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, self.scale)
-        return flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=ctx.context_lens,  # not run here
-                                       block_table=ctx.page_table, softmax_scale=self.scale, causal=True)[:, 0]
 
-
-def _merged(weights: list[torch.Tensor | None], adapters: list | None) -> list[torch.Tensor | None]:
-    """A layer's weights with each adapted projection replaced by W + scaling * B A (new tensors, for packing)."""
-    return weights if adapters is None else [merged_weight(w, a) for w, a in zip(weights, adapters)]
-
-
-def _weight_bytes(weights: list[list[torch.Tensor | None]]) -> int:
+def _weight_bytes(weights) -> int:
     return sum(t.numel() * t.element_size() for layer in weights for t in layer if t is not None)
-
-
-def layer_weights(layer) -> list[torch.Tensor | None]:
-    """A `dash.model.DecoderLayer`'s parameters in LAYER_WEIGHTS order (the tensors themselves, None if absent)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    q_norm = None if attn.q_norm is None else attn.q_norm.weight
-    k_norm = None if attn.k_norm is None else attn.k_norm.weight
-    return [layer.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias,
-            attn.v_proj.weight, attn.v_proj.bias, q_norm, k_norm, attn.o_proj.weight, attn.o_proj.bias,
-            layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]

@@ -292,12 +292,13 @@ def test_runner_packs_weights_for_the_avx512_gemms_within_its_budget(budget, mod
     prompts = make_prompts(LENGTHS)
     outs = generate(model, None, prompts, params=GREEDY, page_size=4)
     packs = budget == "default" and bool(_C.has_avx512())
-    assert all((p is not None) == packs for p in runners[0].packed) and (runners[0].packed_head is not None) == packs
+    assert all((s.packed is not None) == packs for s in runners[0].layers)
+    assert (runners[0].packed_head is not None) == packs
     for prompt, out in zip(prompts, outs):
         assert out[0].token_ids == hf_greedy(hf, prompt, GREEDY.max_new_tokens)
     with backend.use_backend("reference"):
         generate(model, None, prompts[:1], params=GREEDY, page_size=4)
-    assert runners[-1].packed_head is None and runners[-1].packed == [None] * len(runners[-1].packed)
+    assert runners[-1].packed_head is None and all(s.packed is None for s in runners[-1].layers)
 
 
 def test_cpu_kv_pool_is_reused_by_the_next_fitting_call(model_pair, make_prompts, monkeypatch):

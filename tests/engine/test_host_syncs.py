@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-import dash.engine.runner as runner_mod
 import dash.engine.generation as sampler_mod
+import dash.model as model_mod
 from dash.engine import SamplingParams, generate
 from dash.engine.runner import ModelRunner
 
@@ -138,15 +138,15 @@ def test_an_inserted_item_is_caught(traced_decode_steps, model_pair, make_prompt
 
 
 def test_a_host_read_inside_the_forward_is_caught(traced_decode_steps, model_pair, make_prompts, monkeypatch):
-    """Taint reaches the forward's activations: a `.tolist()` of the final norm's input in ModelRunner.run."""
+    """Taint reaches the forward's activations: a `.tolist()` of the final norm's input in CausalLM.paged_forward."""
     tracer, steps = traced_decode_steps
-    norm = runner_mod.rms_norm
+    norm = model_mod.rms_norm
 
     def with_tolist(x, *args, **kwargs):
         x[:1, :1].tolist()
         return norm(x, *args, **kwargs)
 
-    monkeypatch.setattr(runner_mod, "rms_norm", with_tolist)
+    monkeypatch.setattr(model_mod, "rms_norm", with_tolist)
     _, model = model_pair("qwen2")
     generate(model, None, make_prompts([5, 9]), params=PARAMS, page_size=4)
     assert steps and tracer.reads.count("tolist") == len(steps)

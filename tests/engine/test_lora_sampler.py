@@ -11,6 +11,7 @@ from dash.engine import SamplingParams, generate
 from dash.engine.logits_processing import completion_logprobs
 from dash.lora import apply_lora, layer_adapters, lora_modules, save_adapter
 from dash.model_io import load_model
+from dash.model_parts import fold_lora
 from dash_kernels import backend
 from dash_kernels.decoder_layer import LAYER_WEIGHTS, decoder_layer_ref
 from dash_kernels.linear import packed_gemm_available
@@ -71,13 +72,11 @@ def test_sampled_logprobs_match_training_forward_with_adapters(tmp_path, make_pr
 
 def test_merged_fold_equals_adapter_beside_weight(tmp_path):
     """The packed path's fold (W + scaling * B A per projection) computes the same layer as the unmerged chain."""
-    from dash.engine.runner import _merged, layer_weights
-
     _, model = _lora_pair("qwen2", tmp_path)
     layer = model.model.layers[1]
-    w, ad = layer_weights(layer), layer_adapters(layer)
+    w, ad = layer.weight_slots(), layer_adapters(layer)
     assert sum(a is not None for a in ad) == 7 and ad[LAYER_WEIGHTS.index("q")][2] == 2.0
-    merged = _merged(w, ad)
+    merged = fold_lora(w, ad)
     assert all(m is t for m, t, a in zip(merged, w, ad) if a is None)  # norms / biases: the tensors themselves
     T, D = 6, model.config.head_dim
     g = torch.Generator().manual_seed(0)
@@ -100,16 +99,16 @@ def test_merged_fold_equals_adapter_beside_weight(tmp_path):
 
 @pytest.mark.skipif(not packed_gemm_available(torch.zeros(1)), reason="packed GEMMs need fp32 CPU with AVX-512")
 def test_packed_path_with_adapters_matches_peft(tmp_path, make_prompts):
-    import dash.engine.runner as runner_mod
+    import dash.model_parts as model_mod
 
     hf, model = _lora_pair("llama", tmp_path)
     prompts = make_prompts([5, 17, 9])
     packed_calls = []
-    real = runner_mod.pack_layer
-    runner_mod.pack_layer = lambda ws: packed_calls.append(1) or real(ws)
+    real = model_mod.pack_layer
+    model_mod.pack_layer = lambda ws: packed_calls.append(1) or real(ws)
     try:
         outs = generate(model, None, prompts, params=GREEDY, page_size=4)
     finally:
-        runner_mod.pack_layer = real
+        model_mod.pack_layer = real
     assert packed_calls, "the packed path did not run"
     assert [o[0].token_ids for o in outs] == _peft_greedy(hf, tmp_path, prompts, GREEDY.max_new_tokens)

@@ -82,7 +82,7 @@ def _record(monkeypatch, module, name, launches):
 
 def _run_real_launchers(dtype):
     """Calls every launcher with the shapes of a real run (small token counts: the constexprs do not depend on them)."""
-    from dash_kernels import copy_pages, paged_attention, rms_norm, rotary, sample, silu_mul, store_kv
+    from dash_kernels import copy_pages, paged_attention, rms_norm, rotary, sample_rows, silu_mul, store_kv
     from dash_kernels.ops import logprobs_from_logits, policy_loss, token_logprobs, token_logprobs_bwd
 
     for m in QWEN25.values():
@@ -106,10 +106,10 @@ def _run_real_launchers(dtype):
     V = 151936
     logits = torch.zeros(2, V, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)  # sampler logits are fp32
     for stops in (1, 2, 3):  # Qwen2.5-Instruct stops on <|im_end|> and <|endoftext|>
-        sample.sample_rows_fwd(logits, torch.ones(2), torch.zeros(2, dtype=torch.float64),
+        sample_rows.sample_rows_fwd(logits, torch.ones(2), torch.zeros(2, dtype=torch.float64),
                                torch.zeros(2, stops, dtype=torch.long), torch.ones(2, dtype=torch.bool))
         for max_top_k in (50, 200):  # the presets' top_k = 50 (buffer 64); 200 bisects in the same variant
-            sample.sample_rows_fwd(logits, torch.ones(2), torch.zeros(2, dtype=torch.float64),
+            sample_rows.sample_rows_fwd(logits, torch.ones(2), torch.zeros(2, dtype=torch.float64),
                                    torch.zeros(2, stops, dtype=torch.long), torch.ones(2, dtype=torch.bool),
                                    torch.full((2,), max_top_k), torch.ones(2), max_top_k=max_top_k)
     hidden, weight = torch.zeros(4, 896, dtype=dtype), torch.zeros(V, 896, dtype=dtype)
@@ -128,7 +128,7 @@ def _run_real_launchers(dtype):
 KERNELS = {"paged_attention": ("_paged_attention_kernel", "_paged_attention_combine_kernel"),
            "store_kv": "_store_kv_kernel",
            "copy_pages": "_copy_pages_kernel", "rms_norm": "_rms_norm_kernel", "rotary": "_rotary_kernel",
-           "silu_mul": "_silu_mul_kernel", "sample": "_sample_rows_kernel",
+           "silu_mul": "_silu_mul_kernel", "sample_rows": "_sample_rows_kernel",
            "ops.token_logprobs": "_token_logprobs_fwd_kernel",
            "ops.token_logprobs_bwd": ("_token_logprobs_bwd_kernel", "_token_logprobs_dh_kernel",
                                       "_token_logprobs_dw_kernel"),

@@ -1,5 +1,5 @@
-"""dash_kernels.decoder_layer: the C++ layer (`_C.decoder_layer`, fp32 CPU) against the reference chain and against
-the training model's `DecoderLayer`.
+"""dash_kernels.decoder_layer: the C++ layer (`torch.ops.dash.decoder_layer_`, fp32 CPU) against the reference chain
+and against the training model's `DecoderLayer`.
 
 - vs `decoder_layer_ref` with paged attention: both call the same kernels in the same order, so x and both caches must
   be bitwise equal.
@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import dash_kernels
-from dash.engine.runner import layer_weights
 from dash.model import DecoderLayer, ModelConfig, RotaryEmbedding
 from dash_kernels import _C, backend
 from dash_kernels.decoder_layer import LAYER_WEIGHTS, decoder_layer_, decoder_layer_ref, pack_layer
@@ -50,7 +49,7 @@ def make_layer(variant: str, seed: int = 0):
 
 def detached(layer):
     """The layer's weights in LAYER_WEIGHTS order, without autograd (None for absent slots)."""
-    return [None if t is None else t.detach() for t in layer_weights(layer)]
+    return [None if t is None else t.detach() for t in layer.weight_slots()]
 
 
 def paged_layout(lens, page_size=PAGE):
@@ -97,7 +96,7 @@ def test_cpp_layer_equals_reference_chain(variant, step):
     eps, scale = config.rms_norm_eps, config.head_dim ** -0.5
 
     x_cpp, k_cpp, v_cpp = x.clone(), k0.clone(), v0.clone()
-    _C.decoder_layer(x_cpp, weights, eps, cos, sin, k_cpp, v_cpp, slots, table, context, cu, scale)
+    torch.ops.dash.decoder_layer_(x_cpp, weights, eps, cos, sin, k_cpp, v_cpp, slots, table, context, cu, scale, [])
 
     x_ref, k_ref, v_ref = x.clone(), k0.clone(), v0.clone()
 
@@ -185,7 +184,8 @@ def test_public_function_takes_the_cpp_op_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(backend, "override", None)
     k64, v64 = (t.double() for t in caches(config, table.numel()))
     with torch.inference_mode():
-        out64 = decoder_layer_(x.double(), [None if w is None else w.double() for w in weights], config.rms_norm_eps, cos.double(),
+        weights64 = [None if w is None else w.double() for w in weights]
+        out64 = decoder_layer_(x.double(), weights64, config.rms_norm_eps, cos.double(),
                                sin.double(), k64, v64, slots, table, *args)
     assert torch.allclose(out64.float(), outs["torch"], rtol=1e-4, atol=1e-4)
 
@@ -206,17 +206,19 @@ def test_bad_weights_are_rejected_before_any_work():
         decoder_layer_(x, no_gate, 1e-6, cos, sin, k_cache, v_cache, *meta)
     # The C++ op checks on its own (it is callable directly): slot count, a missing slot, dtypes, head shapes.
     with pytest.raises(ValueError, match="must list 15 slots"):
-        _C.decoder_layer(x, weights[:3], 1e-6, cos, sin, k_cache, v_cache, *meta, None, 0.1)
+        torch.ops.dash.decoder_layer_(x, weights[:3], 1e-6, cos, sin, k_cache, v_cache, *meta, None, 0.1, [])
     with pytest.raises(ValueError, match="is required"):
-        _C.decoder_layer(x, no_gate, 1e-6, cos, sin, k_cache, v_cache, *meta, None, 0.1)
+        torch.ops.dash.decoder_layer_(x, no_gate, 1e-6, cos, sin, k_cache, v_cache, *meta, None, 0.1, [])
     half = [w.half() if w is not None else None for w in weights]
     with pytest.raises(ValueError, match="fp32 CPU"):
-        _C.decoder_layer(x, half, 1e-6, cos, sin, k_cache, v_cache, *meta, None, 0.1)
+        torch.ops.dash.decoder_layer_(x, half, 1e-6, cos, sin, k_cache, v_cache, *meta, None, 0.1, [])
     wrong_heads = torch.zeros(k_cache.shape[0], PAGE, 3, config.head_dim)
     with pytest.raises(ValueError, match="whole heads"):
-        _C.decoder_layer(x, weights, 1e-6, cos, sin, wrong_heads, wrong_heads.clone(), *meta, None, 0.1)
+        torch.ops.dash.decoder_layer_(x, weights, 1e-6, cos, sin, wrong_heads, wrong_heads.clone(), *meta, None, 0.1,
+                                      [])
     with pytest.raises(ValueError, match="packed must list 6 weights"):
-        _C.decoder_layer(x, weights, 1e-6, cos, sin, k_cache, v_cache, *meta, None, 0.1, [torch.zeros(1, 1, 32)])
+        torch.ops.dash.decoder_layer_(x, weights, 1e-6, cos, sin, k_cache, v_cache, *meta, None, 0.1,
+                                      [torch.zeros(1, 1, 32)])
     assert torch.count_nonzero(k_cache) == 0  # nothing was stored by the rejected calls
 
 
@@ -246,8 +248,8 @@ def test_packed_decode_split_over_threads_equals_one_pass(variant):
         for n_threads, use_packed in ((1, True), (2, True), (1, False)):
             torch.set_num_threads(n_threads)
             xs, ks, vs = x.clone(), k0.clone(), v0.clone()
-            _C.decoder_layer(xs, weights, eps, cos, sin, ks, vs, slots, table, context, None, scale,
-                             packed if use_packed else [])
+            torch.ops.dash.decoder_layer_(xs, weights, eps, cos, sin, ks, vs, slots, table, context, None, scale,
+                                          packed if use_packed else [])
             outs[n_threads, use_packed] = xs, ks, vs
     finally:
         torch.set_num_threads(threads)

@@ -116,7 +116,7 @@ def test_bad_input_is_rejected_naming_the_argument():
     with pytest.raises(ValueError, match=r"bias must be \[5\]"):
         linear_packed(x, pw, torch.randn(4))
     with pytest.raises(ValueError, match="x must be a contiguous fp32"):
-        _C.linear_packed(x.double(), pw.data, 5, None, None, False)
+        torch.ops.dash.linear_packed(x.double(), pw.data, 5)
     with pytest.raises(ValueError, match="gate and up must have one shape"):
         pack_gate_up(w, torch.randn(6, 8))
     with pytest.raises(ValueError, match="use gate_up_silu_packed"):

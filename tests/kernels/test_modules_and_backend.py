@@ -70,11 +70,11 @@ def test_triton_launchers_run_on_their_tensors_cuda_device(monkeypatch):
     torch.cuda.device is replaced by a recorder."""
     import contextlib
 
-    from dash_kernels import _ext, paged_attention, rms_norm, rotary, sample, silu_mul
+    from dash_kernels import _ext, paged_attention, rms_norm, rotary, sample_rows, silu_mul
     from dash_kernels.ops import logprobs_from_logits, policy_loss, token_logprobs, token_logprobs_bwd
 
     launchers = [paged_attention.paged_attention_fwd, rms_norm.rms_norm_fwd, rotary.rotary_fwd,
-                 sample.sample_rows_fwd, silu_mul.silu_mul_fwd, logprobs_from_logits.logprobs_from_logits_fwd,
+                 sample_rows.sample_rows_fwd, silu_mul.silu_mul_fwd, logprobs_from_logits.logprobs_from_logits_fwd,
                  logprobs_from_logits.logprobs_from_logits_bwd, policy_loss.policy_coef,
                  token_logprobs.token_logprobs_fwd, token_logprobs_bwd.token_logprobs_bwd]
     assert all(getattr(f, "__wrapped__", None) is not None for f in launchers)  # functools.wraps of the decorator

@@ -186,7 +186,7 @@ def test_config_validation_names_field():
 def test_fp32_logits_of_a_bf16_model_are_not_rounded(row_block, monkeypatch):
     """compute_logits_fp32 (what the sampler draws from): fp32 accumulation of the bf16 operands, never rounded to
     bf16 on the way (as compute_logits(...).float() is); fp32 models get exactly compute_logits."""
-    import dash.model as model_mod
+    import dash.model_parts as model_mod
 
     monkeypatch.setattr(model_mod, "_LOGITS_ROW_BLOCK", row_block)
     torch.manual_seed(0)
