@@ -106,12 +106,12 @@ def test_failing_reward_scores_zero_and_the_run_goes_on(model_dir, tmp_path):
 
 
 def test_non_finite_loss_skips_the_update(model_dir, tmp_path, monkeypatch):
-    import dash_kernels
+    import dash.rl.policy_update
 
     def nan_loss(hidden, *args, **kwargs):
         return hidden.sum() * float("nan"), {}
 
-    monkeypatch.setattr(dash_kernels, "fused_policy_loss", nan_loss)
+    monkeypatch.setattr(dash.rl.policy_update, "fused_policy_loss", nan_loss)  # the name the update calls
     tr = Trainer(_cfg(model_dir, tmp_path), quiet=True)
     tr.setup()
     before = _weights(tr.model)
