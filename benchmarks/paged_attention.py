@@ -1,4 +1,4 @@
-"""CPU paged attention: the C++ kernel (`dash_kernels._C.paged_attention`) vs torch SDPA, per call, at the sampler's
+"""CPU paged attention: the C++ kernel (`torch.ops.dash.paged_attention`) vs torch SDPA, per call, at the sampler's
 shapes: decode, and prefill with and without a cached prefix.
 
     python benchmarks/paged_attention.py --out benchmarks/results/paged_attention   # ~2 minutes
@@ -97,7 +97,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", default="", help="also write <out>.md (table) and <out>.json (the JSON line)")
     args = parser.parse_args()
-    C = require_c()
+    require_c()  # loads the library that registers torch.ops.dash.*
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
@@ -106,7 +106,7 @@ def main() -> int:
                 for batch in [int(b) for b in args.batches.split(",")]:
                     q, k, v, pages, ctx, cu = make_inputs(mode, batch, head_dim)
                     scale = head_dim**-0.5
-                    ours = lambda: C.paged_attention(q, k, v, pages, ctx, cu, scale)  # noqa: E731
+                    ours = lambda: torch.ops.dash.paged_attention(q, k, v, pages, ctx, cu, scale)  # noqa: E731
                     ref = reference(mode, q, k, v, pages, ctx, cu, scale)
                     diff = float((ours() - ref()).abs().max())
                     if diff > AGREE_ATOL:
@@ -120,7 +120,7 @@ def main() -> int:
     record = result("paged_attention", "cpu", rows=rows)
     lines = [f"paged attention, {record['timestamp']}, cpu, git {record['git_sha']}, 1-min load average "
              f"{record['load_avg_1m']:.2f}: ms per call (min and "
-             f"median of {args.repeats} calls, hot cache); C++ = dash_kernels._C.paged_attention, SDPA = the "
+             f"median of {args.repeats} calls, hot cache); C++ = torch.ops.dash.paged_attention, SDPA = the "
              "reference of the mode (see the script's docstring)\n",
              "| threads | mode | D | batch | C++ min | C++ p50 | SDPA min | SDPA p50 | speedup (p50) |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -1,7 +1,7 @@
 // `paged_attention_cpu`: CPU fp32 attention of new queries read in place from the paged KV cache (GQA, any page
 // size). Decode passes one query per sequence; prefill passes runs of queries per sequence (cu_seqlens_q), whose own
 // K/V are already stored, causally masked: query i of a run of q_len sits at position context_len - q_len + i and sees
-// the keys at positions <= its own. Bound as dash_kernels._C.paged_attention (csrc/module.cpp);
+// the keys at positions <= its own. Registered as torch.ops.dash.paged_attention (below);
 // dash_kernels/paged_attention.py sends fp32 CPU calls here. Tests: tests/kernels/test_paged_attention.py (against an
 // fp64 dense reference).
 //
