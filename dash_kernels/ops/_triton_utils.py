@@ -94,3 +94,18 @@ def pick_config(table, dtype: torch.dtype) -> dict:
 def all_rows(rows, n: int, device) -> torch.Tensor:
     """The selected-row list [n_sel] int64 of a launcher: `rows` itself, or every row 0..n-1 when it is None."""
     return torch.arange(n, device=device, dtype=torch.int64) if rows is None else rows
+
+
+# The ahead-of-time compile variants of the logits-tile kernels (token_logprobs forward and backward):
+# (label, Triton pointer dtype, torch dtype, dot precision).
+LOGITS_AOT_VARIANTS = (("fp32", "fp32", torch.float32, "ieee"), ("fp32-tf32", "fp32", torch.float32, "tf32"),
+                       ("bf16", "bf16", torch.bfloat16, "tf32"))
+
+
+def logits_tile_signature(dt: str) -> tuple[dict, dict]:
+    """The AOT signature entries every kernel built on `logits_tile` shares, for pointer dtype `dt`: (the leading
+    pointers, the trailing strides and inverse temperature); each kernel puts its own arguments between them."""
+    pointers = {"hidden_ptr": f"*{dt}", "weight_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "targets_ptr": "*i64",
+                "rows_ptr": "*i64"}
+    strides = {"stride_hn": "i32", "stride_hh": "i32", "stride_wv": "i32", "stride_wh": "i32", "inv_temp": "fp32"}
+    return pointers, strides

@@ -22,10 +22,12 @@ from dash_kernels._ext import on_tensor_device
 from dash_kernels.ops import _chunked
 from dash_kernels.ops._checks import check_linear, check_temperature
 from dash_kernels.ops._triton_utils import (
+    LOGITS_AOT_VARIANTS,
     all_rows,
     dot_precision,
     jit,
     logits_tile,
+    logits_tile_signature,
     num_programs_target,
     pick_config,
     tl,
@@ -214,12 +216,8 @@ def aot_specs():
     """The forward kernel variants the launcher above uses, as (name, kernel, signature, constexprs, options) for
     the ahead-of-time compile check (`python -m dash_kernels.aot`); the backward's are token_logprobs_bwd.aot_specs."""
     specs = []
-    for label, dt, tt, prec in (("fp32", "fp32", torch.float32, "ieee"), ("fp32-tf32", "fp32", torch.float32, "tf32"),
-                                ("bf16", "bf16", torch.bfloat16, "tf32")):
-        common = {"hidden_ptr": f"*{dt}", "weight_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "targets_ptr": "*i64",
-                  "rows_ptr": "*i64"}
-        strides = {"stride_hn": "i32", "stride_hh": "i32", "stride_wv": "i32", "stride_wh": "i32",
-                   "inv_temp": "fp32"}
+    for label, dt, tt, prec in LOGITS_AOT_VARIANTS:
+        common, strides = logits_tile_signature(dt)
         fwd_full = pick_config(FWD_CONFIGS, tt)
         fwd_cfg = {k: v for k, v in fwd_full.items() if k.startswith("BLOCK")}
         fwd_sig = {**common, "part_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", "hdim": "i32", "n_splits": "i32",

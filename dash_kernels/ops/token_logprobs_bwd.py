@@ -34,11 +34,13 @@ import torch
 from dash_kernels._ext import on_tensor_device
 from dash_kernels.ops import _chunked
 from dash_kernels.ops._triton_utils import (
+    LOGITS_AOT_VARIANTS,
     all_rows,
     deterministic_mode,
     dot_precision,
     jit,
     logits_tile,
+    logits_tile_signature,
     num_programs_target,
     offsets_2d,
     pick_config,
@@ -343,12 +345,8 @@ def aot_specs():
     """The backward kernel variants the launchers above use, as (name, kernel, signature, constexprs, options) for
     the ahead-of-time compile check (`python -m dash_kernels.aot`)."""
     specs = []
-    for label, dt, tt, prec in (("fp32", "fp32", torch.float32, "ieee"), ("fp32-tf32", "fp32", torch.float32, "tf32"),
-                                ("bf16", "bf16", torch.bfloat16, "tf32")):
-        common = {"hidden_ptr": f"*{dt}", "weight_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "targets_ptr": "*i64",
-                  "rows_ptr": "*i64"}
-        strides = {"stride_hn": "i32", "stride_hh": "i32", "stride_wv": "i32", "stride_wh": "i32",
-                   "inv_temp": "fp32"}
+    for label, dt, tt, prec in LOGITS_AOT_VARIANTS:
+        common, strides = logits_tile_signature(dt)
         bwd_full = pick_config(BWD_CONFIGS, tt)
         bwd_cfg = {k: v for k, v in bwd_full.items() if k.startswith("BLOCK")}
         bwd_sig = {**common, "norm_ptr": "*fp32", "neg_ent_ptr": "*fp32", "c_ptr": "*fp32", "ch_ptr": "*fp32",
