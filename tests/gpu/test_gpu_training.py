@@ -9,17 +9,15 @@ points, which a random model earns about half the time, so groups are mixed and 
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
+from benchmarks.random_qwen import code_point_parity, full_vocab_tokenizer
 from dash.config import load_config
 from dash.model_io import save_model
 from dash.rewards import register_reward
 from dash.rl.optim import MasterWeightAdamW
 from dash.rl.trainer import Trainer
-from dash.tasks.arith import ARITH_ALPHABET, TINY_MODEL_CONFIG
 from dash.rl.warmstart import build_tiny_model
-from dash.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+from dash.tasks.arith import TINY_MODEL_CONFIG
 
 pytestmark = pytest.mark.cuda
 QWEN25_0_5B = {**TINY_MODEL_CONFIG, "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
@@ -27,29 +25,8 @@ QWEN25_0_5B = {**TINY_MODEL_CONFIG, "vocab_size": 151936, "hidden_size": 896, "i
                "max_position_embeddings": 32768, "rope_theta": 1_000_000.0, "initializer_range": 0.02,
                "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0}}
 STEPS = 3
-_FIRST_EXTRA_CODEPOINT = 0x100  # past Latin-1, so no extra character collides with the task's alphabet
 
-
-def _code_point_parity(completion: str, answer: str) -> float:
-    return float(sum(map(ord, completion)) % 2)
-
-
-register_reward("gpu_test_parity", _code_point_parity)
-
-
-def full_vocab_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """dash.tokenizer's character-level layout (specials, then one token per character) over vocab_size ids."""
-    chars, cp = list(ARITH_ALPHABET), _FIRST_EXTRA_CODEPOINT
-    while len(SPECIAL_TOKENS) + len(chars) < vocab_size:
-        if not 0xD800 <= cp <= 0xDFFF:  # surrogates are not characters
-            chars.append(chr(cp))
-        cp += 1
-    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate([*SPECIAL_TOKENS, *chars])}, unk_token=None))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(list(SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD_TOKEN, bos_token=BOS_TOKEN,
-                                   eos_token=EOS_TOKEN)
+register_reward("gpu_test_parity", code_point_parity)
 
 
 def write_model(folder, config: dict, seed: int = 0):
