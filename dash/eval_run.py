@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
+from dash import model_io  # called through the module, as the trainer does, so a test's patch of it applies
 from dash.config import DashConfig
 from dash.rl.export import load_checkpoint_model
-from dash.model_io import CONFIG_FILE, load_model, load_tokenizer, read_config
+from dash.model_io import CONFIG_FILE
 from dash.rl.eval_sets import check_eval_sets, eval_sampling, load_eval_sets
 from dash.rl.evaluate import evaluate_sets, set_metrics
 from dash.runtime import resolve_device, resolve_dtype, resolve_model_path, seed_everything
@@ -44,18 +45,18 @@ def load_eval_model(cfg: DashConfig, source: str | None):
     device, dtype = resolve_device(cfg.model.device), resolve_dtype(cfg.model.dtype)
 
     def check(folder: Path) -> None:
-        check_eval_sets(cfg, read_config(folder).max_position_embeddings)
-        load_tokenizer(folder)  # a missing tokenizer file fails before the weights load
+        check_eval_sets(cfg, model_io.read_config(folder).max_position_embeddings)
+        model_io.load_tokenizer(folder)  # a missing tokenizer file fails before the weights load
 
     if source is None or (Path(source) / CONFIG_FILE).is_file():
         folder = resolve_model_path(source if source is not None else cfg.model.path)
         check(folder)
-        model, ckpt = load_model(folder, dtype=dtype, device=device).eval(), None
+        model, ckpt = model_io.load_model(folder, dtype=dtype, device=device).eval(), None
     else:
         model, folder, ckpt = load_checkpoint_model(source, dtype=dtype, before_weights=check)
         model = model.to(device)
     info = {"model_folder": str(folder), "checkpoint": str(ckpt) if ckpt else None}
-    return model, load_tokenizer(folder), info
+    return model, model_io.load_tokenizer(folder), info
 
 
 def run_eval(cfg: DashConfig, source: str | None = None, out: str | os.PathLike | None = None) -> dict:
