@@ -31,7 +31,7 @@ from dash.data import DatasetConfig, Example, load_examples
 from dash.data_sources import resolve_source
 from dash.rewards import RewardSpecError, check_reward_columns, get_reward
 from dash.rl.rollout_sampler import RolloutSampler
-from dash.rl.task_data import load_task, prompt_token_limit
+from dash.rl.task_data import check_data_files, load_task, prompt_token_limit
 
 
 @dataclass(slots=True)
@@ -71,13 +71,7 @@ def check_eval_sets(cfg: DashConfig, max_context: int | None = None) -> None:
     (`max_context`, read from its config.json) and a fixed KV pool. ConfigError naming the key otherwise."""
     selected = selected_sets(cfg)
     if cfg.data.task != "arith" and any(spec.path is None for spec in selected.values()):  # the held-out set's files
-        for key, split_key in (("train_path", "split"), ("test_path", "test_split")):
-            if getattr(cfg.data, key):
-                try:
-                    resolve_source(getattr(cfg.data, key), split=getattr(cfg.data, split_key), key=f"data.{key}",
-                                   split_key=f"data.{split_key}")
-                except ValueError as exc:
-                    raise ConfigError(f"{exc} (the held-out eval set)") from None
+        check_data_files(cfg.data, " (the held-out eval set)")
     for name, spec in selected.items():
         if spec.path is not None:  # a file, a glob that matches, or a save_to_disk folder with the split asked for
             try:

@@ -18,6 +18,7 @@ import sys
 
 from dash.config import ConfigError, DataConfig, SamplingConfig
 from dash.data import DatasetConfig, Example, PromptIterator, load_examples
+from dash.data_sources import resolve_source
 from dash.rewards import RewardSpecError, check_reward_columns
 from dash.tasks.arith import ArithTaskConfig, make_splits
 
@@ -114,3 +115,15 @@ def load_task(cfg: DataConfig, tokenizer, max_context: int | None = None,
         test = [train[i] for i in order[-cfg.test_size:]]
         train = [train[i] for i in order[: -cfg.test_size]]
     return PromptIterator(train, seed=cfg.seed), test
+
+
+def check_data_files(data: DataConfig, what: str = "") -> None:
+    """Each of data.train_path / data.test_path that is set names a file, a glob that matches or a save_to_disk
+    folder with the split asked for; ConfigError naming the key otherwise (`what` appended, e.g. who needs it)."""
+    for key, split_key in (("train_path", "split"), ("test_path", "test_split")):
+        if getattr(data, key):
+            try:
+                resolve_source(getattr(data, key), split=getattr(data, split_key), key=f"data.{key}",
+                               split_key=f"data.{split_key}")
+            except ValueError as exc:
+                raise ConfigError(f"{exc}{what}") from None

@@ -21,7 +21,6 @@ import torch
 from tqdm import tqdm
 
 from dash.config import ConfigError, DashConfig, config_to_dict
-from dash.data_sources import resolve_source
 from dash import model_io  # called as model_io.load_model: tests patch it to prove the checks come first
 from dash.rewards import get_reward
 from dash.rl.checkpoint import (
@@ -45,7 +44,7 @@ from dash.rl.run_dir import claim_run_dir
 from dash.rl.rollout_sampler import RolloutSampler
 from dash.rl.selection import SampleSelector
 from dash.rl.step import run_step
-from dash.rl.task_data import load_task, prompt_token_limit
+from dash.rl.task_data import check_data_files, load_task, prompt_token_limit
 from dash.runtime import resolve_device, resolve_dtype, resolve_model_path, seed_everything
 
 
@@ -69,13 +68,7 @@ def check_before_loading(cfg: DashConfig, folder: Path) -> None:
     """What the config cannot know alone, checked before any weights or data are read: the data files exist, and a
     completion fits the model's context (one capped there would still be normalised by the uncapped length)."""
     if cfg.data.task != "arith":  # a file, a glob that matches, a save_to_disk folder with the split asked for
-        for key, split_key in (("train_path", "split"), ("test_path", "test_split")):
-            if getattr(cfg.data, key):
-                try:
-                    resolve_source(getattr(cfg.data, key), split=getattr(cfg.data, split_key), key=f"data.{key}",
-                                   split_key=f"data.{split_key}")
-                except ValueError as exc:
-                    raise ConfigError(str(exc)) from None
+        check_data_files(cfg.data)
     context = model_io.read_config(folder).max_position_embeddings
     if cfg.sampling.max_new_tokens >= context:
         raise ConfigError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} must be below the model's context "
