@@ -7,7 +7,9 @@ arm over several seeds.
 Every arm starts from the shipped SFT warm start (builtin:tiny-sft) and changes one thing of `configs/tiny.yaml`
 (see ARMS). Runs are sequential on one thread so their seconds per step compare; a seed changes the sampling seeds
 (`train.seed`), never the data split (the warm start was trained on split seed 0). Finished runs are cached in
-`<out>_runs.jsonl` and reused on a re-run with the same steps / eval settings, so a killed run loses one arm at most.
+`<out>_runs.jsonl` and reused on a re-run with the same config, lr, steps and eval settings, so a killed run loses one
+arm at most. The `sft` arm (the annealing control) trains on the task's SFT traces at the RL arms' lr (`train.lr`)
+for the same steps.
 Writes `<out>.md` (one table per experiment, the paper's numbers beside ours; see benchmarks/reproduce_report.py),
 `<out>.png` (one panel per experiment) and prints one JSON line.
 """
@@ -38,7 +40,6 @@ WARMUP_STEPS = 1  # excluded from seconds per step (allocator growth, lazy init)
 CPU_THREADS_DEFAULT = 1  # as benchmarks/step_time.py: the tiny model is overhead-bound, one thread is repeatable
 PPO_MINI_ROWS = 8  # the paper's PPO-Mini: mini-batches of 8 samples, so 256 / 8 = 32 optimizer steps per batch
 PPO_MULTI_EPOCHS = 3  # the paper's PPO-Multi: K = 3 passes over all 256 samples
-SFT_LR = 1e-4  # the warm start's final (cosine-decayed) SFT lr: continuing SFT at it is the fair comparison
 
 # name -> config overrides on top of configs/tiny.yaml (DASH: threshold 0.1, no KL, one update per sample).
 ARMS: dict[str, list[str]] = {
@@ -52,7 +53,7 @@ ARMS: dict[str, list[str]] = {
     "kl": ["--loss.beta=0.04"],
     "ppo_multi": [f"--train.ppo_epochs={PPO_MULTI_EPOCHS}"],
     "ppo_mini": [],  # ppo_minibatches is set from the step's sample count in arm_config
-    "sft": [],  # continued supervised fine-tuning on the reference answers (run_sft_arm)
+    "sft": [],  # continued supervised fine-tuning on the task's SFT traces at train.lr (run_sft_arm)
     # Sample selection beyond DASH's filter (dash/rl/selection.py, docs/selection.md), each at its default settings.
     "pods": ["--loss.selection.rule=pods"],
     "greso": ["--loss.selection.rule=greso"],
@@ -86,7 +87,10 @@ def run_rl_arm(cfg, steps: int, eval_every: int) -> dict:
 
 
 def run_sft_arm(cfg, steps: int, eval_every: int) -> dict:
-    """Continued SFT from the same warm start: `steps` AdamW steps on `prompts_per_step` reference answers each."""
+    """Continued SFT from the same warm start, the annealing control of issue 23: `steps` AdamW steps at the RL arms'
+    lr (`train.lr`) on `prompts_per_step` of the task's SFT traces each (`example.solution` of the config's task data:
+    the answer + EOS on arith, the demonstrator's trace on scratchpad). Same start, lr and steps as the RL arms, so an
+    RL gain over it is more than what further training at that lr gives."""
     from dash.rl.sft import run_sft
 
     trainer = quiet_trainer(cfg, "dash-repro-sft-")  # the same model, tokenizer, splits and evaluator as the RL arms
@@ -101,7 +105,7 @@ def run_sft_arm(cfg, steps: int, eval_every: int) -> dict:
 
         clock["since"] = time.perf_counter()
         run_sft(trainer.model, trainer.tokenizer, trainer.train_data.examples, steps=steps,
-                batch_size=cfg.train.prompts_per_step, lr=SFT_LR, seed=cfg.train.seed, log_every=eval_every,
+                batch_size=cfg.train.prompts_per_step, lr=cfg.train.lr, seed=cfg.train.seed, log_every=eval_every,
                 on_log=on_log)
         eval_prompts = len(trainer.test_examples)
     finally:
@@ -109,12 +113,19 @@ def run_sft_arm(cfg, steps: int, eval_every: int) -> dict:
     return {"curve": curve, "s_per_step": clock["train_s"] / steps, "eval_prompts": eval_prompts}
 
 
+def config_id(path: str) -> str:
+    """The config as a run record names it: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 def run_arm(base: str, arm: str, seed: int, steps: int, eval_every: int, extra: list[str]) -> dict:
     cfg = arm_config(base, arm, seed, steps, extra)
     t0 = time.perf_counter()
     out = (run_sft_arm if arm == "sft" else run_rl_arm)(cfg, steps, eval_every)
     return {"arm": arm, "seed": seed, "steps": steps, "eval_every": eval_every, "extra": extra,
-            "wall_s": time.perf_counter() - t0, "loadavg_1m": os.getloadavg()[0], **out}
+            "config": config_id(base), "lr": cfg.train.lr, "wall_s": time.perf_counter() - t0,
+            "loadavg_1m": os.getloadavg()[0], **out}
 
 
 def load_cache(path: Path) -> list[dict]:
@@ -154,12 +165,19 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     cache_path = out.with_name(out.name + "_runs.jsonl")
-    key = lambda r: (r["arm"], r["seed"], r["steps"], r["eval_every"], tuple(r["extra"]))  # noqa: E731
+    # A cached run is reused only for the same config and lr (records without them, written before the SFT arm
+    # took train.lr, are re-run).
+    lr = load_config(args.config, extra).train.lr
+    settings = (args.steps, args.eval_every, tuple(extra), config_id(args.config), lr)
+
+    def key(r: dict) -> tuple:
+        return r["arm"], r["seed"], r["steps"], r["eval_every"], tuple(r["extra"]), r.get("config"), r.get("lr")
+
     runs = {} if args.smoke else {key(r): r for r in load_cache(cache_path)}
     t0 = time.perf_counter()  # progress messages only
     for seed in range(args.seeds):  # seed-major: an interrupted run still has every arm for the first seeds
         for arm in arms:
-            k = (arm, seed, args.steps, args.eval_every, tuple(extra))
+            k = (arm, seed, *settings)
             if k in runs:
                 continue
             print(f"[{time.perf_counter() - t0:6.0f} s] {arm} seed {seed} ({args.steps} steps)", file=sys.stderr,
@@ -168,8 +186,7 @@ def main() -> int:
             if not args.smoke:
                 with cache_path.open("a") as f:
                     f.write(json.dumps(runs[k]) + "\n")
-    selected = [r for k, r in runs.items() if k[0] in arms and k[2:] == (args.steps, args.eval_every, tuple(extra))
-                and k[1] < args.seeds]
+    selected = [r for k, r in runs.items() if k[0] in arms and k[2:] == settings and k[1] < args.seeds]
     summary = summarize(selected)
     device = resolve_device(load_config(args.config, extra).model.device).type
     print(json.dumps(result("reproduce", device, **write_report(summary, selected, out, args))))

@@ -9,7 +9,7 @@ Commands:
   sample  complete `--prompt` texts with the paged sampler (`--n` completions each)
   sft     supervised fine-tuning on prompt + solution rows (`sft.train_path`, or data.train_path; docs/sft.md):
           checkpoints in log.out_dir/sft, `--resume` / `--overwrite` as train, the HF folder at --out (default
-          log.out_dir/sft/final). With data.task=arith and no file: the built-in tiny model's warm start
+          log.out_dir/sft/final). With data.task=arith or scratchpad and no file: the built-in tiny model's warm start
   smoke   load the model of `model.path`, greedy-evaluate it on the held-out split with plain padded decoding
   export  `dash export RUN_OR_CHECKPOINT --out DIR`: an HF folder (safetensors, sharded above --max-shard-size,
           generation_config.json, tokenizer) from a run's latest checkpoint, a checkpoint, or FSDP shards;
@@ -23,18 +23,19 @@ import contextlib
 import sys
 import time
 
-from dash.config import ConfigError, DashConfig, load_config
+from dash.config import BUILTIN_TASKS, ConfigError, DashConfig, load_config
 
 _SAMPLES_SHOWN = 5  # completions printed by `smoke`
 
 
 def _load_task(cfg: DashConfig):
     # lazy: `dash --help` and config errors skip torch
-    from dash.rl.task_data import arith_task
+    from dash.rl.task_data import builtin_task
 
-    if cfg.data.task != "arith":
-        raise ConfigError(f"data.task={cfg.data.task!r}: only the built-in `arith` task is wired to this command yet")
-    return arith_task(cfg.data)
+    if cfg.data.task not in BUILTIN_TASKS:
+        raise ConfigError(f"data.task={cfg.data.task!r}: only the built-in tasks {BUILTIN_TASKS} are wired to this "
+                          "command yet")
+    return builtin_task(cfg.data)
 
 
 def cmd_smoke(cfg: DashConfig) -> int:
@@ -43,8 +44,8 @@ def cmd_smoke(cfg: DashConfig) -> int:
 
     from dash.model_io import load_model, load_tokenizer
     from dash.rl.sft import greedy_decode
+    from dash.rewards import get_reward
     from dash.runtime import resolve_device, resolve_dtype, resolve_model_path
-    from dash.tasks.arith import arith_reward
 
     task, _, test = _load_task(cfg)  # first: a task this command cannot run is an error before the weights load
     folder = resolve_model_path(cfg.model.path)
@@ -59,7 +60,8 @@ def cmd_smoke(cfg: DashConfig) -> int:
     with torch.no_grad():
         completions = greedy_decode(model, tokenizer, prompts, max_new_tokens=task.max_new_tokens)
     secs = time.perf_counter() - t0
-    rewards = [arith_reward(c, e.answer) for c, e in zip(completions, test, strict=True)]
+    reward = get_reward(cfg.data.task)  # each built-in task's reward is registered under the task's name
+    rewards = [reward(c, e.answer) for c, e in zip(completions, test, strict=True)]
     for e, c, r in list(zip(test, completions, rewards))[:_SAMPLES_SHOWN]:
         print(f"  {e.prompt!r} -> {c!r} (answer {e.answer}, reward {r:.0f})")
     acc = sum(rewards) / len(rewards)
@@ -152,10 +154,11 @@ def cmd_sft(cfg: DashConfig, args) -> int:
     from dash.rl.warmstart import warmstart
 
     if args.resume or args.overwrite:
-        raise ConfigError("the built-in warm start (data.task=arith, no sft.train_path) keeps no checkpoints "
-                          "to --resume and always replaces --out")
+        raise ConfigError(f"the built-in warm start (data.task={cfg.data.task}, no sft.train_path) keeps no "
+                          "checkpoints to --resume and always replaces --out")
     out = Path(args.out) if args.out else Path(cfg.log.out_dir) / "sft"
-    record = warmstart(out, steps=cfg.sft.steps, seed=cfg.data.seed, batch_size=cfg.sft.batch_size, lr=cfg.sft.lr)
+    record = warmstart(out, steps=cfg.sft.steps, seed=cfg.data.seed, batch_size=cfg.sft.batch_size, lr=cfg.sft.lr,
+                       form=cfg.data.arith_form, digits=cfg.data.arith_digits, task_name=cfg.data.task)
     print(f"sft: greedy test accuracy {record['test_accuracy']:.3f}; model in {out} (use --model.path={out})")
     return 0
 

@@ -27,6 +27,7 @@ import yaml
 from dash.data import template_problem
 from dash.rewards import RewardSpecError, check_reward_spec
 
+BUILTIN_TASKS = ("arith", "scratchpad")  # data.task values generated in code, not read from files
 BUILTIN_TINY = "builtin:tiny-sft"  # the SFT warm start shipped in dash/assets/tiny-sft
 MAX_REWARD_TIMEOUT_S = 1e6  # the reward guard's OS timer overflows far above this; no reward call needs days
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what resolve_device accepts (torch's own error lists 20 types)
@@ -96,8 +97,9 @@ class ModelLoadConfig:
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
-    task: Literal["arith", "jsonl", "parquet"] = "arith"
-    """`arith`: the built-in synthetic arithmetic task; `jsonl`/`parquet`: local files given by `train_path`."""
+    task: Literal["arith", "scratchpad", "jsonl", "parquet"] = "arith"
+    """`arith`: the built-in synthetic arithmetic task; `scratchpad`: the built-in reasoning task (sums the model may
+    work through with a scratchpad, dash/tasks/scratchpad.py); `jsonl`/`parquet`: local files given by `train_path`."""
     train_path: str | None = None
     """Training data for jsonl/parquet tasks: a file, a glob of shards (`data/train-*.parquet`), or a folder written
     by `datasets`' save_to_disk (dash/data_sources.py)."""
@@ -114,7 +116,7 @@ class DataConfig:
     reward: str = "arith"
     """Verifiable reward name (dash.rewards): arith, gsm8k (`#### n`), math (`\\boxed{}`), code, format, or your own
     `path/to/file.py:function` / `package.module:function` (per-sample or TRL form: dash/rewards/user.py); `a+b`
-    sums."""
+    sums. With data.task=scratchpad the default `arith` means the task's own reward, `scratchpad`."""
     reward_timeout_s: float = 10.0
     """A reward call that takes longer scores 0 (counted, logged); the run goes on."""
     prompt_template: str = "{prompt}"
@@ -135,7 +137,9 @@ class DataConfig:
     """Seed of the train/test split and of the prompt order."""
 
     def __post_init__(self):
-        if self.task != "arith" and not self.train_path:
+        if self.task == "scratchpad" and self.reward == "arith":  # the default names the arith task's reward
+            self.reward = "scratchpad"
+        if self.task not in BUILTIN_TASKS and not self.train_path:
             raise ConfigError(f"data.train_path is required when data.task={self.task!r}")
         for name in ("split", "test_split"):
             if not getattr(self, name).strip():
@@ -325,7 +329,8 @@ class SFTConfig:
     """AdamW learning rate (the tiny model's; a pretrained 0.5B model wants ~1e-5)."""
     train_path: str | None = None
     """Prompt + solution rows (jsonl / parquet, read by dash.data with data.prompt_template / chat_template);
-    None: data.train_path. With neither (data.task=arith): the built-in task's warm start (docs/sft.md)."""
+    None: data.train_path. With neither (data.task arith or scratchpad): the built-in task's warm start
+    (docs/sft.md)."""
     prompt_field: str | None = None
     """Row field holding the prompt; None: data.prompt_field."""
     solution_field: str = "solution"

@@ -1,6 +1,7 @@
 """Verifiable rewards: one interface, `fn(completion: str, answer: str) -> float`, and a registry by name.
 
-Names: `arith` (the built-in task, `dash.tasks.arith.arith_reward`), `gsm8k` (`#### n`), `math` (`\\boxed{}`, the
+Names: `arith` (the built-in task, `dash.tasks.arith.arith_reward`), `scratchpad` (the built-in reasoning task's
+final number after an optional scratchpad, `dash.tasks.scratchpad.scratchpad_reward`), `gsm8k` (`#### n`), `math` (`\\boxed{}`, the
 paper's reward), `code` (run the program against the row's tests in a sandbox), `format` (one `\\boxed{}`; an
 option, not in the paper's training reward). `get_reward("math+format")` sums rewards with weight 1 each;
 `combine_rewards` takes explicit weights. Each name also has an answer parser used by `dash.data` to check (and
@@ -32,6 +33,7 @@ AnswerParser = Callable[[object], "str | None"]
 # name -> "module:attribute" of the reward function, resolved on first use.
 _REWARDS: dict[str, str | RewardFn] = {
     "arith": "dash.tasks.arith:arith_reward",
+    "scratchpad": "dash.tasks.scratchpad:scratchpad_reward",
     "gsm8k": "dash.rewards.gsm8k:gsm8k_reward",
     "math": "dash.rewards.math:math_reward",
     "code": "dash.rewards.code:code_reward",
@@ -39,6 +41,7 @@ _REWARDS: dict[str, str | RewardFn] = {
 }
 _ANSWER_PARSERS: dict[str, str | AnswerParser] = {
     "arith": "dash.rewards:_parse_plain",
+    "scratchpad": "dash.rewards:_parse_plain",
     "gsm8k": "dash.rewards.gsm8k:parse_gsm8k_answer",
     "math": "dash.rewards.math:parse_math_answer",
     "code": "dash.rewards:_parse_code",
@@ -149,7 +152,7 @@ def _parse_any(raw: object) -> str | None:
 
 
 def _parse_plain(raw: object) -> str | None:
-    """arith answers: a non-negative integer, given as a string or an int."""
+    """arith and scratchpad answers: a non-negative integer, given as a string or an int."""
     if isinstance(raw, int) and not isinstance(raw, bool):
         raw = str(raw)
     if not isinstance(raw, str) or not raw.strip().isascii() or not raw.strip().isdigit():

@@ -26,7 +26,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 
-from dash.config import HELDOUT_SET, ConfigError, DashConfig, EvalSetConfig, SamplingConfig
+from dash.config import BUILTIN_TASKS, HELDOUT_SET, ConfigError, DashConfig, EvalSetConfig, SamplingConfig
 from dash.data import DatasetConfig, Example, load_examples
 from dash.data_sources import resolve_source
 from dash.rewards import RewardSpecError, check_reward_columns, get_reward
@@ -70,7 +70,8 @@ def check_eval_sets(cfg: DashConfig, max_context: int | None = None) -> None:
     """Before any weights or data load: every selected set's file exists, and eval's answers fit the model's context
     (`max_context`, read from its config.json) and a fixed KV pool. ConfigError naming the key otherwise."""
     selected = selected_sets(cfg)
-    if cfg.data.task != "arith" and any(spec.path is None for spec in selected.values()):  # the held-out set's files
+    # the held-out set's files
+    if cfg.data.task not in BUILTIN_TASKS and any(spec.path is None for spec in selected.values()):
         check_data_files(cfg.data, " (the held-out eval set)")
     for name, spec in selected.items():
         if spec.path is not None:  # a file, a glob that matches, or a save_to_disk folder with the split asked for

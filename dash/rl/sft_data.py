@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dash.config import ConfigError, DashConfig
+from dash.config import BUILTIN_TASKS, ConfigError, DashConfig
 from dash.data import DatasetConfig, Example, load_examples, read_records
 
 # load_examples' skip reasons that mean the row lacks what SFT needs: always an error, never a silent skip.
@@ -108,7 +108,7 @@ def sft_source(cfg: DashConfig) -> tuple[str, str, str] | None:
     """(config key, path, dash.data format) of the SFT rows; None: the built-in task's warm start."""
     if cfg.sft.train_path:
         return "sft.train_path", cfg.sft.train_path, "auto"
-    if cfg.data.task != "arith":
+    if cfg.data.task not in BUILTIN_TASKS:
         return "data.train_path", cfg.data.train_path, "auto" if cfg.data.task == "jsonl" else "parquet"
     return None
 

@@ -1,6 +1,7 @@
 """The trainer's data: a resumable prompt stream for training and a fixed held-out list for evaluation.
 
-`data.task=arith` builds the built-in arithmetic task (dash/tasks/arith.py) from its seeded splits; `jsonl` /
+`data.task=arith` builds the built-in arithmetic task (dash/tasks/arith.py) from its seeded splits, and
+`data.task=scratchpad` the built-in reasoning task (dash/tasks/scratchpad.py); `jsonl` /
 `parquet` read local files, globs of shards or save_to_disk folders (`data.split` / `data.test_split` pick a
 DatasetDict's split) through dash/data.py (bad rows skipped and counted, or an error with `data.strict`).
 Without `data.test_path`, the last `data.test_size` rows of the shuffled training file are held out instead.
@@ -16,11 +17,12 @@ from __future__ import annotations
 import random
 import sys
 
-from dash.config import ConfigError, DataConfig, SamplingConfig
+from dash.config import BUILTIN_TASKS, ConfigError, DataConfig, SamplingConfig
 from dash.data import DatasetConfig, Example, PromptIterator, load_examples
 from dash.data_sources import resolve_source
 from dash.rewards import RewardSpecError, check_reward_columns
 from dash.tasks.arith import ArithTaskConfig, make_splits
+from dash.tasks.scratchpad import ScratchpadTaskConfig, make_scratchpad_splits
 
 
 def prompt_token_limit(data: DataConfig, sampling: SamplingConfig | None, max_context: int | None) -> tuple[int, str]:
@@ -87,16 +89,35 @@ def arith_task(cfg: DataConfig):
     return task, *make_splits(task)
 
 
+def scratchpad_task(cfg: DataConfig):
+    """The built-in reasoning task from the data config: -> (ScratchpadTaskConfig, train examples, test examples)."""
+    task = ScratchpadTaskConfig(seed=cfg.seed, test_size=cfg.test_size)
+    return task, *make_scratchpad_splits(task)
+
+
+def builtin_task(cfg: DataConfig):
+    """data.task=arith or scratchpad -> (task config, train examples, test examples)."""
+    return scratchpad_task(cfg) if cfg.task == "scratchpad" else arith_task(cfg)
+
+
 def load_task(cfg: DataConfig, tokenizer, max_context: int | None = None,
               sampling: SamplingConfig | None = None) -> tuple[PromptIterator, list]:
     """-> (training prompt stream, held-out examples); both hold objects with `.prompt` and `.answer`.
     `max_context` (the model's context length) and `sampling` (its KV pool): file rows whose prompt the sampler could
     not take are skipped and counted (see `prompt_token_limit`)."""
     limit, why = prompt_token_limit(cfg, sampling, max_context)
-    if cfg.task == "arith":
-        _, train, test = arith_task(cfg)
-        if limit and tokenizer is not None:  # one form, zero-padded operands: every prompt has the same length
-            n = len(tokenizer.encode(test[0].prompt))  # as the sampler encodes it
+    if cfg.task in BUILTIN_TASKS:
+        task, train, test = builtin_task(cfg)
+        if sampling is not None and sampling.max_new_tokens < task.max_new_tokens:
+            # a warning, not an error: a short budget is a legitimate way to rule out the scratchpad route
+            print(f"warning: sampling.max_new_tokens={sampling.max_new_tokens} is below the {task.max_new_tokens} "
+                  f"tokens the longest correct completion of data.task={cfg.task} needs; longer ones are cut and "
+                  "score 0", file=sys.stderr)
+        if limit and tokenizer is not None:
+            # One prompt per character length, train included: a small test split may lack scratchpad's longest
+            # (max_terms) prompts; arith's prompts all have one length.
+            by_length = {len(e.prompt): e.prompt for e in train + test}
+            n = max(len(tokenizer.encode(p)) for p in by_length.values())  # as the sampler encodes it
             if n > limit:
                 raise ConfigError(f"the built-in task's prompts have {n} tokens, over the limit of {limit} = {why}")
         _check_reward_columns(cfg, train + test, "the built-in task")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dash.config import ConfigError, DashConfig, config_to_dict
+from dash.config import BUILTIN_TASKS, ConfigError, DashConfig, config_to_dict
 from dash import model_io  # called as model_io.load_model: tests patch it to prove the checks come first
 from dash.rewards import get_reward
 from dash.rl.checkpoint import (
@@ -67,7 +67,7 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
 def check_before_loading(cfg: DashConfig, folder: Path) -> None:
     """What the config cannot know alone, checked before any weights or data are read: the data files exist, and a
     completion fits the model's context (one capped there would still be normalised by the uncapped length)."""
-    if cfg.data.task != "arith":  # a file, a glob that matches, a save_to_disk folder with the split asked for
+    if cfg.data.task not in BUILTIN_TASKS:  # a file, a glob that matches, a save_to_disk folder with the split asked for
         check_data_files(cfg.data)
     context = model_io.read_config(folder).max_position_embeddings
     if cfg.sampling.max_new_tokens >= context:

@@ -42,10 +42,12 @@ from pathlib import Path
 import torch
 import transformers
 
+from dash.config import BUILTIN_TASKS
 from dash.model import CausalLM, ModelConfig
 from dash.model_io import load_model, load_tokenizer, save_model
 from dash.rl.sft import greedy_accuracy, run_sft
-from dash.tasks.arith import TINY_MODEL_CONFIG, ArithTaskConfig, make_splits
+from dash.tasks.arith import TINY_MODEL_CONFIG, ArithTaskConfig, arith_reward, make_splits
+from dash.tasks.scratchpad import ScratchpadTaskConfig, make_scratchpad_splits, scratchpad_reward
 from dash.tokenizer import build_arith_tokenizer
 
 TINY_SFT_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-sft"
@@ -107,20 +109,30 @@ def warmstart(
     form: str = TASK_DEFAULTS.form,
     digits: int = TASK_DEFAULTS.digits,
     schedule: str = SCHEDULE,
+    task_name: str = "arith",
 ) -> dict:
     """Train, evaluate and save the warm start to `out` (replacing it); returns the record written to warmstart.json.
 
     The defaults reproduce the shipped checkpoint; `dash sft` passes its config's steps / batch_size / lr.
+    `task_name`: a data.task of BUILTIN_TASKS; `form` / `digits` shape the arith task only.
     """
+    if task_name not in BUILTIN_TASKS:  # before any work: an unknown name must not train the arith task silently
+        raise ValueError(f"warmstart: task_name={task_name!r} is not one of the built-in tasks {BUILTIN_TASKS}")
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
-    task = ArithTaskConfig(form=form, digits=digits, seed=seed)
-    train, test = make_splits(task)
+    if task_name == "scratchpad":
+        task, reward = ScratchpadTaskConfig(seed=seed), scratchpad_reward
+        train, test = make_scratchpad_splits(task)
+        what = f"scratchpad sums of {task.min_terms}-{task.max_terms} terms, {task.chain_fraction:.0%} chain traces"
+    else:
+        task, reward = ArithTaskConfig(form=form, digits=digits, seed=seed), arith_reward
+        train, test = make_splits(task)
+        what = f"{task.form} digits={task.digits}"
     tokenizer = build_arith_tokenizer()
     model = build_tiny_model(seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"tiny model: {n_params / 1e6:.2f}M parameters; task {task.form} digits={task.digits}: "
+        f"tiny model: {n_params / 1e6:.2f}M parameters; task {what}: "
         f"{len(train)} train / {len(test)} test; {steps} SFT steps at batch {batch_size}, lr {lr}",
         flush=True,
     )
@@ -139,7 +151,7 @@ def warmstart(
         min_lr_ratio=MIN_LR_RATIO,
     )
     t_eval = time.perf_counter()
-    accuracy = greedy_accuracy(model, tokenizer, test, task.max_new_tokens)
+    accuracy = greedy_accuracy(model, tokenizer, test, task.max_new_tokens, reward)
     eval_s = time.perf_counter() - t_eval
     wall = time.perf_counter() - t_start
     print(
@@ -151,6 +163,7 @@ def warmstart(
     record = {
         "test_accuracy": accuracy,
         "test_size": len(test),
+        "task_name": task_name,
         "task": dataclasses.asdict(task),
         "steps": steps,
         "batch_size": batch_size,
@@ -190,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"task expression shape, a key of dash.tasks.arith.FORMS (default {TASK_DEFAULTS.form})")
     parser.add_argument("--digits", type=int, default=TASK_DEFAULTS.digits,
                         help=f"operand width (default {TASK_DEFAULTS.digits})")
+    parser.add_argument("--task", choices=BUILTIN_TASKS, default="arith",
+                        help="built-in task (default arith; scratchpad: the reasoning task, dash/tasks/scratchpad.py)")
     parser.add_argument("--schedule", choices=["constant", "cosine"], default=SCHEDULE,
                         help=f"lr after the warmup (default {SCHEDULE})")
     args = parser.parse_args(argv)
@@ -199,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    warmstart(args.out, steps=args.steps, seed=args.seed, form=args.form, digits=args.digits, schedule=args.schedule)
+    warmstart(args.out, steps=args.steps, seed=args.seed, form=args.form, digits=args.digits, schedule=args.schedule,
+              task_name=args.task)
 
 
 if __name__ == "__main__":
