@@ -14,7 +14,11 @@ records on the host (a CUDA graph replay is one); kernels: its CUDA-device event
 from one more call of each. EOS is ignored (stop_token_ids []), so every row makes exactly its new
 tokens; sampling as configs/qwen2.5-0.5b-math.yaml (temperature 0.9, top-k 50, page 256). The issue's target:
 <= 3 ms a step at batch 256 (the 1 GB of bf16 weights alone take ~0.3 ms to read at H100 bandwidth).
-JSON: decode_step_ms_256, launches_per_step_256, kernels_per_step_256.
+Two rows per measurement: `graphs` (generate's default: decode steps replayed from CUDA graphs, dash/engine/
+cuda_graphs.py; the capture happens in both calls of a pair and cancels out) and `eager` (cuda_graphs=False). On
+CPU both rows run eagerly (graphs fall back to eager there: graph_steps 0). Graph rows not measured on a GPU yet.
+JSON: decode_step_ms_256, launches_per_step_256, kernels_per_step_256 (graphs on), the same keys with an _eager
+suffix (graphs off), graph_steps (decode steps a CUDA graph served, per mode, in the T_LONG call).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ GPU = {"batch": 256, "context": 1024, "model": "qwen2.5-0.5b", "dtype": torch.bf
 DRY = {"batch": 4, "context": 32, "model": "tiny", "dtype": torch.float32}
 # Name prefixes of the CUDA runtime / driver calls that enqueue work (kernels, Triton's cuLaunchKernelEx, graph
 # replays, copies, memsets); prefixes, because traces may carry versioned names (cudaLaunchKernelExC_v11060)
+MODES = {"graphs": True, "eager": False}  # row name -> generate's cuda_graphs
 LAUNCH_CALLS = ("cudaLaunch", "cuLaunch", "cudaGraphLaunch", "cuGraphLaunch", "cudaMemcpy", "cuMemcpy", "cudaMemset",
                 "cuMemset")
 
@@ -91,39 +96,56 @@ def main() -> int:
     prompts = torch.randint(3, model.config.vocab_size, (batch, shape["context"]),
                             generator=torch.Generator().manual_seed(0)).tolist()
 
-    def call(new: int):
+    def call(new: int, graphs: bool, stats: dict | None = None):
         params = SamplingParams(temperature=sampling["temperature"], top_k=sampling["top_k"],
                                 top_p=sampling["top_p"], max_new_tokens=new, stop_token_ids=[], seed=0)
-        return lambda: generate(model, None, prompts, params=params, page_size=sampling["page_size"])
+        return lambda: generate(model, None, prompts, params=params, page_size=sampling["page_size"],
+                                cuda_graphs=graphs, stats=stats)
 
-    for n in (T_SHORT, T_LONG):  # warm-up of both: compilation, autotuning, graph capture, allocator growth
-        call(n)()
-    times = {T_SHORT: [], T_LONG: []}
-    for _ in range(args.repeats):  # interleaved, so a drift in clocks or load hits both alike
-        for n in times:
-            times[n].append(timed(call(n), device))
-    secs = {n: min(t) for n, t in times.items()}
-    counts = {n: count_events(call(n), device) for n in (T_SHORT, T_LONG)}
-    launches, events = ({n: c[i] for n, c in counts.items()} for i in (0, 1))
+    keys = [(mode, n) for mode in MODES for n in (T_SHORT, T_LONG)]
+    for mode, n in keys:  # warm-up of each: compilation, autotuning, graph capture, allocator growth
+        call(n, MODES[mode])()
+    times = {key: [] for key in keys}
+    for _ in range(args.repeats):  # interleaved, so a drift in clocks or load hits every row alike
+        for mode, n in keys:
+            times[mode, n].append(timed(call(n, MODES[mode]), device))
+    secs = {key: min(t) for key, t in times.items()}
+    counts = {(mode, n): count_events(call(n, MODES[mode]), device) for mode, n in keys}
+    graph_steps = {}
+    for mode in MODES:
+        stats = {}
+        call(T_LONG, MODES[mode], stats)()
+        graph_steps[mode] = stats["graph_steps"]
     steps = T_LONG - T_SHORT
-    step_ms = (secs[T_LONG] - secs[T_SHORT]) / steps * 1e3
-    per_step = (launches[T_LONG] - launches[T_SHORT]) / steps
-    kernels_per_step = (events[T_LONG] - events[T_SHORT]) / steps
+    per_step = {}  # mode -> (ms, launches, kernels) per decode step
+    for mode in MODES:
+        (l_short, e_short), (l_long, e_long) = counts[mode, T_SHORT], counts[mode, T_LONG]
+        per_step[mode] = ((secs[mode, T_LONG] - secs[mode, T_SHORT]) / steps * 1e3, (l_long - l_short) / steps,
+                          (e_long - e_short) / steps)
     unit = "launches" if device == "cuda" else "CPU ops"
+    metrics = {}
+    for mode, suffix in (("graphs", ""), ("eager", "_eager")):
+        ms, launches, kernels = per_step[mode]
+        metrics.update({f"decode_step_ms_{batch}{suffix}": round(ms, 4),
+                        f"launches_per_step_{batch}{suffix}": round(launches, 1),
+                        f"kernels_per_step_{batch}{suffix}": round(kernels, 1)})
     record = result("decode_step", device, dry_run=args.dry_run, model=shape["model"], dtype=str(shape["dtype"])[6:],
                     batch=batch, context=shape["context"], new_tokens=[T_SHORT, T_LONG], repeats=args.repeats,
                     sampling={k: sampling[k] for k in ("temperature", "top_k", "top_p", "page_size")},
-                    call_s={str(n): round(s, 4) for n, s in secs.items()},
-                    launches={str(n): e for n, e in launches.items()}, events={str(n): e for n, e in events.items()},
-                    event_unit=unit, **{f"decode_step_ms_{batch}": round(step_ms, 4),
-                                        f"launches_per_step_{batch}": round(per_step, 1),
-                                        f"kernels_per_step_{batch}": round(kernels_per_step, 1)})
+                    call_s={f"{m}/{n}": round(t, 4) for (m, n), t in secs.items()},
+                    launches={f"{m}/{n}": c[0] for (m, n), c in counts.items()},
+                    events={f"{m}/{n}": c[1] for (m, n), c in counts.items()},
+                    event_unit=unit, graph_steps=graph_steps, **metrics)
     lines = [f"engine decode step, random {shape['model']} ({record['dtype']}), {device}, batch {batch}, "
              f"{shape['context']}-token prompts, {T_SHORT} vs {T_LONG} new tokens"
              + (" (CPU dry run: numbers mean nothing)" if args.dry_run else ""),
-             f"{'new tokens':>10s} {'call s':>9s} {unit:>9s} {'kernels':>9s}"]
-    lines += [f"{n:10d} {secs[n]:9.4f} {launches[n]:9d} {events[n]:9d}" for n in (T_SHORT, T_LONG)]
-    lines.append(f"per decode step: {step_ms:.3f} ms, {per_step:.1f} {unit}, {kernels_per_step:.1f} kernels")
+             f"{'mode':>7s} {'new tokens':>10s} {'call s':>9s} {unit:>9s} {'kernels':>9s}"]
+    lines += [f"{m:>7s} {n:10d} {secs[m, n]:9.4f} {counts[m, n][0]:9d} {counts[m, n][1]:9d}" for m, n in keys]
+    for mode in MODES:
+        ms, launches, kernels = per_step[mode]
+        note = "" if graph_steps[mode] or not MODES[mode] else " (no CUDA graph ran: eager fallback)"
+        lines.append(f"per decode step, {mode}: {ms:.3f} ms, {launches:.1f} {unit}, {kernels:.1f} kernels, "
+                     f"{graph_steps[mode]} of {T_LONG - 1} steps from CUDA graphs{note}")
     emit("\n".join(lines), record, args.out or None, fenced=True)
     return 0
 

@@ -178,6 +178,8 @@ class SamplingConfig:
     num_pages: int = 0
     """KV pages per layer; 0 sizes the pool from the step's batch. A fixed pool must hold a prompt and its completion:
     data rows longer than num_pages x page_size - max_new_tokens are skipped (counted) at load."""
+    cuda_graphs: bool = True
+    """On CUDA, replay decode steps from per-batch-size CUDA graphs (docs/sampling.md); no effect on CPU."""
 
     def __post_init__(self):
         if self.temperature < 0:

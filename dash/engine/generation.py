@@ -45,8 +45,8 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
              params: SamplingParams | Sequence[SamplingParams] | None = None, *, page_size: int = DEFAULT_PAGE_SIZE,
              num_pages: int | None = 0, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
              max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS, group_fork: bool = True,
-             prefix_caching: bool = True, progress: bool | None = None,
-             stats: dict | None = None) -> list[RequestOutput]:
+             prefix_caching: bool = True, progress: bool | None = None, stats: dict | None = None,
+             cuda_graphs: bool = True) -> list[RequestOutput]:
     """Sample n completions for each prompt.
 
     Args:
@@ -62,7 +62,11 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
         prefix_caching: reuse the K/V of full prompt pages that an earlier prefill of this call computed for the same
             tokens (shared system prompts, repeated prompts); only within the call, whose weights cannot change.
         progress: tqdm bar; None -> only when stderr is a TTY.
-        stats: if a dict is given, filled with step / page / eviction counts.
+        stats: if a dict is given, filled with step / page / eviction counts (graph_steps: decode steps run
+            through the CUDA-graph buckets).
+        cuda_graphs: on CUDA, replay decode steps of up to MAX_GRAPH_BATCH rows from per-batch-size CUDA graphs
+            (dash/engine/cuda_graphs.py); False, prefill and CPU run every step eagerly. The same computation up to
+            float rounding (padded GEMMs may sum in another order; docs/sampling.md).
 
     Returns:
         One RequestOutput per prompt (`.prompt_token_ids`, `.completions`; `out[i][g]` is completion g of prompt i).
@@ -85,7 +89,8 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
         raise ValueError(f"{limit}: prompt {r} needs {pages_per_seq[r]} pages of {page_size} tokens for prompt + "
                          f"max_new_tokens = {len(ids[r]) + int(table.max_new[r * n])}")
     cache = KVCache(model, num_pages, page_size)
-    runner = ModelRunner(model, cache, max_len)
+    runner = ModelRunner(model, cache, max_len, cuda_graphs=cuda_graphs,
+                         max_batch=min(max_num_seqs, table.num_seqs), max_pages=max(pages_per_seq))
     sched = Scheduler(table, cache, max_num_seqs, max_batched_tokens, tokenizer, group_fork=group_fork,
                       prefix_caching=prefix_caching, prefill_prefers_pages=runner.prefill_prefers_pages)
     show = sys.stderr.isatty() if progress is None else progress
@@ -95,6 +100,7 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
             while not sched.is_finished():
                 ctx, seq_ids, rows = sched.schedule()
                 peak = max(peak, num_pages - cache.allocator.num_free_pages)
+                runner.prepare(ctx)  # captures the CUDA graph of a new decode bucket (synchronises, once each)
                 logits = runner.run(ctx)  # [R, V] fp32 (R = T for a prefill, B for a decode step)
                 if rows is not None:
                     logits = logits[rows.to(runner.device)]
@@ -108,7 +114,8 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
         stats.update(steps=steps, prefill_steps=prefills, decode_steps=steps - prefills, num_pages=num_pages,
                      peak_pages=peak, evictions=sched.num_evictions,
                      generated_tokens=int(table.num_gen.sum()), prompt_tokens=sum(len(p) for p in ids) * n,
-                     cached_prompt_tokens=sched.num_cached_tokens)
+                     cached_prompt_tokens=sched.num_cached_tokens,
+                     graph_steps=runner.graphs.replays if runner.graphs is not None else 0)
     return table.outputs(tokenizer)
 
 

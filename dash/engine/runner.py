@@ -20,6 +20,8 @@ Attention per step (`StepContext.paged`):
   attention over the K/V it just computed (`dash.attention.varlen_attention`); a decode step with flash-attn installed
   on CUDA (fp16 / bf16, page_size a multiple of 256) reads the pages with `flash_attn_with_kvcache` (untested here).
 Logits are computed for the sampled rows only (last prefill token / every decode token), in fp32.
+CUDA graphs (dash/engine/cuda_graphs.py): on CUDA a decode step of up to MAX_GRAPH_BATCH rows replays the graph of
+its batch-size bucket (`forward` on static, padded buffers), captured in `prepare` before the bucket's first step.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from functools import partial
 import torch
 
 from dash.attention import flash_attn_supports, varlen_attention
+from dash.engine.cuda_graphs import DecodeGraphs, use_decode_graphs
 from dash.engine.kv_cache import Context, KVCache
 from dash.lora import layer_adapters
 from dash.model_parts import LayerState
@@ -91,7 +94,10 @@ def _attend_fresh(ctx: StepContext, state: LayerState, q, k, v) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache, max_len: int) -> None:
+    def __init__(self, model, cache: KVCache, max_len: int, cuda_graphs: bool = False, max_batch: int = 1,
+                 max_pages: int = 1) -> None:
+        """cuda_graphs: replay decode steps from CUDA graphs where that applies (dash/engine/cuda_graphs.py), for
+        batches up to max_batch rows and page tables up to max_pages pages wide (the call's bounds)."""
         self.model, self.cache = model, cache
         self.device = next(model.parameters()).device
         self.use_flash = (flash_attn_with_kvcache is not None and self.device.type == "cuda"
@@ -121,13 +127,38 @@ class ModelRunner:
                            for layer, k, v in zip(layers, cache.k, cache.v, strict=True)]
             self.packed_head = pack_linear(head) if packable else None
         self.scale = layers[0].self_attn.scale
+        # Decode steps through per-batch-size CUDA graphs (None: every step eager, e.g. on CPU).
+        self.graphs = (DecodeGraphs(self, max_batch, max_pages)
+                       if use_decode_graphs(self.device, cuda_graphs) else None)
+
+    @torch.inference_mode()
+    def prepare(self, ctx: Context) -> None:
+        """Before `run(ctx)`: capture the CUDA graph of a decode step's batch-size bucket if it has none yet (the
+        one host sync of a capture stays out of `run`, whose decode steps add none)."""
+        if self.graphs is not None and not ctx.is_prefill:
+            self.graphs.prepare(ctx.input_ids.shape[0])
 
     @torch.inference_mode()
     def run(self, ctx: Context) -> torch.Tensor:
         """Forward one step; returns fp32 logits [R, V] for the rows the scheduler samples from."""
-        ctx = ctx.to(self.device)
-        if not ctx.is_prefill:
-            self.cache.copy_on_write(ctx.cow_src, ctx.cow_dst)
+        bucket = None if ctx.is_prefill or self.graphs is None else self.graphs.bucket(ctx)
+        if bucket is not None:  # the step's inputs go straight into the bucket's static buffers
+            if ctx.cow_src.numel():
+                self.cache.copy_on_write(ctx.cow_src.to(self.device, non_blocking=True),
+                                         ctx.cow_dst.to(self.device, non_blocking=True))
+            h = self.graphs.forward(ctx, bucket)  # [B, H]
+        else:
+            ctx = ctx.to(self.device)
+            if not ctx.is_prefill:
+                self.cache.copy_on_write(ctx.cow_src, ctx.cow_dst)
+            h = self.forward(ctx)  # [R, H]
+        if self.packed_head is not None:
+            return linear_packed(h, self.packed_head)  # [R, V] fp32
+        return self.model.compute_logits_fp32(h)  # [R, V]
+
+    def forward(self, ctx: Context) -> torch.Tensor:
+        """The model's step on `ctx` (tensors on the model's device) -> final-normed hidden states [R, H]; what a
+        decode graph captures (on its static buffers)."""
         prefill = ctx.is_prefill
         step = StepContext(
             layers=self.layers, paged=ctx.page_table is not None and (prefill or not self.use_flash),
@@ -135,10 +166,7 @@ class ModelRunner:
             slot_mapping=ctx.slot_mapping, page_table=ctx.page_table, context_lens=ctx.context_lens,
             cu_seqlens=ctx.cu_seqlens if prefill else None, max_q_len=ctx.max_seqlen if prefill else 1,
             logits_index=ctx.logits_index, scale=self.scale, step=ctx)
-        h = self.model.paged_forward(ctx.input_ids, step)  # [R, H]
-        if self.packed_head is not None:
-            return linear_packed(h, self.packed_head)  # [R, V] fp32
-        return self.model.compute_logits_fp32(h)  # [R, V]
+        return self.model.paged_forward(ctx.input_ids, step)  # [R, H]
 
 
 def _weight_bytes(weights) -> int:

@@ -58,7 +58,7 @@ class RolloutSampler:
         """-> per prompt, n completions (token ids, text, log-probs, finish reason)."""
         params = [self.params(s, temperature) for s in seeds]
         return generate(self.model, self.tokenizer, prompts, n=n, params=params, page_size=self.cfg.page_size,
-                        num_pages=self.cfg.num_pages)
+                        num_pages=self.cfg.num_pages, cuda_graphs=self.cfg.cuda_graphs)
 
     def sample(self, examples: list, group_size: int, run_seed: int, step: int, first_index: int) -> Rollout:
         """One generate call for all `examples` x G; rewards scored in one batch (TRL-form terms: one call)."""
