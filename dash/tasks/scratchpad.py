@@ -4,10 +4,10 @@ Purpose: prompts like `07+42+13+88=` (3 to 5 two-digit operands) whose answer (`
 (`150<eos>`) or reach through a scratchpad of running sums whose length it chooses (`49+13=62+88=150<eos>`: each
 step adds one operand). The reward checks the final number only, so many completions are correct. The SFT data comes
 from a weaker demonstrator (the paper's SFT-H: traces that are correct but not the policy's own best route): it
-writes the answer at once in most traces and the scratchpad in `chain_fraction` of them. For a 0.8M-parameter model
-a 4-term sum in one go is error-prone while each scratchpad step is one 2-3 digit addition, so the best route is
-the one the demonstrator rarely shows. Supervised training imitates the demonstrator's mix; RL can shift the policy
-to the route that earns reward.
+writes the answer at once in half of its traces and the scratchpad in the other half (`chain_fraction`). For a
+0.8M-parameter model a 4-term sum in one go is error-prone while each scratchpad step is one 2-3 digit addition, so
+half of what the demonstrator shows is a route the model cannot execute. Supervised training imitates the
+demonstrator's mix; RL can shift the policy to the route that earns reward.
 
 Design limits:
 - Operands are zero-padded to `digits` characters as in dash/tasks/arith.py; the number of terms varies, so prompts
@@ -52,8 +52,10 @@ class ScratchpadTaskConfig:
     """Most operands in a prompt (each count is equally likely)."""
     digits: int = 2
     """Width of every operand (zero-padded)."""
-    chain_fraction: float = 0.2
-    """Share of the demonstrator's traces written with the scratchpad; the rest give the answer at once."""
+    chain_fraction: float = 0.5
+    """Share of the demonstrator's traces written with the scratchpad; the rest give the answer at once. At 0.5 the
+    warm start learns both routes well enough to tell them apart (greedy: 0.68 correct through the scratchpad, 0.07
+    at once, dash/assets/tiny-scratchpad-sft/warmstart.json); at 0.2 it executed neither (0.05 / 0.12 sampled)."""
     seed: int = 0
     """Seed of the split and of the demonstrator's route per example."""
     train_size: int = 100_000
@@ -147,7 +149,8 @@ def make_scratchpad_splits(cfg: ScratchpadTaskConfig) -> tuple[list[ArithExample
 
 def scratchpad_reward(completion_text: object, answer: object) -> float:
     """1.0 iff the completion, cut at its first EOS, is one number or digits joined by '+'/'=' ending in
-    '=number', and that final number is exactly the answer (canonical, no leading zeros); else 0.0. No EOS (truncated) scores 0. Never raises."""
+    '=number', and that final number is exactly the answer (canonical, no leading zeros); else 0.0. No EOS
+    (truncated) scores 0. Never raises."""
     if not isinstance(completion_text, str):
         return 0.0
     if isinstance(answer, int) and not isinstance(answer, bool):

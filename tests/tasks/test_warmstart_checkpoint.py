@@ -1,12 +1,13 @@
-"""The shipped warm starts (dash/assets/tiny-sft for `a+b*c`, dash/assets/tiny-add-sft for 3-digit `a+b`): each
-loads, matches the task's tokenizer and model config, and still reaches its recorded greedy accuracy."""
+"""The shipped warm starts (dash/assets/tiny-sft for `a+b*c`, dash/assets/tiny-add-sft for 3-digit `a+b`,
+dash/assets/tiny-scratchpad-sft for the scratchpad task): each loads, matches the task's tokenizer and model config, and still reaches its recorded greedy accuracy."""
 
 import math
 
 import pytest
 
 from dash.rl.sft import greedy_accuracy
-from dash.tasks.arith import TINY_MODEL_CONFIG, ArithTaskConfig, make_splits
+from dash.tasks.arith import TINY_MODEL_CONFIG, ArithTaskConfig, arith_reward, make_splits
+from dash.tasks.scratchpad import ScratchpadTaskConfig, make_scratchpad_splits, scratchpad_reward
 from dash.rl.warmstart import RECORD_FILE, TINY_SFT_DIR, load_warmstart
 from dash.tokenizer import build_arith_tokenizer
 
@@ -20,7 +21,7 @@ SUBSET = 200
 BAND_SE = 3.0
 
 
-SHIPPED = {"tiny-sft": TINY_SFT_DIR, "tiny-add-sft": TINY_SFT_DIR.parent / "tiny-add-sft"}
+SHIPPED = {name: TINY_SFT_DIR.parent / name for name in ("tiny-sft", "tiny-add-sft", "tiny-scratchpad-sft")}
 
 
 @pytest.fixture(scope="module", params=sorted(SHIPPED))
@@ -60,10 +61,15 @@ def test_tokenizer_and_config_match_the_task(shipped):
 
 def test_accuracy_within_noise_band(shipped):
     model, tok, record, _ = shipped
-    task = ArithTaskConfig(**{**record["task"], "train_size": 0})  # the test split does not depend on train_size
-    _, test = make_splits(task)
+    # The test split does not depend on train_size.
+    if record.get("task_name") == "scratchpad":
+        task = ScratchpadTaskConfig(**{**record["task"], "train_size": 0})
+        (_, test), reward = make_scratchpad_splits(task), scratchpad_reward
+    else:
+        task = ArithTaskConfig(**{**record["task"], "train_size": 0})
+        (_, test), reward = make_splits(task), arith_reward
     p = record["test_accuracy"]
-    acc = greedy_accuracy(model, tok, test[:SUBSET], task.max_new_tokens)
+    acc = greedy_accuracy(model, tok, test[:SUBSET], task.max_new_tokens, reward)
     band = BAND_SE * math.sqrt(p * (1 - p) / SUBSET)
     assert abs(acc - p) <= band, f"subset accuracy {acc:.3f} vs recorded {p:.3f} (band +-{band:.3f})"
 
