@@ -45,9 +45,9 @@ import transformers
 from dash.config import BUILTIN_TASKS
 from dash.model import CausalLM, ModelConfig
 from dash.model_io import load_model, load_tokenizer, save_model
-from dash.rl.sft import greedy_accuracy, run_sft
+from dash.rl.sft import greedy_accuracy, greedy_decode, run_sft
 from dash.tasks.arith import TINY_MODEL_CONFIG, ArithTaskConfig, arith_reward, make_splits
-from dash.tasks.scratchpad import ScratchpadTaskConfig, make_scratchpad_splits, scratchpad_reward
+from dash.tasks.scratchpad import ScratchpadTaskConfig, make_scratchpad_splits, route_stats, scratchpad_reward
 from dash.tokenizer import build_arith_tokenizer
 
 TINY_SFT_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-sft"
@@ -152,6 +152,10 @@ def warmstart(
     )
     t_eval = time.perf_counter()
     accuracy = greedy_accuracy(model, tokenizer, test, task.max_new_tokens, reward)
+    routes = {}
+    if task_name == "scratchpad":  # which route the greedy policy takes, and how well each works
+        completions = greedy_decode(model, tokenizer, [e.prompt for e in test], task.max_new_tokens)
+        routes = {"greedy_routes": route_stats(completions, [e.answer for e in test])}
     eval_s = time.perf_counter() - t_eval
     wall = time.perf_counter() - t_start
     print(
@@ -172,6 +176,7 @@ def warmstart(
         "schedule": schedule,
         "min_lr_ratio": MIN_LR_RATIO,
         "seed": seed,
+        **routes,
         "final_loss": stats["final_loss"],
         "num_params": n_params,
         "sft_wall_time_s": round(stats["wall_time_s"], 1),

@@ -54,8 +54,8 @@ class ScratchpadTaskConfig:
     """Width of every operand (zero-padded)."""
     chain_fraction: float = 0.5
     """Share of the demonstrator's traces written with the scratchpad; the rest give the answer at once. At 0.5 the
-    warm start learns both routes well enough to tell them apart (greedy: 0.68 correct through the scratchpad, 0.07
-    at once, dash/assets/tiny-scratchpad-sft/warmstart.json); at 0.2 it executed neither (0.05 / 0.12 sampled)."""
+    shipped warm start takes the scratchpad on 56% of held-out prompts (greedy) and is right 68% of the time that
+    way, 7% at once (dash/assets/tiny-scratchpad-sft/warmstart.json, `greedy_routes`)."""
     seed: int = 0
     """Seed of the split and of the demonstrator's route per example."""
     train_size: int = 100_000
@@ -165,3 +165,18 @@ def scratchpad_reward(completion_text: object, answer: object) -> float:
 def uses_scratchpad(completion_text: str) -> bool:
     """Whether a completion took the scratchpad route (wrote an intermediate sum before its final number)."""
     return "=" in completion_text.partition(EOS_TOKEN)[0]
+
+
+def route_stats(completions: list[str], answers: list[str]) -> dict:
+    """Which route the completions took and how often each was right: scratchpad share, accuracy through the
+    scratchpad, accuracy at once (0.0 for a route no completion took)."""
+    if len(completions) != len(answers) or not completions:
+        raise ValueError(f"route_stats needs equal, non-zero numbers of completions and answers, got "
+                         f"{len(completions)} / {len(answers)}")
+    chain = [uses_scratchpad(c) for c in completions]
+    right = [scratchpad_reward(c, a) for c, a in zip(completions, answers)]
+    n_chain = sum(chain)
+    n_direct = len(chain) - n_chain
+    return {"scratchpad_share": n_chain / len(chain),
+            "acc_scratchpad": sum(r for r, c in zip(right, chain) if c) / n_chain if n_chain else 0.0,
+            "acc_at_once": sum(r for r, c in zip(right, chain) if not c) / n_direct if n_direct else 0.0}

@@ -256,3 +256,14 @@ def test_small_problem_space_still_splits():
     cfg = ScratchpadTaskConfig(min_terms=2, max_terms=2, digits=1, train_size=20, test_size=99)
     train, test = make_scratchpad_splits(cfg)
     assert len({e.prompt for e in test}) == 99 and len({e.prompt for e in train}) == 1
+
+
+def test_route_stats_counts_each_route():
+    from dash.tasks.scratchpad import route_stats
+
+    comps = ["12+3=15<eos>", "15<eos>", "14<eos>", "12+3=16<eos>"]
+    stats = route_stats(comps, ["15", "15", "15", "15"])
+    assert stats == {"scratchpad_share": 0.5, "acc_scratchpad": 0.5, "acc_at_once": 0.5}
+    assert route_stats(["15<eos>"], ["15"]) == {"scratchpad_share": 0.0, "acc_scratchpad": 0.0, "acc_at_once": 1.0}
+    with pytest.raises(ValueError, match="route_stats"):
+        route_stats([], [])
