@@ -30,7 +30,7 @@ the longest completion ends and the full padded sequence is re-run for the gradi
     python benchmarks/rl_crosscheck.py --steps 2 --arms trainer,supervised --data.test_size=64   # + config overrides
 
 Prints a table of mean accuracy (step x arm) and seconds per step, a per-seed table with the claim's verdict, then
-one JSON line; writes <out>.md and <out>.json.
+one JSON line; writes <out>.md, <out>.json and <out>.png (accuracy vs step, one line per arm and seed).
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def report(runs: dict, seeds: list[int], n: int) -> tuple[str, dict]:
     lines += [f"| {st} | " + " | ".join(f"{mean_curve[a][i]:.3f}" for a in arms) + " |" for i, st in enumerate(steps)]
     lines.append("| s / step | " + " | ".join(f"{statistics.fmean(runs[a][s][1] for s in seeds):.3f}"
                                              for a in arms) + " |")
-    fields: dict = {}
+    fields: dict = {"eval_steps": steps}
     for a in arms:
         ends = [runs[a][s][0][-1]["acc"] for s in seeds]
         fields.update({f"{a}_acc_end": statistics.fmean(ends), f"{a}_acc_end_per_seed": ends,
@@ -241,6 +241,28 @@ def report(runs: dict, seeds: list[int], n: int) -> tuple[str, dict]:
         lines += ["", "The claim rule needs the trainer and supervised arms; not evaluated."]
     fields["claim"] = claim
     return "\n".join(lines), fields
+
+
+def plot(fields: dict, path: Path, title: str) -> None:
+    """Held-out greedy accuracy vs step, one line per arm and seed (the JSON fields `eval_steps`, `<arm>_curves`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display here
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    for i, arm in enumerate(fields["arms"]):
+        for j, curve in enumerate(fields[f"{arm}_curves"]):
+            ax.plot(fields["eval_steps"], [100 * a for a in curve], color=f"C{i}", marker="o", markersize=3,
+                    alpha=0.8, label=arm if j == 0 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out greedy accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main() -> int:
@@ -301,7 +323,11 @@ def main() -> int:
     head = (f"# RL cross-check on {config.name} ({cfg.data.task}; {steps} steps per arm, lr {lr}, seeds {seeds})\n\n"
             f"Produced by `{command}`; held-out greedy accuracy ({len(splits[1])} prompts). RL arms: {budget.prompts} "
             f"prompts x G={budget.group} per step; supervised: {budget.sft_batch} traces per step.\n\n")
-    emit(body, result("rl_crosscheck", "cpu", **fields), args.out, heading=head)
+    out = Path(args.out)
+    png = (out.parent / f"{out.name}.png").resolve()
+    fields["png"] = str(png.relative_to(ROOT) if png.is_relative_to(ROOT) else png)
+    emit(body, result("rl_crosscheck", "cpu", **fields), out, heading=head + f"![curves]({out.name}.png)\n\n")
+    plot(fields, png, f"{cfg.data.task}: {', '.join(arms)}; lr {lr}, seeds {seeds}")
     return 0
 
 

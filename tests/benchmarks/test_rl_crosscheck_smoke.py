@@ -68,16 +68,17 @@ def test_crosscheck_runs_and_all_arms_start_from_the_same_accuracy(tmp_path):
     assert record["claim"]["seeds"] == 1 and record["claim"]["holds"] is False  # one seed never makes the claim
     report = out.with_suffix(".md").read_text()
     assert "| s / step |" in report and "does not hold** (only 1 seed(s)" in report
+    assert record["eval_steps"] == [0, 1, 2] and out.with_suffix(".png").stat().st_size > 0  # the curves' plot
 
 
 @pytest.mark.slow
 def test_crosscheck_on_the_scratchpad_task(tmp_path):
-    """Prompts of 3-5 terms and completions up to sampling.max_new_tokens=25 through all three arms. The scratchpad
-    warm start is not shipped yet, so the `a+b` warm start (same tokenizer) stands in: its accuracy here is ~0, the
-    run checks the plumbing, not learning."""
+    """Prompts of 3-5 terms and completions up to sampling.max_new_tokens=25 through all three arms, from the shipped
+    scratchpad warm start; one step checks the plumbing, not learning."""
     out = tmp_path / "sp"
     record = run_benchmark("rl_crosscheck.py", out, "--config", str(ROOT / "configs/tiny-scratchpad.yaml"),
-                           "--steps", "1", "--seeds", "1", "--model.path=builtin:tiny-add-sft", "--data.test_size=32")
+                           "--steps", "1", "--seeds", "1", "--data.test_size=32")
+    assert 0.2 < record["acc_start"] < 0.7  # the warm start's greedy accuracy (0.414 on all 500 prompts)
     assert record["task"] == "scratchpad" and record["max_new_tokens"] == 25 and record["group_size"] == 8
     assert record["prompts_per_step"] == 32 and record["eval_prompts"] == 32
     assert all(len(record[f"{arm}_curves"]) == 1 for arm in ("trainer", "independent", "supervised"))
