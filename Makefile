@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   - create .venv, install (builds dash_kernels._C), run the tiny CPU demo (step time, then learning)
+#   make demo   - create .venv, install (builds dash_kernels._C), run the tiny CPU demo (step time, then RL vs its
+#                 supervised control on the reasoning task)
 #   make test   - same set-up, then the whole test suite
 #   make test-fast - the tests not marked `slow` (no torchrun, benchmark or CLI-subprocess runs): the edit loop
 # The venv sees system site-packages so an existing (e.g. CUDA) torch is kept; with no torch at all we install the
@@ -34,7 +35,8 @@ test-fast: install
 
 demo: install
 	$(PY) benchmarks/step_time.py --config configs/tiny.yaml
-	$(PY) benchmarks/train_curve.py --config configs/tiny-add.yaml --eval-every 50 --out runs/train_curve_add
+	$(PY) benchmarks/rl_crosscheck.py --config configs/tiny-scratchpad.yaml --arms trainer,supervised --eval-every 25 \
+		--out runs/rl_vs_sft
 
 bench: install
 	$(PY) benchmarks/fused_loss.py
