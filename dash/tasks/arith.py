@@ -159,16 +159,22 @@ def arith_reward(completion_text: object, answer: object) -> float:
     3. That number must equal `answer` (a canonical decimal string or a non-negative int).
     Any other input (non-string completion, malformed answer) gives 0.0.
     """
+    parts = finished_completion(completion_text, answer)
+    return 1.0 if parts is not None and parts[0] == parts[1] else 0.0
+
+
+def finished_completion(completion_text: object, answer: object) -> tuple[str, str] | None:
+    """(the completion's text before its first EOS, the answer as a canonical decimal string), or None when the
+    completion is not a string, has no EOS (truncated) or the answer is not a non-negative integer: the checks both
+    built-in tasks' rewards start with."""
     if not isinstance(completion_text, str):
-        return 0.0
+        return None
     if isinstance(answer, int) and not isinstance(answer, bool):
         answer = str(answer)
     if not isinstance(answer, str) or not _CANONICAL_NUMBER.fullmatch(answer):
-        return 0.0
+        return None
     head, found, _ = completion_text.partition(EOS_TOKEN)
-    if not found:
-        return 0.0
-    return 1.0 if head == answer else 0.0
+    return (head, answer) if found else None
 
 
 # The tiny Qwen2-shaped model, in HF config.json form (0.79M parameters, hidden 128, 4 layers).

@@ -29,7 +29,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from dash.tasks.arith import ArithExample
+from dash.tasks.arith import ArithExample, finished_completion
 from dash.tokenizer import EOS_TOKEN
 
 # Offsets that keep the test, train and demonstrator draws on different random streams for one user seed.
@@ -39,7 +39,6 @@ _ROUTE_STREAM = 0x5C70
 
 # A completion is running sums joined by '+' and '=' ending in the final number, or the number alone.
 _COMPLETION = re.compile(r"(?:(?:[0-9]+[+=])*[0-9]+=)?([0-9]+)")
-_CANONICAL_NUMBER = re.compile(r"0|[1-9][0-9]*")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -151,15 +150,9 @@ def scratchpad_reward(completion_text: object, answer: object) -> float:
     """1.0 iff the completion, cut at its first EOS, is one number or digits joined by '+'/'=' ending in
     '=number', and that final number is exactly the answer (canonical, no leading zeros); else 0.0. No EOS
     (truncated) scores 0. Never raises."""
-    if not isinstance(completion_text, str):
-        return 0.0
-    if isinstance(answer, int) and not isinstance(answer, bool):
-        answer = str(answer)
-    if not isinstance(answer, str) or not _CANONICAL_NUMBER.fullmatch(answer):
-        return 0.0
-    head, found, _ = completion_text.partition(EOS_TOKEN)
-    match = _COMPLETION.fullmatch(head) if found else None
-    return 1.0 if match is not None and match.group(1) == answer else 0.0
+    parts = finished_completion(completion_text, answer)
+    match = _COMPLETION.fullmatch(parts[0]) if parts is not None else None
+    return 1.0 if match is not None and match.group(1) == parts[1] else 0.0
 
 
 def uses_scratchpad(completion_text: str) -> bool:
