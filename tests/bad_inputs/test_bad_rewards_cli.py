@@ -106,7 +106,7 @@ def _forbid_loading(monkeypatch):
     (["sample", "--prompt", "1+1=", "--prompt", "1+x="], r"cannot encode '1\+x=': characters \['x'\]"),
     (["sample", "--prompt", ""], r"--prompt: '' encodes to no tokens"),
     (["sample", "--prompt", "1+1=", "--n", "0"], r"--n must be >= 1"),
-    (["smoke", "--data.task=jsonl", "--data.train_path={tmp}/x.jsonl"], r"only the built-in `arith` task"),
+    (["smoke", "--data.task=jsonl", "--data.train_path={tmp}/x.jsonl"], r"only the built-in tasks \(.arith., .scratchpad.\)"),
     (["train", "--model.path={tmp}/nope"], r"model\.path: .*nope is not a folder"),
     (["sample", "--prompt", "1+1=", "--model.path=builtin:nope"], r"model\.path: no built-in model 'nope'"),
     pytest.param(["train", "--model.device=cuda"], r"model\.device='cuda' but this torch sees no CUDA device",
