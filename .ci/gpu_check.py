@@ -80,6 +80,9 @@ HEADLINE = {
     "decode_step_ms_256": ("bench_decode_step", "decode_step_ms_256"),
     "launches_per_step_256": ("bench_decode_step", "launches_per_step_256"),
     "kernels_per_step_256": ("bench_decode_step", "kernels_per_step_256"),
+    # the same step without CUDA graphs: the graphs' gain is decode_step_ms_256_eager / decode_step_ms_256
+    "decode_step_ms_256_eager": ("bench_decode_step", "decode_step_ms_256_eager"),
+    "launches_per_step_256_eager": ("bench_decode_step", "launches_per_step_256_eager"),
     "decode_attn_ms_256": ("bench_paged_decode", "decode_attn_ms_256"),
     **{k: ("bench_fused_loss_gpu", k) for k in ("fused_fwd_peak_frac", "fused_bwd_over_fwd", "fused_mem_frac_naive",
                                                 "fused_vs_liger")},

@@ -25,11 +25,12 @@ def test_sampler_gpu_dry_run_times_dash_and_hf_at_both_batches(tmp_path):
 def test_decode_step_dry_run_counts_the_extra_decode_steps(tmp_path):
     record = run_benchmark("decode_step.py", tmp_path / "d", "--dry-run", "--repeats", "1")
     assert record["dry_run"] and record["event_unit"] == "CPU ops" and record["batch"] == 4
-    short, long = (record["events"][str(n)] for n in record["new_tokens"])
-    assert long > short > 0  # 32 more decode steps launch more work
-    assert record["launches_per_step_4"] == pytest.approx((long - short) / 32, abs=0.1)
+    for mode, suffix in (("graphs", ""), ("eager", "_eager")):  # on CPU the graphs row falls back to eager
+        short, long = (record["events"][f"{mode}/{n}"] for n in record["new_tokens"])
+        assert long > short > 0  # 32 more decode steps launch more work
+        assert record[f"launches_per_step_4{suffix}"] == pytest.approx((long - short) / 32, abs=0.1)
+        assert f"decode_step_ms_4{suffix}" in record and record["graph_steps"][mode] == 0
     assert record["launches"] == record["events"]  # on CPU both count the profiler's CPU ops
-    assert "decode_step_ms_4" in record
 
 
 @pytest.mark.slow
