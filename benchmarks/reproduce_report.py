@@ -135,11 +135,12 @@ def verdicts(s: dict) -> dict[str, str]:
     taus = [a for a in TAU_ARMS if a in s]
     if len(taus) > 1:
         same = [a for a in taus if TAU_OF[a] < 0.5 and abs(_m(s, a, "kept_frac") - _m(s, taus[0], "kept_frac")) < 1e-9]
-        if len(same) > 1:  # binary rewards with G = 4: no |A| between 0 and 0.5, the sweep is degenerate
+        if len(same) > 1:  # binary rewards: no |A| between 0 and 1/sqrt(G-1), the low taus are one setting
             out["3"] = (f"tau in {[TAU_OF[a] for a in same]} keep exactly the same samples (kept "
-                        f"{_m(s, same[0], 'kept_frac'):.2f}): with binary rewards and G = 4, |A| is 0 or >= 0.5, so "
-                        "any tau below 0.5 drops just the all-right / all-wrong groups and the runs are identical per "
-                        "seed (their s / step differ only by timing noise)."
+                        f"{_m(s, same[0], 'kept_frac'):.2f}): with binary rewards and std-normalised group "
+                        "advantages, the smallest non-zero |A| in a group of G is 1/sqrt(G-1) (0.58 at G = 4, 0.38 "
+                        "at G = 8), so any tau below it drops just the all-right / all-wrong groups and the runs are "
+                        "identical per seed (their s / step differ only by timing noise)."
                         + (f" tau 0.6 also drops the |A| = 0.5 samples: kept {_m(s, 'tau_0.6', 'kept_frac'):.2f}, "
                            f"final accuracy {_m(s, 'tau_0.6', 'final'):.3f} vs {_m(s, 'dash', 'final'):.3f}."
                            if {"tau_0.6", "dash"} <= s.keys() else ""))
@@ -151,8 +152,7 @@ def verdicts(s: dict) -> dict[str, str]:
         n_len, k_len = _m(s, "dash", "answer_len"), _m(s, "kl", "answer_len")
         out["4"] = (f"No KL - KL final accuracy = {d:+.3f} ({noise(d)} noise; paper +4.2 points); answer length "
                     f"{n_len:.2f} vs {k_len:.2f} tokens at the end"
-                    + (" (fixed-format answers: the paper's length effect has no room here)" if abs(n_len - k_len) < 0.5
-                       else "") + "; KL's reference forward costs "
+                    + (" (no length effect)" if abs(n_len - k_len) < 0.5 else "") + "; KL's reference forward costs "
                     f"{_m(s, 'kl', 's_per_step') / _m(s, 'dash', 's_per_step') - 1:+.0%} time per step.")
     if {"dash", "ppo_multi", "ppo_mini"} <= s.keys():
         parts = [f"{a}: {_m(s, a, 'at_dash_time'):.3f} at DASH's wall-clock (DASH {_m(s, 'dash', 'final'):.3f}), "
