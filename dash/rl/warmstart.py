@@ -42,12 +42,14 @@ from pathlib import Path
 import torch
 import transformers
 
-from dash.config import BUILTIN_TASKS
+from dash.config import BUILTIN_TASKS, DataConfig
 from dash.model import CausalLM, ModelConfig
 from dash.model_io import load_model, load_tokenizer, save_model
-from dash.rl.sft import greedy_accuracy, greedy_decode, run_sft
-from dash.tasks.arith import TINY_MODEL_CONFIG, ArithTaskConfig, arith_reward, make_splits
-from dash.tasks.scratchpad import ScratchpadTaskConfig, make_scratchpad_splits, route_stats, scratchpad_reward
+from dash.rewards import get_reward
+from dash.rl.sft import greedy_decode, run_sft
+from dash.rl.task_data import builtin_task
+from dash.tasks.arith import TINY_MODEL_CONFIG, ArithTaskConfig
+from dash.tasks.scratchpad import route_stats
 from dash.tokenizer import build_arith_tokenizer
 
 TINY_SFT_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-sft"
@@ -120,14 +122,12 @@ def warmstart(
         raise ValueError(f"warmstart: task_name={task_name!r} is not one of the built-in tasks {BUILTIN_TASKS}")
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
-    if task_name == "scratchpad":
-        task, reward = ScratchpadTaskConfig(seed=seed), scratchpad_reward
-        train, test = make_scratchpad_splits(task)
-        what = f"scratchpad sums of {task.min_terms}-{task.max_terms} terms, {task.chain_fraction:.0%} chain traces"
-    else:
-        task, reward = ArithTaskConfig(form=form, digits=digits, seed=seed), arith_reward
-        train, test = make_splits(task)
-        what = f"{task.form} digits={task.digits}"
+    # The task's splits and reward as the trainer builds them (each built-in reward is registered under its task).
+    task, train, test = builtin_task(DataConfig(task=task_name, arith_form=form, arith_digits=digits, seed=seed,
+                                                test_size=TASK_DEFAULTS.test_size))
+    reward = get_reward(task_name)
+    what = (f"scratchpad sums of {task.min_terms}-{task.max_terms} terms, {task.chain_fraction:.0%} chain traces"
+            if task_name == "scratchpad" else f"{task.form} digits={task.digits}")
     tokenizer = build_arith_tokenizer()
     model = build_tiny_model(seed)
     n_params = sum(p.numel() for p in model.parameters())
@@ -151,10 +151,10 @@ def warmstart(
         min_lr_ratio=MIN_LR_RATIO,
     )
     t_eval = time.perf_counter()
-    accuracy = greedy_accuracy(model, tokenizer, test, task.max_new_tokens, reward)
+    completions = greedy_decode(model, tokenizer, [e.prompt for e in test], task.max_new_tokens)  # one pass
+    accuracy = sum(reward(c, e.answer) for c, e in zip(completions, test, strict=True)) / len(test)
     routes = {}
     if task_name == "scratchpad":  # which route the greedy policy takes, and how well each works
-        completions = greedy_decode(model, tokenizer, [e.prompt for e in test], task.max_new_tokens)
         routes = {"greedy_routes": route_stats(completions, [e.answer for e in test])}
     eval_s = time.perf_counter() - t_eval
     wall = time.perf_counter() - t_start

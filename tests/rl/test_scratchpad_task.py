@@ -86,8 +86,8 @@ def test_warmstart_cli_builds_the_scratchpad_start(tmp_path, capsys, monkeypatch
     import dash.rl.warmstart as ws
 
     rewards = []
-    real = ws.greedy_accuracy
-    monkeypatch.setattr(ws, "greedy_accuracy", lambda *a: rewards.append(a[-1]) or real(*a))
+    real = ws.get_reward
+    monkeypatch.setattr(ws, "get_reward", lambda name: rewards.append(real(name)) or rewards[-1])
     out = tmp_path / "ws"
     ws.main(["--task", "scratchpad", "--steps", "3", "--out", str(out), "--threads", "1"])
     assert "greedy test accuracy" in capsys.readouterr().out
